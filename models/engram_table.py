@@ -28,11 +28,12 @@ class EngramTable(nn.Module):
         self.table_sizes = [int(s) for s in table_sizes]
         self.head_dim = head_dim
         self.sparse = sparse
-        offsets = [0]
-        for size in self.table_sizes[:-1]:
-            offsets.append(offsets[-1] + size)
-        self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.long), persistent=False)
+        self.register_buffer("offsets", self._offsets(), persistent=False)
         self.weight = nn.Parameter(torch.empty(sum(self.table_sizes), head_dim))
+
+    def _offsets(self) -> torch.Tensor:
+        sizes = torch.tensor([0] + self.table_sizes[:-1], dtype=torch.long)
+        return sizes.cumsum(0)
 
     @property
     def num_rows(self) -> int:
@@ -50,5 +51,7 @@ class EngramTable(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float = 1.0) -> None:
+        # non-persistent buffer: recompute after a meta-device build + to_empty()
+        self.offsets.copy_(self._offsets())
         # nn.Embedding's default N(0, 1), as in the reference
         nn.init.normal_(self.weight, std=std)

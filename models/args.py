@@ -1,0 +1,114 @@
+"""Model hyper-parameters: one dataclass tree per model, validated up front.
+
+Every field a user can get wrong is checked in ``ModelArgs.validate`` with a ``ValueError`` that names
+the field and the fix (../STYLE rule 14).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from models.engram import EngramConfig
+
+
+@dataclass
+class MoEArgs:
+    """Fine-grained MoE with shared experts (DeepSeek-V3 style)."""
+
+    num_routed_experts: int = 8
+    num_shared_experts: int = 1
+    top_k: int = 2
+    expert_hidden_dim: int = 256
+    score_func: str = "sigmoid"  # "sigmoid" (DeepSeek-V3) or "softmax"
+    normalize_weights: bool = True
+    route_scale: float = 1.0
+    bias_update_speed: float = 1e-3  # auxiliary-loss-free balancing; 0 disables
+    seq_aux_loss_coef: float = 0.0  # optional sequence-level balance loss
+    use_grouped_mm: bool = True
+
+
+@dataclass
+class YarnArgs:
+    """YaRN RoPE scaling (factor 1 = off). Names follow the HF ``rope_scaling`` keys."""
+
+    factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+
+@dataclass
+class ModelArgs:
+    """A DeepSeek-style decoder: MLA/GQA attention, dense-then-MoE FFNs, mHC, Engram layers."""
+
+    vocab_size: int = 16384
+    dim: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    attention: str = "gqa"  # "gqa" or "mla"
+    num_kv_heads: int = 4  # GQA
+    head_dim: int = 64  # GQA
+    q_lora_rank: int = 0  # MLA; 0 = no query compression
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    ffn_hidden_dim: int = 768  # dense FFN layers
+    num_dense_layers: int = 1  # the first layers use a dense FFN, as in DeepSeek
+    moe: MoEArgs | None = field(default_factory=MoEArgs)
+    hc_mult: int = 1
+    hc_sinkhorn_iters: int = 20
+    engram: EngramConfig | None = None
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    yarn: YarnArgs = field(default_factory=YarnArgs)
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    document_mask: bool = True  # packed documents do not attend across boundaries
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
+
+    @property
+    def attn_v_head_dim(self) -> int:
+        return self.v_head_dim if self.attention == "mla" else self.head_dim
+
+    def is_moe_layer(self, layer_id: int) -> bool:
+        return self.moe is not None and layer_id >= self.num_dense_layers
+
+    def validate(self) -> None:
+        checks = [
+            (self.vocab_size > 0, "model.vocab_size must be > 0"),
+            (self.dim > 0 and self.num_layers > 0, "model.dim and model.num_layers must be > 0"),
+            (self.attention in ("gqa", "mla"), f"model.attention={self.attention!r}: use 'gqa' or 'mla'"),
+            (self.hc_mult >= 1, f"model.hc_mult={self.hc_mult}: must be >= 1"),
+            (0 <= self.num_dense_layers <= self.num_layers,
+             f"model.num_dense_layers={self.num_dense_layers}: must be in [0, num_layers]"),
+        ]
+        if self.attention == "gqa":
+            checks.append((self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads == 0,
+                           f"model.num_heads={self.num_heads} must be divisible by model.num_kv_heads="
+                           f"{self.num_kv_heads}"))
+            checks.append((self.head_dim % 2 == 0, f"model.head_dim={self.head_dim} must be even (RoPE)"))
+        else:
+            checks.append((self.qk_rope_head_dim % 2 == 0,
+                           f"model.qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE)"))
+            checks.append((self.kv_lora_rank > 0, "model.kv_lora_rank must be > 0 for MLA"))
+        if self.moe is not None:
+            moe = self.moe
+            checks.append((moe.num_routed_experts > 0, "model.moe.num_routed_experts must be > 0"))
+            checks.append((1 <= moe.top_k <= moe.num_routed_experts,
+                           f"model.moe.top_k={moe.top_k} must be in [1, num_routed_experts="
+                           f"{moe.num_routed_experts}]"))
+            checks.append((moe.score_func in ("sigmoid", "softmax"),
+                           f"model.moe.score_func={moe.score_func!r}: use 'sigmoid' or 'softmax'"))
+        if self.yarn.factor < 1:
+            checks.append((False, f"model.yarn.factor={self.yarn.factor}: must be >= 1 (1 = off)"))
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        if self.engram is not None:
+            self.engram.validate(num_layers=self.num_layers)

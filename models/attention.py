@@ -1,0 +1,105 @@
+"""Attention: GQA and DeepSeek-V3 MLA, both through ``scaled_dot_product_attention``.
+
+MLA follows DeepSeek-V2/V3 ("DeepSeek-V2: A Strong, Economical, and Efficient MoE Language Model", 2024):
+low-rank query and key/value compression and a decoupled RoPE key shared by all heads.
+
+Legend: B batch, T sequence, H heads, Hkv kv heads, Dq qk head dim, Dv value head dim, D model dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.args import ModelArgs
+from models.layers import RMSNorm, apply_rotary, yarn_mscale
+
+
+def _sdpa(q, k, v, mask, scale):
+    """q/k/v ``[B, T, H, *]`` -> ``[B, T, H, Dv]``; a ``None`` mask means causal."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+    return out.transpose(1, 2)
+
+
+class GQAttention(nn.Module):
+    """Grouped-query attention with RoPE."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.num_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.num_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.num_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.num_heads * args.head_dim, args.dim, bias=False)
+        self.scale = args.head_dim**-0.5 * yarn_mscale(args.yarn.factor, args.yarn.mscale) ** 2
+
+    def forward(self, x, rope, mask):
+        batch, seq, _ = x.shape
+        q = self.wq(x).view(batch, seq, -1, self.head_dim)  # [B, T, H*Dq] -> [B, T, H, Dq]
+        k = self.wk(x).view(batch, seq, -1, self.head_dim)
+        v = self.wv(x).view(batch, seq, -1, self.head_dim)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        repeat = self.num_heads // self.num_kv_heads
+        if repeat > 1:  # [B, T, Hkv, D] -> [B, T, H, D]
+            k, v = k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
+        return self.wo(_sdpa(q, k, v, mask, self.scale).flatten(2))
+
+    @torch.no_grad()
+    def init_weights(self, std: float, out_std: float) -> None:
+        for linear in (self.wq, self.wk, self.wv):
+            nn.init.trunc_normal_(linear.weight, std=std)
+        nn.init.trunc_normal_(self.wo.weight, std=out_std)
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V3)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.num_heads = args.num_heads
+        self.nope_dim, self.rope_dim, self.v_dim = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
+        self.kv_lora_rank = args.kv_lora_rank
+        qk_dim = self.nope_dim + self.rope_dim
+        if args.q_lora_rank > 0:
+            self.wq_a = nn.Linear(args.dim, args.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(args.q_lora_rank, eps=args.norm_eps)
+            self.wq_b = nn.Linear(args.q_lora_rank, args.num_heads * qk_dim, bias=False)
+        else:
+            self.wq = nn.Linear(args.dim, args.num_heads * qk_dim, bias=False)
+        self.wkv_a = nn.Linear(args.dim, args.kv_lora_rank + self.rope_dim, bias=False)
+        self.kv_norm = RMSNorm(args.kv_lora_rank, eps=args.norm_eps)
+        self.wkv_b = nn.Linear(args.kv_lora_rank, args.num_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.wo = nn.Linear(args.num_heads * self.v_dim, args.dim, bias=False)
+        mscale = yarn_mscale(args.yarn.factor, args.yarn.mscale_all_dim or args.yarn.mscale)
+        self.scale = qk_dim**-0.5 * mscale**2
+
+    def forward(self, x, rope, mask):
+        batch, seq, _ = x.shape
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)
+        q = q.view(batch, seq, self.num_heads, -1)  # [B, T, H*Dq] -> [B, T, H, Dq]
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = apply_rotary(q_pe, *rope)
+        kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        k_pe = apply_rotary(k_pe.unsqueeze(2), *rope)  # [B, T, 1, Dr]: one rope key for all heads
+        kv = self.wkv_b(self.kv_norm(kv)).view(batch, seq, self.num_heads, -1)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        k = torch.cat([k_nope, k_pe.expand(-1, -1, self.num_heads, -1)], dim=-1)
+        return self.wo(_sdpa(q, k, v, mask, self.scale).flatten(2))
+
+    @torch.no_grad()
+    def init_weights(self, std: float, out_std: float) -> None:
+        linears = [self.wkv_a, self.wkv_b]
+        linears += [self.wq_a, self.wq_b] if hasattr(self, "wq_a") else [self.wq]
+        for linear in linears:
+            nn.init.trunc_normal_(linear.weight, std=std)
+        nn.init.trunc_normal_(self.wo.weight, std=out_std)
+        self.kv_norm.reset_parameters()
+        if hasattr(self, "q_norm"):
+            self.q_norm.reset_parameters()
+
+
+def build_attention(args: ModelArgs) -> nn.Module:
+    return MLAttention(args) if args.attention == "mla" else GQAttention(args)

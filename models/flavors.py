@@ -1,0 +1,110 @@
+"""Named model sizes (../STYLE rule 4). The derivation of the paper flavors is in docs/model_flavors.md.
+
+``debug`` trains in seconds on CPU, ``demo`` is the CPU main job, ``ladder-*`` are small experiment
+sizes, and ``dense-4b`` / ``moe-27b`` / ``engram-27b`` / ``engram-40b`` are the paper's models
+(30 blocks, hidden 2560, MLA with 32 heads, 4-stream mHC, DeepSeek-V3 vocabulary).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+from models.args import ModelArgs, MoEArgs
+from models.engram import EngramConfig
+
+DEEPSEEK_V3_VOCAB = 129280  # the model's embedding rows (the tokenizer has 128,815 ids)
+
+
+def _debug() -> ModelArgs:
+    return ModelArgs(
+        vocab_size=DEEPSEEK_V3_VOCAB, dim=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+        ffn_hidden_dim=192, num_dense_layers=1, max_seq_len=128, hc_mult=2,
+        moe=MoEArgs(num_routed_experts=4, num_shared_experts=1, top_k=2, expert_hidden_dim=64),
+        engram=EngramConfig(layer_ids=[0], engram_vocab_size=[2003, 2003], n_embed_per_ngram=32,
+                            n_head_per_ngram=2, kernel_size=4),
+    )
+
+
+def _demo() -> ModelArgs:
+    return ModelArgs(
+        vocab_size=DEEPSEEK_V3_VOCAB, dim=256, num_layers=4, num_heads=4, attention="mla",
+        q_lora_rank=0, kv_lora_rank=128, qk_nope_head_dim=48, qk_rope_head_dim=16, v_head_dim=48,
+        ffn_hidden_dim=768, num_dense_layers=1, max_seq_len=256, hc_mult=2,
+        moe=MoEArgs(num_routed_experts=8, num_shared_experts=1, top_k=2, expert_hidden_dim=256),
+        engram=EngramConfig(layer_ids=[0, 2], engram_vocab_size=[30011, 30011], n_embed_per_ngram=128,
+                            n_head_per_ngram=4, kernel_size=4),
+    )
+
+
+def _ladder(dim: int, layers: int, experts: int, engram: bool) -> Callable[[], ModelArgs]:
+    def build() -> ModelArgs:
+        return ModelArgs(
+            vocab_size=DEEPSEEK_V3_VOCAB, dim=dim, num_layers=layers, num_heads=dim // 64,
+            attention="mla", q_lora_rank=0, kv_lora_rank=dim // 2, qk_nope_head_dim=48,
+            qk_rope_head_dim=16, v_head_dim=48, ffn_hidden_dim=3 * dim, num_dense_layers=1,
+            max_seq_len=1024, hc_mult=4,
+            moe=MoEArgs(num_routed_experts=experts, num_shared_experts=1, top_k=2, expert_hidden_dim=dim),
+            engram=EngramConfig(layer_ids=[1, layers // 2], engram_vocab_size=[50021, 50021],
+                                n_embed_per_ngram=dim // 2, n_head_per_ngram=4) if engram else None,
+        )
+
+    return build
+
+
+def _paper_backbone(**overrides) -> ModelArgs:
+    args = ModelArgs(
+        vocab_size=DEEPSEEK_V3_VOCAB, dim=2560, num_layers=30, num_heads=32, attention="mla",
+        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        ffn_hidden_dim=18432, num_dense_layers=1, max_seq_len=4096, hc_mult=4,
+        moe=MoEArgs(num_routed_experts=72, num_shared_experts=1, top_k=6, expert_hidden_dim=1536),
+    )
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
+def _paper_engram(rows_per_head: int) -> EngramConfig:
+    # layers 2 and 15 (1-indexed), N=3, 8 heads, 1280 dims per n-gram order (160 per head)
+    return EngramConfig(layer_ids=[1, 14], engram_vocab_size=[rows_per_head, rows_per_head],
+                        max_ngram_size=3, n_embed_per_ngram=1280, n_head_per_ngram=8, kernel_size=4)
+
+
+def _dense_4b() -> ModelArgs:
+    return _paper_backbone(moe=None, num_dense_layers=30, ffn_hidden_dim=11008)
+
+
+def _moe_27b() -> ModelArgs:
+    return _paper_backbone()
+
+
+def _engram(rows_per_head: int) -> Callable[[], ModelArgs]:
+    def build() -> ModelArgs:
+        # 72 -> 55 routed experts; Engram's 65.6M activated projection params are paid for by a
+        # narrower first dense FFN (18432 -> 9856) so the model stays iso-FLOP with MoE-27B.
+        args = _paper_backbone(ffn_hidden_dim=9856, engram=_paper_engram(rows_per_head))
+        args.moe.num_routed_experts = 55
+        return args
+
+    return build
+
+
+FLAVORS: dict[str, Callable[[], ModelArgs]] = {
+    "debug": _debug,
+    "demo": _demo,
+    "ladder-moe-s": _ladder(256, 6, 16, engram=False),
+    "ladder-engram-s": _ladder(256, 6, 12, engram=True),
+    "ladder-moe-m": _ladder(512, 8, 16, engram=False),
+    "ladder-engram-m": _ladder(512, 8, 12, engram=True),
+    "dense-4b": _dense_4b,
+    "moe-27b": _moe_27b,
+    "engram-27b": _engram(1_130_000),
+    "engram-40b": _engram(3_630_000),
+}
+
+
+def get_flavor(name: str) -> ModelArgs:
+    """A fresh copy of a named flavor's arguments."""
+    if name not in FLAVORS:
+        raise ValueError(f"model.flavor={name!r} is unknown; choose one of {sorted(FLAVORS)}")
+    return copy.deepcopy(FLAVORS[name]())

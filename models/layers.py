@@ -1,0 +1,107 @@
+"""Basic layers: RMSNorm, RoPE with YaRN scaling, SwiGLU FFN, and attention masks.
+
+YaRN follows Peng et al., "YaRN: Efficient Context Window Extension of Large Language Models" (2023), in
+the DeepSeek-V3 arrangement (frequency ramp between beta_fast and beta_slow, mscale on the softmax).
+
+Legend: B batch, T sequence, H heads, Dr rotary dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.args import YarnArgs
+
+RMSNorm = nn.RMSNorm
+
+
+def _correction_dim(num_rotations: float, dim: int, theta: float, max_pos: int) -> float:
+    return dim * math.log(max_pos / (num_rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+
+def rope_inv_freq(dim: int, theta: float, yarn: YarnArgs) -> torch.Tensor:
+    """Inverse frequencies ``[Dr/2]``, YaRN-interpolated when ``yarn.factor > 1``."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    if yarn.factor <= 1:
+        return inv_freq.float()
+    low = max(math.floor(_correction_dim(yarn.beta_fast, dim, theta,
+                                         yarn.original_max_position_embeddings)), 0)
+    high = min(math.ceil(_correction_dim(yarn.beta_slow, dim, theta,
+                                         yarn.original_max_position_embeddings)), dim - 1)
+    ramp = (torch.arange(dim // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)
+    keep = 1 - ramp.clamp(0, 1)  # 1: high-frequency dims kept, 0: interpolated by the factor
+    return (inv_freq / yarn.factor * (1 - keep) + inv_freq * keep).float()
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables indexed by per-token positions (packing restarts positions per document)."""
+
+    def __init__(self, dim: int, max_seq_len: int, theta: float, yarn: YarnArgs):
+        super().__init__()
+        self.dim, self.max_seq_len, self.theta, self.yarn = dim, max_seq_len, theta, yarn
+        self.register_buffer("cos", torch.empty(max_seq_len, dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(max_seq_len, dim // 2), persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        freqs = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float32),
+                            rope_inv_freq(self.dim, self.theta, self.yarn))
+        self.cos.copy_(freqs.cos())
+        self.sin.copy_(freqs.sin())
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[positions], self.sin[positions]  # [B, T] -> [B, T, Dr/2] each
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of ``x [B, T, H, Dr]`` by ``cos/sin [B, T, Dr/2]``."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # [B, T, H, Dr] -> [B, T, H, Dr/2, 2]
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU FFN: ``w2(silu(w1 x) * w3 x)``."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    @torch.no_grad()
+    def init_weights(self, std: float, out_std: float) -> None:
+        nn.init.trunc_normal_(self.w1.weight, std=std)
+        nn.init.trunc_normal_(self.w3.weight, std=std)
+        nn.init.trunc_normal_(self.w2.weight, std=out_std)
+
+
+def doc_ids_from_positions(positions: torch.Tensor) -> torch.Tensor:
+    """Document ids ``[B, T]`` from positions that restart at 0 at every document start."""
+    return (positions == 0).cumsum(dim=1)
+
+
+def attention_mask(doc_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """Boolean ``[B, 1, T, T]`` causal mask that also blocks attention across documents.
+
+    ``None`` means plain causal (the caller passes ``is_causal=True`` to SDPA).
+    """
+    if doc_ids is None:
+        return None
+    seq = doc_ids.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=doc_ids.device).tril()
+    same_doc = doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)  # [B, T, T]
+    return (same_doc & causal).unsqueeze(1)

@@ -1,0 +1,179 @@
+"""Fine-grained MoE with shared experts: router -> dispatcher -> experts -> combine (../STYLE rule 6).
+
+Routing and auxiliary-loss-free balancing follow DeepSeek-V3 ("DeepSeek-V3 Technical Report", 2024):
+sigmoid affinities, a per-expert bias that only affects selection and is nudged toward balanced load after
+every step, and an optional sequence-level balance loss. The dispatcher is an interface; the local one
+lives here, the all-to-all one in ``parallel/``.
+
+Legend: N tokens, E routed experts, K top-k, D dim, F expert hidden dim, M = N*K routed token copies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.args import MoEArgs
+from models.layers import FeedForward
+
+
+class Router(nn.Module):
+    """Top-k router with a selection bias for auxiliary-loss-free load balancing."""
+
+    def __init__(self, dim: int, args: MoEArgs):
+        super().__init__()
+        self.args = args
+        self.gate = nn.Linear(dim, args.num_routed_experts, bias=False)
+        self.register_buffer("expert_bias", torch.zeros(args.num_routed_experts))
+        # tokens routed to each expert since the last bias update; reset by update_bias()
+        self.register_buffer("tokens_per_expert", torch.zeros(args.num_routed_experts), persistent=False)
+
+    def forward(self, x: torch.Tensor):
+        """``x [N, D]`` -> ``(topk_idx [N, K], topk_weight [N, K], scores [N, E])``."""
+        logits = self.gate(x).float()
+        scores = logits.sigmoid() if self.args.score_func == "sigmoid" else logits.softmax(dim=-1)
+        topk_idx = (scores + self.expert_bias).topk(self.args.top_k, dim=-1).indices
+        weights = scores.gather(1, topk_idx)
+        if self.args.normalize_weights and self.args.top_k > 1:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        with torch.no_grad():
+            self.tokens_per_expert += torch.bincount(topk_idx.flatten(), minlength=scores.shape[1])
+        return topk_idx, (weights * self.args.route_scale).type_as(x), scores
+
+    @torch.no_grad()
+    def update_bias(self, tokens_per_expert: torch.Tensor | None = None) -> None:
+        """``bias += speed * sign(mean load - load)``; pass DP-summed loads when data parallel."""
+        load = self.tokens_per_expert if tokens_per_expert is None else tokens_per_expert
+        if self.args.bias_update_speed > 0 and load.sum() > 0:
+            self.expert_bias += self.args.bias_update_speed * torch.sign(load.mean() - load)
+        self.tokens_per_expert.zero_()
+
+    @torch.no_grad()
+    def init_weights(self, std: float) -> None:
+        nn.init.trunc_normal_(self.gate.weight, std=std)
+        self.expert_bias.zero_()
+        self.tokens_per_expert.zero_()
+
+
+@dataclass
+class DispatchContext:
+    token_index: torch.Tensor  # [M] source token of every routed copy, in expert order
+    order: torch.Tensor  # [M] permutation from (token, k) order to expert order
+
+
+class LocalDispatcher:
+    """Permutes token copies into expert order on one rank (no communication)."""
+
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int):
+        """``x [N, D]`` -> ``(x_sorted [M, D], tokens_per_expert [E], ctx)``."""
+        flat = topk_idx.flatten()
+        order = flat.argsort(stable=True)
+        token_index = order // topk_idx.shape[1]
+        counts = torch.bincount(flat, minlength=num_experts)
+        return x[token_index], counts, DispatchContext(token_index, order)
+
+    def combine(self, y: torch.Tensor, topk_weight: torch.Tensor, ctx: DispatchContext, num_tokens: int):
+        """Weighted sum of expert outputs ``y [M, D]`` back to ``[N, D]``."""
+        weighted = y * topk_weight.flatten()[ctx.order].unsqueeze(1)
+        out = torch.zeros(num_tokens, y.shape[1], dtype=y.dtype, device=y.device)
+        return out.index_add_(0, ctx.token_index, weighted)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous (grouped_mm needs it)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def grouped_mm_supported(x: torch.Tensor, *dims: int) -> bool:
+    """``torch._grouped_mm`` needs 16-byte aligned strides; fall back otherwise."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    return all(d * x.element_size() % 16 == 0 for d in dims)
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts stored as ``[E, D, F]`` / ``[E, F, D]`` weights (shardable on the ep axis)."""
+
+    def __init__(self, dim: int, hidden_dim: int, num_experts: int, use_grouped_mm: bool = True):
+        super().__init__()
+        self.num_experts, self.use_grouped_mm = num_experts, use_grouped_mm
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """``x [M, D]`` in expert order, ``tokens_per_expert [E]`` -> ``[M, D]``."""
+        dim, hidden = self.w1.shape[1], self.w1.shape[2]
+        if self.use_grouped_mm and grouped_mm_supported(x, dim, hidden):
+            offs = tokens_per_expert.cumsum(0).to(torch.int32)
+            h = F.silu(torch._grouped_mm(x, self.w1, offs=offs)) * torch._grouped_mm(x, self.w3, offs=offs)
+            return _ContiguousGrad.apply(torch._grouped_mm(h, self.w2, offs=offs))
+        return self.forward_loop(x, tokens_per_expert)
+
+    def forward_loop(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for e, chunk in enumerate(x.split(tokens_per_expert.tolist())):
+            outs.append((F.silu(chunk @ self.w1[e]) * (chunk @ self.w3[e])) @ self.w2[e])
+        return torch.cat(outs) if outs else x.new_zeros(0, self.w2.shape[2])
+
+    @torch.no_grad()
+    def init_weights(self, std: float, out_std: float) -> None:
+        nn.init.trunc_normal_(self.w1, std=std)
+        nn.init.trunc_normal_(self.w3, std=std)
+        nn.init.trunc_normal_(self.w2, std=out_std)
+
+
+class MoE(nn.Module):
+    """Shared experts plus top-k routed experts."""
+
+    def __init__(self, dim: int, args: MoEArgs):
+        super().__init__()
+        self.args = args
+        self.router = Router(dim, args)
+        self.experts = GroupedExperts(dim, args.expert_hidden_dim, args.num_routed_experts,
+                                      args.use_grouped_mm)
+        self.shared_experts = (
+            FeedForward(dim, args.expert_hidden_dim * args.num_shared_experts)
+            if args.num_shared_experts > 0 else None
+        )
+        self.dispatcher = LocalDispatcher()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``x [B, T, D]`` -> ``(out [B, T, D], seq_aux_loss or None)``."""
+        batch, seq, dim = x.shape
+        flat = x.reshape(-1, dim)
+        topk_idx, topk_weight, scores = self.router(flat)
+        routed, counts, ctx = self.dispatcher.dispatch(flat, topk_idx, self.args.num_routed_experts)
+        out = self.dispatcher.combine(self.experts(routed, counts), topk_weight, ctx, flat.shape[0])
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        aux = None
+        if self.training and self.args.seq_aux_loss_coef > 0:
+            aux = self.seq_aux_loss(topk_idx.view(batch, seq, -1), scores.view(batch, seq, -1))
+        return out.view(batch, seq, dim), aux
+
+    def seq_aux_loss(self, topk_idx: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """DeepSeek-V3's complementary sequence-wise balance loss, averaged over sequences."""
+        batch, seq, experts = scores.shape
+        counts = torch.zeros(batch, experts, device=scores.device).scatter_add_(
+            1, topk_idx.flatten(1), torch.ones(batch, topk_idx[0].numel(), device=scores.device))
+        frac = counts * experts / (self.args.top_k * seq)  # f_i
+        prob = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)  # P_i
+        return self.args.seq_aux_loss_coef * (frac * prob).sum(dim=1).mean()
+
+    @torch.no_grad()
+    def init_weights(self, std: float, out_std: float) -> None:
+        self.router.init_weights(std)
+        self.experts.init_weights(std, out_std)
+        if self.shared_experts is not None:
+            self.shared_experts.init_weights(std, out_std)

@@ -1,0 +1,160 @@
+"""The DeepSeek-style decoder: embedding, blocks (Engram -> attention -> FFN/MoE, all on mHC streams),
+final norm, LM head. Plain PyTorch; parallelism is applied from outside (../STYLE rule 1).
+
+Legend: B batch, T sequence, G hc_mult streams, D dim, V vocab, K Engram heads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from models.args import ModelArgs
+from models.attention import build_attention
+from models.engram import Engram
+from models.hyper_connections import HyperConnection, StreamMerge
+from models.layers import FeedForward, RMSNorm, RotaryEmbedding, attention_mask, doc_ids_from_positions
+from models.moe import MoE
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, T, V]
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # added to the loss by the trainer
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs, engram_table_sizes: list[int] | None):
+        super().__init__()
+        self.layer_id = layer_id
+        self.engram = (
+            Engram(args.engram, layer_id, args.dim, args.hc_mult, engram_table_sizes)
+            if engram_table_sizes is not None else None
+        )
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.attention = build_attention(args)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.moe = MoE(args.dim, args.moe) if args.is_moe_layer(layer_id) else None
+        self.feed_forward = None if self.moe is not None else FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attn_hc = HyperConnection(args.dim, args.hc_mult, args.hc_sinkhorn_iters)
+        self.ffn_hc = HyperConnection(args.dim, args.hc_mult, args.hc_sinkhorn_iters)
+        self.init_std = 0.02
+        self.out_std = 0.02 / math.sqrt(2 * args.num_layers)
+
+    def forward(self, x, rope, mask, hash_ids=None):
+        """``x [B, T, G, D]`` -> ``(x [B, T, G, D], seq_aux_loss or None)``."""
+        if self.engram is not None:
+            if hash_ids is None:
+                raise ValueError(f"layer {self.layer_id} has Engram but the batch has no hash ids for it")
+            x = x + self.engram(x, hash_ids)
+        h, ctx = self.attn_hc.pre(x)
+        x = self.attn_hc.post(x, self.attention(self.attention_norm(h), rope, mask), ctx)
+        h, ctx = self.ffn_hc.pre(x)
+        aux = None
+        if self.moe is not None:
+            out, aux = self.moe(self.ffn_norm(h))
+        else:
+            out = self.feed_forward(self.ffn_norm(h))
+        return self.ffn_hc.post(x, out, ctx), aux
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        if self.engram is not None:
+            self.engram.init_weights(self.init_std)
+        self.attention_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+        self.attention.init_weights(self.init_std, self.out_std)
+        ffn = self.moe if self.moe is not None else self.feed_forward
+        ffn.init_weights(self.init_std, self.out_std)
+        self.attn_hc.init_weights()
+        self.ffn_hc.init_weights()
+
+
+class Transformer(nn.Module):
+    """``forward(tokens, hash_ids, positions, doc_ids) -> ModelOutput``.
+
+    ``hash_ids`` maps an Engram layer id to its per-head ids ``[B, T, K]`` (from the loader). Layers live
+    in a ``ModuleDict`` keyed by layer id so pipeline stages can drop the ones they do not own.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        args.validate()
+        self.args = args
+        sizes = args.engram.table_sizes() if args.engram is not None else {}
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        rope_dim = args.qk_rope_head_dim if args.attention == "mla" else args.head_dim
+        self.rope = RotaryEmbedding(rope_dim, args.max_seq_len, args.rope_theta, args.yarn)
+        self.layers = nn.ModuleDict(
+            {str(i): TransformerBlock(i, args, sizes.get(i)) for i in range(args.num_layers)}
+        )
+        self.merge = StreamMerge(args.dim, args.hc_mult)
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def forward(self, tokens, hash_ids=None, positions=None, doc_ids=None) -> ModelOutput:
+        batch, seq = tokens.shape
+        if seq > self.args.max_seq_len:
+            raise ValueError(f"sequence length {seq} exceeds model.max_seq_len={self.args.max_seq_len}")
+        if positions is None:
+            positions = torch.arange(seq, device=tokens.device).expand(batch, seq)
+        if doc_ids is None and self.args.document_mask and (positions == 0).sum() > batch:
+            doc_ids = doc_ids_from_positions(positions)
+        mask = attention_mask(doc_ids) if self.args.document_mask else None
+        rope = self.rope(positions)
+        x = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        if x.dim() == 3:  # [B, T, D] -> [B, T, G, D]: every stream starts as the embedding
+            x = x.unsqueeze(2).expand(-1, -1, self.args.hc_mult, -1)
+        aux_total = None
+        for layer in self.layers.values():
+            layer_hash = None if hash_ids is None else hash_ids.get(layer.layer_id)
+            x, aux = layer(x, rope, mask, layer_hash)
+            if aux is not None:
+                aux_total = aux if aux_total is None else aux_total + aux
+        if self.norm is None:  # a pipeline stage without the head passes the streams on
+            return ModelOutput(x)
+        logits = self.output(self.norm(self.merge(x)))
+        aux_losses = {} if aux_total is None else {"moe_seq_aux": aux_total}
+        return ModelOutput(logits, aux_losses)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Deterministic init after ``to_empty()`` (../STYLE rule 2)."""
+        if self.tok_embeddings is not None:
+            nn.init.normal_(self.tok_embeddings.weight)
+        self.rope.init_weights()
+        for layer in self.layers.values():
+            layer.init_weights()
+        if self.norm is not None:
+            self.merge.init_weights()
+            self.norm.reset_parameters()
+            if not self.args.tie_embeddings:
+                cutoff = 3 * self.args.dim**-0.5
+                nn.init.trunc_normal_(self.output.weight, std=self.args.dim**-0.5, a=-cutoff, b=cutoff)
+
+    def moe_layers(self) -> list[MoE]:
+        return [layer.moe for layer in self.layers.values() if layer.moe is not None]
+
+    def engram_layers(self) -> list[Engram]:
+        return [layer.engram for layer in self.layers.values() if layer.engram is not None]
+
+    @torch.no_grad()
+    def update_moe_biases(self) -> None:
+        """Auxiliary-loss-free balancing step; call after each optimizer step."""
+        for moe in self.moe_layers():
+            moe.router.update_bias()
+
+
+def build_model(args: ModelArgs, device: str | torch.device = "cpu", seed: int = 0) -> Transformer:
+    """Build on meta, materialise on ``device``, then run the deterministic init."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device=device)
+    torch.manual_seed(seed)
+    model.init_weights()
+    return model
