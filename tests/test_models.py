@@ -1,0 +1,219 @@
+"""Backbone unit tests: shapes, masking, MoE, mHC, MLA, training signal, validation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.args import ModelArgs, MoEArgs
+from models.attention import MLAttention
+from models.engram import EngramConfig
+from models.hyper_connections import HyperConnection, sinkhorn
+from models.layers import RotaryEmbedding, apply_rotary
+from models.moe import MoE
+from models.transformer import build_model
+
+
+def tiny(attention="gqa", hc=1, moe=True, engram=True, **kw) -> ModelArgs:
+    return ModelArgs(
+        vocab_size=97, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, attention=attention,
+        q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+        ffn_hidden_dim=64, hc_mult=hc, max_seq_len=32,
+        moe=MoEArgs(num_routed_experts=4, top_k=2, expert_hidden_dim=16) if moe else None,
+        engram=EngramConfig(layer_ids=[0], engram_vocab_size=[53, 59], n_embed_per_ngram=8,
+                            n_head_per_ngram=2) if engram else None,
+        **kw,
+    )
+
+
+def _hash_ids(batch, seq, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {0: torch.randint(0, 50, (batch, seq, 4), generator=g)}
+
+
+@pytest.mark.parametrize("attention", ["gqa", "mla"])
+@pytest.mark.parametrize("hc", [1, 4])
+def test_shapes_and_backward(attention, hc):
+    model = build_model(tiny(attention, hc))
+    out = model(torch.randint(0, 97, (2, 12)), _hash_ids(2, 12))
+    assert out.logits.shape == (2, 12, 97)
+    out.logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("attention", ["gqa", "mla"])
+def test_causal_and_document_masks(attention):
+    model = build_model(tiny(attention, hc=2, engram=False))
+    tokens = torch.randint(0, 97, (1, 16))
+    base = model(tokens).logits
+    changed = tokens.clone()
+    changed[0, 10:] = (changed[0, 10:] + 1) % 97
+    torch.testing.assert_close(model(changed).logits[:, :10], base[:, :10])  # causal
+    positions = torch.cat([torch.arange(6), torch.arange(10)]).unsqueeze(0)
+    doc = model(tokens, positions=positions).logits
+    changed = tokens.clone()
+    changed[0, :6] = (changed[0, :6] + 1) % 97  # first document changes
+    torch.testing.assert_close(model(changed, positions=positions).logits[:, 6:], doc[:, 6:])
+    assert not torch.allclose(model(changed).logits[:, 6:], base[:, 6:])  # no mask: leaks
+
+
+def test_moe_matches_dense_loop():
+    torch.manual_seed(0)
+    args = MoEArgs(num_routed_experts=5, num_shared_experts=1, top_k=2, expert_hidden_dim=8,
+                   use_grouped_mm=False)
+    moe = MoE(16, args)
+    moe.init_weights(0.1, 0.1)
+    moe.router.expert_bias.copy_(torch.randn(5) * 0.1)
+    x = torch.randn(2, 7, 16)
+    out, _ = moe(x)
+    flat = x.reshape(-1, 16)
+    scores = torch.sigmoid(flat @ moe.router.gate.weight.T)
+    expected = moe.shared_experts(flat)
+    for t in range(flat.shape[0]):
+        chosen = (scores[t] + moe.router.expert_bias).topk(2).indices
+        weights = scores[t, chosen] / scores[t, chosen].sum()
+        for w, e in zip(weights, chosen):
+            h = F.silu(flat[t] @ moe.experts.w1[e]) * (flat[t] @ moe.experts.w3[e])
+            expected[t] += w * (h @ moe.experts.w2[e])
+    torch.testing.assert_close(out.reshape(-1, 16), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_mm_equals_loop():
+    torch.manual_seed(0)
+    moe = MoE(16, MoEArgs(num_routed_experts=4, top_k=2, expert_hidden_dim=8))
+    moe.init_weights(0.1, 0.1)
+    x = torch.randn(20, 16, requires_grad=True)
+    counts = torch.tensor([5, 0, 9, 6])
+    grouped = moe.experts(x, counts)
+    loop = moe.experts.forward_loop(x, counts)
+    torch.testing.assert_close(grouped, loop)
+    g = torch.randn_like(grouped)
+    gx1, gw1 = torch.autograd.grad((grouped * g).sum(), (x, moe.experts.w1))
+    gx2, gw2 = torch.autograd.grad((loop * g).sum(), (x, moe.experts.w1))
+    torch.testing.assert_close(gx1, gx2)
+    torch.testing.assert_close(gw1, gw2)
+
+
+def test_aux_free_bias_update_moves_toward_balance():
+    moe = MoE(8, MoEArgs(num_routed_experts=4, top_k=1, expert_hidden_dim=8, bias_update_speed=0.1))
+    moe.init_weights(0.1, 0.1)
+    moe.router.tokens_per_expert.copy_(torch.tensor([10.0, 0.0, 3.0, 3.0]))
+    moe.router.update_bias()
+    assert moe.router.expert_bias.tolist() == pytest.approx([-0.1, 0.1, 0.1, 0.1])
+    assert moe.router.tokens_per_expert.sum() == 0
+
+
+def test_seq_aux_loss_is_added():
+    model = build_model(tiny(moe=True, engram=False))
+    model.moe_layers()[0].args.seq_aux_loss_coef = 0.01
+    out = model(torch.randint(0, 97, (2, 8)))
+    assert out.aux_losses["moe_seq_aux"] > 0
+
+
+def test_sinkhorn_doubly_stochastic():
+    m = sinkhorn(torch.randn(3, 4, 4) * 3, num_iters=30)
+    torch.testing.assert_close(m.sum(-1), torch.ones(3, 4), atol=1e-4, rtol=0)
+    torch.testing.assert_close(m.sum(-2), torch.ones(3, 4), atol=1e-4, rtol=0)
+    assert (m >= 0).all()
+
+
+def test_hc_mult_one_is_plain_residual():
+    hc = HyperConnection(16, 1)
+    assert not list(hc.parameters())
+    x = torch.randn(2, 5, 1, 16)
+    h, ctx = hc.pre(x)
+    out = torch.randn(2, 5, 16)
+    torch.testing.assert_close(h, x[:, :, 0], rtol=0, atol=0)
+    torch.testing.assert_close(hc.post(x, out, ctx), x + out.unsqueeze(2), rtol=0, atol=0)
+
+
+def _naive_mla(attn: MLAttention, x, cos, sin):
+    """Straightforward MLA: per head, explicit softmax, no fused kernels."""
+    batch, seq, _ = x.shape
+    q = attn.wq_b(attn.q_norm(attn.wq_a(x))).view(batch, seq, attn.num_heads, -1)
+    ckv = attn.wkv_a(x)
+    c, k_pe = ckv[..., :attn.kv_lora_rank], ckv[..., attn.kv_lora_rank:]
+    kv = attn.wkv_b(attn.kv_norm(c)).view(batch, seq, attn.num_heads, -1)
+    k_pe = apply_rotary(k_pe.unsqueeze(2), cos, sin)[:, :, 0]
+    outs = []
+    for h in range(attn.num_heads):
+        qn, qp = q[:, :, h, :attn.nope_dim], q[:, :, h, attn.nope_dim:]
+        qp = apply_rotary(qp.unsqueeze(2), cos, sin)[:, :, 0]
+        kn, v = kv[:, :, h, :attn.nope_dim], kv[:, :, h, attn.nope_dim:]
+        scores = (qn @ kn.transpose(1, 2) + qp @ k_pe.transpose(1, 2)) * attn.scale
+        scores = scores.masked_fill(torch.ones(seq, seq, dtype=torch.bool).triu(1), -math.inf)
+        outs.append(scores.softmax(-1) @ v)
+    return attn.wo(torch.cat(outs, dim=-1))
+
+
+def test_mla_matches_naive_reference():
+    torch.manual_seed(0)
+    args = tiny("mla")
+    attn = MLAttention(args)
+    attn.init_weights(0.1, 0.1)
+    rope = RotaryEmbedding(args.qk_rope_head_dim, 32, 10000.0, args.yarn)
+    rope.init_weights()
+    x = torch.randn(2, 10, 32)
+    cos, sin = rope(torch.arange(10).expand(2, 10))
+    torch.testing.assert_close(attn(x, (cos, sin), None), _naive_mla(attn, x, cos, sin))
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe", "engram-moe"])
+def test_loss_falls_on_tiny_data(kind):
+    torch.manual_seed(0)
+    args = tiny("mla", hc=2, moe=kind != "dense", engram=kind == "engram-moe")
+    model = build_model(args)
+    dense = [p for n, p in model.named_parameters() if "table" not in n]
+    tables = [p for n, p in model.named_parameters() if "table" in n]
+    opt = torch.optim.AdamW(dense, lr=3e-3)
+    from pretrain.rowwise_adam import RowwiseAdam
+
+    table_opt = RowwiseAdam(tables, lr=1.5e-2) if tables else None
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 97, (4, 17), generator=g)
+    hash_ids = _hash_ids(4, 16)
+    losses = []
+    for _ in range(200):
+        out = model(data[:, :-1], hash_ids)
+        loss = F.cross_entropy(out.logits.flatten(0, 1), data[:, 1:].flatten())
+        opt.zero_grad()
+        if table_opt:
+            table_opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if table_opt:
+            table_opt.step()
+        model.update_moe_biases()
+        losses.append(loss.item())
+    assert losses[-1] < 0.25 * losses[0], (losses[0], losses[-1])
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        (dict(num_kv_heads=3), "num_kv_heads"),
+        (dict(moe=MoEArgs(num_routed_experts=4, top_k=5)), "top_k"),
+        (dict(engram=EngramConfig(layer_ids=[7], engram_vocab_size=[53, 59])), "engram.layer_ids"),
+        (dict(attention="mha"), "model.attention"),
+        (dict(hc_mult=0), "hc_mult"),
+    ],
+)
+def test_validation_names_the_field(override, field):
+    args = tiny()
+    for key, value in override.items():
+        setattr(args, key, value)
+    with pytest.raises(ValueError, match=field):
+        args.validate()
+
+
+def test_yarn_changes_low_frequencies_only():
+    from models.args import YarnArgs
+    from models.layers import rope_inv_freq
+
+    base = rope_inv_freq(64, 10000.0, YarnArgs())
+    scaled = rope_inv_freq(64, 10000.0, YarnArgs(factor=8, original_max_position_embeddings=4096))
+    assert torch.allclose(scaled[:8], base[:8])  # fast dims kept
+    torch.testing.assert_close(scaled[-1], base[-1] / 8)  # slow dims interpolated
