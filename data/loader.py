@@ -1,0 +1,98 @@
+"""The data loader: loader workers run ``PackedShardStream`` roles; the main process tracks exact state.
+
+Worker ``i`` plays role ``(i + role_offset) % num_roles``. The torch DataLoader takes batches from its
+workers round-robin, so after ``k`` batches the next one belongs to role ``k % num_roles``; on resume the
+offset is set so that the same role comes next. Each batch carries its role's state after it, so the
+main process records the state of what it has *consumed* (not what workers prefetched).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data.dataset import PackedShardStream, RoleState
+
+
+class _RoleDataset(IterableDataset):
+    def __init__(self, stream_kwargs: dict, num_roles: int):
+        self.stream_kwargs, self.num_roles = stream_kwargs, num_roles
+        self.role_offset = 0
+        self.role_states: dict[int, dict] = {}
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = 0 if info is None else info.id
+        role = (worker + self.role_offset) % self.num_roles
+        stream = PackedShardStream(**self.stream_kwargs, role=role, num_roles=self.num_roles)
+        saved = self.role_states.get(role)
+        for batch, state in stream.batches(RoleState(**saved) if saved else None):
+            yield _to_torch(batch), role, asdict(state)
+
+
+def _to_torch(batch: dict) -> dict:
+    out = {k: torch.from_numpy(v) for k, v in batch.items() if isinstance(v, np.ndarray)}
+    if "hash_ids" in batch:
+        out["hash_ids"] = {layer: torch.from_numpy(v) for layer, v in batch["hash_ids"].items()}
+    return out
+
+
+class StatefulLoader:
+    """Iterable of batches with ``state_dict()`` / ``load_state_dict()`` and data-wait timing.
+
+    Args:
+        stream_kwargs: ``PackedShardStream`` arguments (without role / num_roles).
+        num_workers: loader processes; 0 runs the single role in the main process.
+    """
+
+    def __init__(self, stream_kwargs: dict, num_workers: int = 1, prefetch_factor: int = 4):
+        self.num_workers = num_workers
+        self.num_roles = max(1, num_workers)
+        self.prefetch_factor = prefetch_factor
+        self.dataset = _RoleDataset(stream_kwargs, self.num_roles)
+        self.consumed = 0
+        self.role_states: dict[int, dict] = {}
+        self.wait_seconds = 0.0
+        self._iter = None
+
+    def _make_iter(self):
+        self.dataset.role_offset = self.consumed % self.num_roles
+        self.dataset.role_states = dict(self.role_states)
+        kwargs = dict(batch_size=None, num_workers=self.num_workers)
+        if self.num_workers > 0:
+            kwargs.update(prefetch_factor=self.prefetch_factor, persistent_workers=False)
+        return iter(DataLoader(self.dataset, **kwargs))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._iter is None:
+            self._iter = self._make_iter()
+        started = time.perf_counter()
+        batch, role, state = next(self._iter)
+        self.wait_seconds += time.perf_counter() - started
+        self.role_states[int(role)] = state
+        self.consumed += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed, "num_roles": self.num_roles,
+                "role_states": {str(k): v for k, v in self.role_states.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state["num_roles"]) != self.num_roles:
+            raise ValueError(
+                f"the checkpoint's data loader ran {state['num_roles']} worker roles but data.num_workers "
+                f"gives {self.num_roles}; resume with data.num_workers={state['num_roles']} (or 0 if it was 1)"
+            )
+        self.consumed = int(state["consumed"])
+        self.role_states = {int(k): v for k, v in state["role_states"].items()}
+        self._iter = None
+
+    def close(self) -> None:
+        self._iter = None

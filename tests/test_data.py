@@ -1,0 +1,162 @@
+"""Data pipeline: preparation, shards, packing, worker hashing, exact resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data.dataset import PackedShardStream
+from data.loader import StatefulLoader
+from data.ngram_hash import CompressedTokenizer, NgramHasher
+from data.prepare import is_validation, prepare
+from data.shards import ShardSetWriter, load_index, read_shard
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A small real corpus: 150 stdlib modules as user input, a 1k BPE, small shards."""
+    root = tmp_path_factory.mktemp("corpus")
+    src = root / "src"
+    src.mkdir()
+    stdlib = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:150]
+    for path in stdlib:
+        shutil.copy(path, src / path.name)
+    shutil.copy(stdlib[0], src / "duplicate.py")
+    (src / "empty.txt").write_text("   \n")
+    (src / "latin1.txt").write_bytes("caf\xe9 au lait, bien s\xfbr\n".encode("latin-1") * 20)
+    prepare(root / "data", sources=(), inputs=[str(src)], vocab_size=1000, shard_bytes=64 << 10,
+            val_per_mille=100)
+    return root / "data"
+
+
+def _hasher(corpus):
+    compressed = CompressedTokenizer.from_file(corpus / "tokenizer.model")
+    return NgramHasher(compressed, engram_vocab_size=[211, 223], max_ngram_size=3, n_head_per_ngram=2,
+                       layer_ids=[0, 1], pad_id=3, seed=0)
+
+
+def _kwargs(corpus, **kw):
+    base = dict(folder=str(corpus), split="train", batch_size=2, seq_len=64, vocab_size=1000)
+    return {**base, **kw}
+
+
+def test_manifest_and_index(corpus):
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    user = manifest["sources"]["user"]
+    assert manifest["duplicates_removed"] == 1
+    assert user["empty_skipped"] == 1 and user["replaced_non_utf8"] == 1
+    assert manifest["splits"]["train"]["shards"] > 4 and manifest["splits"]["val"]["documents"] > 0
+    index = load_index(corpus, "train")
+    assert index["dtype"] == "uint16"
+    assert sum(s["num_tokens"] for s in index["shards"]) == manifest["splits"]["train"]["tokens"]
+
+
+def test_split_is_stable():
+    keys = [f"doc/{i}" for i in range(2000)]
+    assert [is_validation(k, 50) for k in keys] == [is_validation(k, 50) for k in keys]
+    assert 50 < sum(is_validation(k, 50) for k in keys) < 150
+
+
+def test_packing_positions_and_doc_ids(corpus):
+    batch, _ = next(PackedShardStream(**_kwargs(corpus, seq_len=512)).batches())
+    tokens, positions, docs = batch["tokens"], batch["positions"], batch["doc_ids"]
+    np.testing.assert_array_equal(batch["labels"][:, :-1], tokens[:, 1:])
+    eos = 2
+    for row in range(tokens.shape[0]):
+        after_eos = np.nonzero(tokens[row, :-1] == eos)[0] + 1
+        assert set(np.nonzero(positions[row] == 0)[0]) == {0, *after_eos.tolist()}
+        assert docs[row, -1] == len(after_eos)
+
+
+def test_worker_hash_ids_equal_main_process(corpus):
+    hasher = _hasher(corpus)
+    loader = StatefulLoader(_kwargs(corpus, hasher=hasher), num_workers=2)
+    for _ in range(3):
+        batch = next(loader)
+        direct = hasher.hash(batch["tokens"].numpy())
+        for layer in (0, 1):
+            np.testing.assert_array_equal(batch["hash_ids"][layer].numpy(), direct[layer])
+
+
+def _collect(loader, n):
+    return [next(loader) for _ in range(n)]
+
+
+def test_exact_resume_two_workers_two_dp_ranks(corpus):
+    hasher = _hasher(corpus)
+    total, cut = 60, 37  # crosses epoch boundaries for this small corpus
+    for rank in range(2):
+        kwargs = _kwargs(corpus, hasher=hasher, dp_rank=rank, dp_degree=2, document_reset=True,
+                         batch_size=16, seq_len=1024)
+        reference = _collect(StatefulLoader(kwargs, num_workers=2), total)
+        first = StatefulLoader(kwargs, num_workers=2)
+        _collect(first, cut)
+        state = json.loads(json.dumps(first.state_dict()))  # survives serialisation
+        resumed = StatefulLoader(kwargs, num_workers=2)
+        resumed.load_state_dict(state)
+        epochs = {s["epoch"] for s in resumed.role_states.values()}
+        for i, batch in enumerate(_collect(resumed, total - cut)):
+            want = reference[cut + i]
+            for key in ("tokens", "labels", "positions", "doc_ids"):
+                assert torch.equal(batch[key], want[key]), (rank, cut + i, key)
+            assert torch.equal(batch["hash_ids"][1], want["hash_ids"][1])
+        assert max(s["epoch"] for s in resumed.role_states.values()) > min(epochs)
+
+
+def test_dp_ranks_differ_and_peers_agree(corpus):
+    a = next(StatefulLoader(_kwargs(corpus, dp_rank=0, dp_degree=2), num_workers=0))
+    b = next(StatefulLoader(_kwargs(corpus, dp_rank=1, dp_degree=2), num_workers=0))
+    a2 = next(StatefulLoader(_kwargs(corpus, dp_rank=0, dp_degree=2), num_workers=0))
+    assert not torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["tokens"], a2["tokens"])
+
+
+def test_resume_with_other_worker_count_is_refused(corpus):
+    loader = StatefulLoader(_kwargs(corpus), num_workers=2)
+    next(loader)
+    other = StatefulLoader(_kwargs(corpus), num_workers=0)
+    with pytest.raises(ValueError, match="data.num_workers"):
+        other.load_state_dict(loader.state_dict())
+
+
+def _copy(corpus, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(corpus, dst, ignore=shutil.ignore_patterns("raw"))
+    return dst
+
+
+def test_corrupt_shard_is_skipped_and_counted(corpus, tmp_path, caplog):
+    data = _copy(corpus, tmp_path)
+    name = load_index(data, "train")["shards"][0]["name"]
+    raw = (data / name).read_bytes()
+    (data / name).write_bytes(raw[: len(raw) // 2])
+    stream = PackedShardStream(**_kwargs(data, folder=str(data), shuffle=False))
+    gen = stream.batches()
+    for _ in range(30):
+        next(gen)
+    assert stream.corrupt_shards == [name] and name in caplog.text
+    strict = PackedShardStream(**_kwargs(data, folder=str(data), shuffle=False, strict=True))
+    with pytest.raises(Exception, match=name):
+        next(strict.batches())
+
+
+def test_token_id_beyond_vocab_names_shard_and_document(tmp_path):
+    writer = ShardSetWriter(tmp_path, "train", vocab_size=500)
+    writer.write(7, "doc/seven", np.array([1, 2, 499]))
+    writer.finish()
+    with pytest.raises(ValueError, match=r"train-00000.tar, document 7 \(doc/seven\).*499"):
+        read_shard(str(tmp_path / "train-00000.tar"), vocab_size=400)
+
+
+def test_missing_shards_fail_before_training(corpus, tmp_path):
+    data = _copy(corpus, tmp_path)
+    with pytest.raises(FileNotFoundError, match="data.prepare"):
+        load_index(tmp_path / "nowhere", "train")
+    (data / load_index(data, "train")["shards"][1]["name"]).unlink()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        load_index(data, "train")
