@@ -35,7 +35,6 @@ class EngramConfig:
     conv_init: str = "zero"  # "zero" (the paper) or "reference" (PyTorch default, as in the demo)
     document_reset: bool = False  # our extension; False equals the reference
     sparse_grad: bool = True  # table produces sparse (touched-row) gradients
-    lr_multiplier: float = 5.0  # the paper's table learning-rate multiplier
 
     @property
     def num_heads(self) -> int:
@@ -153,6 +152,7 @@ class Engram(nn.Module):
             gate_dtype = torch.float32
         gates = torch.stack([self._gate(keys[i], hidden[:, :, i, :], i, gate_dtype) for i in
                              range(self.hc_mult)], dim=2)  # [B, T, G, 1]
+        self.last_gate_mean = gates.detach().mean()  # logged as engram/gate_mean/layer{L}
         out = gates.to(value.dtype) * value.unsqueeze(2)  # [B, T, G, D]
         if self.cfg.variant == "paper":
             out = out + self.short_conv(out)

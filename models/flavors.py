@@ -108,3 +108,18 @@ def get_flavor(name: str) -> ModelArgs:
     if name not in FLAVORS:
         raise ValueError(f"model.flavor={name!r} is unknown; choose one of {sorted(FLAVORS)}")
     return copy.deepcopy(FLAVORS[name]())
+
+
+def apply_overrides(args: ModelArgs, overrides: dict) -> ModelArgs:
+    """Set ``ModelArgs`` fields from ``{"dim": 128, "moe.top_k": 4, "engram.seed": 1}``."""
+    for dotted, value in overrides.items():
+        target, parts = args, dotted.split(".")
+        for part in parts[:-1]:
+            target = getattr(target, part, None)
+            if target is None:
+                raise ValueError(f"model.overrides.{dotted}: {part!r} is not set in this flavor")
+        if not hasattr(target, parts[-1]):
+            raise ValueError(f"model.overrides.{dotted}: unknown field {parts[-1]!r} of "
+                             f"{type(target).__name__}")
+        setattr(target, parts[-1], value)
+    return args

@@ -1,0 +1,66 @@
+"""Process-group set-up from torchrun or slurm variables, with timeouts (a hang becomes an error)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if name in os.environ:
+            return int(os.environ[name])
+    return default
+
+
+def init_distributed(device: str = "auto", timeout_seconds: int = 600) -> DistInfo:
+    """Initialise the default process group when launched with several processes.
+
+    torchrun sets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT. Under a bare ``srun``
+    the SLURM_* variables are used (MASTER_ADDR / MASTER_PORT must then be exported by the sbatch file).
+    Backend: NCCL on CUDA, gloo on CPU.
+    """
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        for key, fallback in (("MASTER_ADDR", None), ("MASTER_PORT", None)):
+            if key not in os.environ and fallback is None:
+                raise RuntimeError(f"{key} is not set: launch with torchrun, or export it in the sbatch file")
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world,
+            timeout=datetime.timedelta(seconds=timeout_seconds),
+        )
+    return DistInfo(rank, local_rank, world, dev)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum_(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(tensor, group=group)
+    return tensor
+
+
+def destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

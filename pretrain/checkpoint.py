@@ -1,0 +1,172 @@
+"""Atomic, sharded checkpoints with torch.distributed.checkpoint (DCP).
+
+Layout: ``<dump>/<folder>/step-00000100/`` holds the DCP shards of the model and optimizer states,
+``train_state_rank{r}.pt`` (RNG states, data-loader state, LR step) for every rank, and ``meta.json``
+(step, Engram hash configuration, tokenizer identity), which is written last. Everything is written to a
+``.tmp`` folder first and renamed, so a kill at any moment leaves either a complete checkpoint or a
+``.tmp`` folder that is ignored. The newest complete checkpoint that loads is resumed; a corrupt one is
+reported and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from data.ngram_hash import hash_config_mismatches
+from parallel.distributed import barrier
+
+log = logging.getLogger(__name__)
+PREFIX = "step-"
+# single-process DCP is intended here; its "assuming a single process" warning is noise
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
+class HashConfigMismatch(ValueError):
+    pass
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointManager:
+    """Saves every ``interval`` steps, keeps the last ``keep_last``, resumes the newest complete one."""
+
+    def __init__(self, folder: str | Path, keep_last: int, identity: dict):
+        self.folder = Path(folder)
+        self.keep_last = keep_last
+        self.identity = identity  # {"engram_hash": dict | None, "tokenizer_identity": str}
+        if _rank() == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for stale in self.folder.glob(f"{PREFIX}*.tmp"):
+                log.warning("removing incomplete checkpoint %s (a save was interrupted)", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+        barrier()
+
+    def complete_steps(self) -> list[int]:
+        steps = []
+        for path in self.folder.glob(f"{PREFIX}*"):
+            if path.suffix == ".tmp" or not path.is_dir():
+                continue
+            if not (path / "meta.json").is_file() or not (path / ".metadata").is_file():
+                log.warning("skipping incomplete checkpoint %s (no meta.json or .metadata)", path)
+                continue
+            steps.append(int(path.name[len(PREFIX):]))
+        return sorted(steps)
+
+    def path(self, step: int) -> Path:
+        return self.folder / f"{PREFIX}{step:08d}"
+
+    def save(self, step: int, model, optimizers, train_state: dict) -> Path:
+        final = self.path(step)
+        tmp = final.with_suffix(".tmp")
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        dcp.save(_state(model, optimizers), checkpoint_id=str(tmp))
+        torch.save({**train_state, "rng": rng_state()}, tmp / f"train_state_rank{_rank()}.pt")
+        barrier()
+        if _rank() == 0:
+            meta = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                    **self.identity}
+            with open(tmp / "meta.json", "w") as handle:
+                json.dump(meta, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, final)
+            self._prune()
+        barrier()
+        return final
+
+    def _prune(self) -> None:
+        for step in self.complete_steps()[:-self.keep_last]:
+            shutil.rmtree(self.path(step), ignore_errors=True)
+
+    def check_identity(self, path: Path) -> None:
+        meta = json.loads((path / "meta.json").read_text())
+        if meta.get("tokenizer_identity") != self.identity["tokenizer_identity"]:
+            raise HashConfigMismatch(
+                f"checkpoint {path} was trained with tokenizer {meta.get('tokenizer_identity')} but this job "
+                f"uses {self.identity['tokenizer_identity']}; resume with the original tokenizer or start a "
+                "new job.dump_folder")
+        saved, current = meta.get("engram_hash"), self.identity["engram_hash"]
+        if (saved is None) != (current is None) or (saved and hash_config_mismatches(saved, current)):
+            fields = hash_config_mismatches(saved or {}, current or {})
+            raise HashConfigMismatch(
+                f"checkpoint {path} was trained with a different Engram hash configuration (differs in: "
+                f"{', '.join(fields)}); its tables would be read with the wrong ids. Resume with the "
+                "original engram/tokenizer settings or start a new job.dump_folder")
+
+    def load_latest(self, model, optimizers) -> dict | None:
+        """Load the newest complete checkpoint; returns its train state, or None when there is none."""
+        for step in reversed(self.complete_steps()):
+            path = self.path(step)
+            self.check_identity(path)
+            try:
+                state = _state(model, optimizers)
+                dcp.load(state, checkpoint_id=str(path))
+                _set_state(model, optimizers, state)
+                train_state = torch.load(path / f"train_state_rank{_rank()}.pt", weights_only=False)
+            except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is skipped, loudly
+                log.warning("checkpoint %s is corrupt or unreadable (%s: %s); trying an older one",
+                            path, type(err).__name__, err)
+                continue
+            set_rng_state(train_state.pop("rng"))
+            log.info("resumed from %s", path)
+            return {**train_state, "step": step, "path": str(path)}
+        return None
+
+
+def _state(model, optimizers) -> dict:
+    opts = optimizers.optimizers
+    state = {"model": get_model_state_dict(model)}
+    for i, opt in enumerate(opts):
+        state[f"optim{i}"] = get_optimizer_state_dict(model, opt, options=StateDictOptions(flatten_optimizer_state_dict=True))
+    return state
+
+
+def _set_state(model, optimizers, state: dict) -> None:
+    set_model_state_dict(model, state["model"])
+    for i, opt in enumerate(optimizers.optimizers):
+        set_optimizer_state_dict(model, opt, state[f"optim{i}"],
+                                 options=StateDictOptions(flatten_optimizer_state_dict=True))

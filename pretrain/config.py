@@ -1,0 +1,255 @@
+"""The job configuration: one dataclass tree, TOML job files, ``--section.key=value`` overrides.
+
+Sections follow torchtitan's names (job, model, data, optimizer, lr_scheduler, training, parallelism,
+checkpoint, metrics). Each component receives only its own section (../STYLE rule 3). ``validate()``
+raises ``ValueError`` naming the field and the fix before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class JobConfig:
+    dump_folder: str = "outputs/run"
+    description: str = ""
+
+
+@dataclass
+class ModelConfig:
+    family: str = "deepseek_engram"
+    flavor: str = "debug"
+    vocab_size: int = 0  # 0: the tokenizer's vocab size
+    overrides: dict = field(default_factory=dict)  # ModelArgs fields; nested: {"engram.seed": 1}
+
+
+@dataclass
+class DataConfig:
+    dataset_path: str = "data_cache/demo"
+    prepare_if_missing: bool = True
+    sources: list = field(default_factory=lambda: ["stdlib", "pydoc"])
+    inputs: list = field(default_factory=list)
+    tokenizer: str = ""  # "" -> <dataset_path>/tokenizer.model (trained by data.prepare)
+    tokenizer_vocab_size: int = 16000
+    seq_len: int = 256
+    num_workers: int = 1
+    strict: bool = False
+    url_prefix: str = ""  # shards served from a URL webdataset understands; "" -> dataset_path
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 3e-3
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    engram_lr_multiplier: float = 5.0  # the paper's table LR multiplier (tables also get WD 0)
+
+
+@dataclass
+class LRSchedulerConfig:
+    name: str = "cosine"  # "cosine" (warmup + cosine) or "wsd" (warmup-stable-decay)
+    warmup_steps: int = 20
+    decay_ratio: float = 0.2  # wsd: fraction of steps spent decaying
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = 100
+    batch_size: int = 8  # micro-batch per DP rank
+    grad_accum_steps: int = 1
+    max_norm: float = 1.0
+    mixed_precision: str = "none"  # "none" or "bf16" (autocast)
+    seed: int = 0
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    num_threads: int = 0  # torch intra-op threads; 0 = torch's default
+
+
+@dataclass
+class ParallelismConfig:
+    data_parallel_replicate_degree: int = 1
+    data_parallel_shard_degree: int = -1  # -1: the rest of the world
+    tensor_parallel_degree: int = 1
+    pipeline_parallel_degree: int = 1
+    expert_parallel_degree: int = 1
+    context_parallel_degree: int = 1
+    engram_table_parallel_degree: int = 1
+    timeout_seconds: int = 600
+
+
+@dataclass
+class CheckpointConfig:
+    enable: bool = True
+    folder: str = "checkpoints"  # inside job.dump_folder
+    interval: int = 50
+    keep_last: int = 3
+    load: bool = True  # resume from the newest complete checkpoint in the folder
+
+
+@dataclass
+class MetricsConfig:
+    log_freq: int = 10
+    enable_tensorboard: bool = True
+    save_tb_folder: str = "tb"
+    eval_freq: int = 100
+    eval_batches: int = 16
+    peak_tflops: float = 0.0  # 0: a per-device default (see pretrain.metrics)
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    job: JobConfig = field(default_factory=JobConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr_scheduler: LRSchedulerConfig = field(default_factory=LRSchedulerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def validate(self) -> None:
+        t, o, s, c, m, d = (self.training, self.optimizer, self.lr_scheduler, self.checkpoint,
+                            self.metrics, self.data)
+        checks = [
+            (t.steps > 0, f"training.steps={t.steps}: must be > 0"),
+            (t.batch_size > 0, f"training.batch_size={t.batch_size}: must be > 0"),
+            (t.grad_accum_steps > 0, f"training.grad_accum_steps={t.grad_accum_steps}: must be > 0"),
+            (t.mixed_precision in ("none", "bf16"),
+             f"training.mixed_precision={t.mixed_precision!r}: use 'none' or 'bf16'"),
+            (t.max_norm >= 0, f"training.max_norm={t.max_norm}: must be >= 0 (0 disables clipping)"),
+            (o.name == "adamw", f"optimizer.name={o.name!r}: only 'adamw' is available"),
+            (o.lr > 0, f"optimizer.lr={o.lr}: must be > 0"),
+            (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+             f"optimizer.betas={o.betas}: give two values in [0, 1)"),
+            (o.engram_lr_multiplier > 0, "optimizer.engram_lr_multiplier must be > 0"),
+            (s.name in ("cosine", "wsd"), f"lr_scheduler.name={s.name!r}: use 'cosine' or 'wsd'"),
+            (0 <= s.warmup_steps < t.steps,
+             f"lr_scheduler.warmup_steps={s.warmup_steps}: must be in [0, training.steps={t.steps})"),
+            (0 < s.decay_ratio <= 1, f"lr_scheduler.decay_ratio={s.decay_ratio}: must be in (0, 1]"),
+            (0 <= s.min_lr_ratio <= 1, f"lr_scheduler.min_lr_ratio={s.min_lr_ratio}: must be in [0, 1]"),
+            (c.interval > 0, f"checkpoint.interval={c.interval}: must be > 0"),
+            (c.keep_last >= 1, f"checkpoint.keep_last={c.keep_last}: keep at least 1 checkpoint"),
+            (m.log_freq > 0, f"metrics.log_freq={m.log_freq}: must be > 0"),
+            (m.eval_freq > 0, f"metrics.eval_freq={m.eval_freq}: must be > 0"),
+            (d.seq_len > 1, f"data.seq_len={d.seq_len}: must be > 1"),
+            (d.num_workers >= 0, f"data.num_workers={d.num_workers}: must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _coerce(section: str, key: str, value, target):
+    hints = typing.get_type_hints(type(target))
+    if key not in hints:
+        known = ", ".join(f.name for f in dataclasses.fields(target))
+        raise ValueError(f"unknown config key {section}.{key}; known keys of [{section}]: {known}")
+    kind = hints[key]
+    if isinstance(value, str) and kind is not str:
+        value = _parse_literal(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    origin = typing.get_origin(kind) or kind
+    if origin in (int, float, bool, str, list, dict) and not isinstance(value, origin):
+        raise ValueError(f"{section}.{key}={value!r}: expected {origin.__name__}")
+    if origin is int and isinstance(value, bool):
+        raise ValueError(f"{section}.{key}={value!r}: expected int")
+    return value
+
+
+def _parse_literal(text: str):
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply(config: Config, section: str, key: str, value) -> None:
+    if section not in SECTIONS:
+        raise ValueError(f"unknown config section [{section}]; sections: {', '.join(SECTIONS)}")
+    target = getattr(config, section)
+    if section == "model" and key.startswith("overrides."):
+        target.overrides[key.removeprefix("overrides.")] = (
+            _parse_literal(value) if isinstance(value, str) else value)
+        return
+    setattr(target, key, _coerce(section, key, value, target))
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the TOML file, then ``--section.key=value`` overrides."""
+    config = Config()
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist (see pretrain/configs/)")
+        for section, values in tomllib.loads(file.read_text()).items():
+            if not isinstance(values, dict):
+                raise ValueError(f"{path}: top-level key {section!r} must be a [section] table")
+            for key, value in values.items():
+                if section == "model" and key == "overrides":
+                    config.model.overrides.update(value)
+                else:
+                    apply(config, section, key, value)
+    for item in _split_overrides(list(overrides)):
+        dotted, value = item
+        section, _, key = dotted.partition(".")
+        if not key:
+            raise ValueError(f"override --{dotted}: write --section.key=value")
+        apply(config, section, key, value)
+    config.validate()
+    return config
+
+
+def _split_overrides(args: list[str]) -> list[tuple[str, str]]:
+    pairs, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}; overrides are --section.key=value")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        elif i + 1 < len(args):
+            key, value = arg[2:], args[i + 1]
+            i += 2
+        else:
+            raise ValueError(f"override {arg} has no value")
+        pairs.append((key, value))
+    return pairs
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f'"{k}" = {_toml_value(v)}' for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def to_toml(config: Config) -> str:
+    """The resolved config as TOML (written to the run folder as ``config.toml``)."""
+    lines = []
+    for section in SECTIONS:
+        lines.append(f"[{section}]")
+        for key, value in dataclasses.asdict(getattr(config, section)).items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,136 @@
+"""Console, progress bar, TensorBoard and ``metrics.jsonl`` logging.
+
+Console line: ``step: N  loss: X  grad_norm: Y  lr: L  memory: Z GiB  tps: T  tflops: F  mfu: M%
+data_wait: W%``. TensorBoard tags follow torchtitan (``loss_metrics/global_avg_loss``,
+``throughput(tps)``, ``mfu(%)``, ``time_metrics/data_loading(%)``, ``memory/max_active(GiB)``), plus
+``engram/gate_mean/layer{L}`` and ``engram/unique_rows_frac``.
+MFU = 100 * flops_per_token * tokens_per_second / peak_flops.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+from pretrain.config import MetricsConfig
+
+# Peak dense TFLOP/s used for MFU when metrics.peak_tflops = 0.
+PEAK_TFLOPS = {"H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
+CPU_PEAK_TFLOPS_PER_CORE = 0.1  # fp32 AVX2 FMA at ~3 GHz: 2 x 8 x 2 x 3e9
+
+
+def default_peak_tflops(device: torch.device) -> float:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in PEAK_TFLOPS.items():
+            if key in name:
+                return value
+        return 312.0
+    return CPU_PEAK_TFLOPS_PER_CORE * torch.get_num_threads()
+
+
+def memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class MetricsLogger:
+    """Rank 0 writes; other ranks only keep the progress bar off."""
+
+    def __init__(self, cfg: MetricsConfig, run_folder: Path, rank: int, total_steps: int, start_step: int,
+                 device: torch.device):
+        self.cfg, self.rank, self.device = cfg, rank, device
+        self.enabled = rank == 0
+        self.peak_flops = (cfg.peak_tflops or default_peak_tflops(device)) * 1e12
+        self.jsonl = run_folder / "metrics.jsonl"
+        self.bar = self.tb = None
+        if not self.enabled:
+            return
+        _truncate_after(self.jsonl, start_step)
+        if cfg.enable_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_folder / cfg.save_tb_folder), purge_step=start_step + 1)
+        if cfg.progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                            file=sys.stderr, disable=None)
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def log_train(self, step: int, values: dict, engram: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        tps = values["tps"]
+        tflops = values["flops_per_token"] * tps / 1e12
+        mfu = 100 * values["flops_per_token"] * tps / self.peak_flops
+        mem = memory_gib(self.device)
+        line = (f"step: {step}  loss: {values['loss']:.4f}  grad_norm: {values['grad_norm']:.3f}  "
+                f"lr: {values['lr']:.2e}  memory: {mem:.2f} GiB  tps: {tps:,.0f}  tflops: {tflops:.3f}  "
+                f"mfu: {mfu:.2f}%  data_wait: {values['data_wait_pct']:.1f}%")
+        for name, value in values.get("aux", {}).items():
+            line += f"  {name}: {value:.4f}"
+        self._print(line)
+        scalars = {
+            "loss_metrics/global_avg_loss": values["loss"], "grad_norm": values["grad_norm"],
+            "lr": values["lr"], "throughput(tps)": tps, "tflops": tflops, "mfu(%)": mfu,
+            "time_metrics/data_loading(%)": values["data_wait_pct"], "memory/max_active(GiB)": mem,
+            **{f"loss_metrics/{k}": v for k, v in values.get("aux", {}).items()}, **engram,
+        }
+        self._write(step, scalars, {"step": step, "loss": values["loss"], "grad_norm": values["grad_norm"],
+                                    "lr": values["lr"], "tps": tps, "mfu": mfu,
+                                    "data_wait_pct": values["data_wait_pct"], **engram})
+
+    def log_eval(self, step: int, loss: float, tokens: int) -> None:
+        if not self.enabled:
+            return
+        self._print(f"eval step: {step}  val_loss: {loss:.4f}  val_ppl: {_ppl(loss):.2f}  tokens: {tokens}")
+        self._write(step, {"loss_metrics/val_loss": loss}, {"step": step, "val_loss": loss,
+                                                              "val_tokens": tokens})
+
+    def _print(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stdout)
+        else:
+            print(line, flush=True)
+
+    def _write(self, step: int, scalars: dict, record: dict) -> None:
+        if self.tb is not None:
+            for tag, value in scalars.items():
+                self.tb.add_scalar(tag, value, step)
+        with open(self.jsonl, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _ppl(loss: float) -> float:
+    import math
+
+    return math.exp(min(loss, 50))
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """On resume, move records of steps after the checkpoint to ``metrics.abandoned.jsonl``."""
+    if not path.is_file():
+        return
+    keep, drop = [], []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            (keep if json.loads(line)["step"] <= step else drop).append(line)
+    if drop:
+        with open(path.with_name("metrics.abandoned.jsonl"), "a") as handle:
+            handle.write("\n".join(drop) + "\n")
+        path.write_text("".join(line + "\n" for line in keep))

@@ -1,0 +1,116 @@
+"""Optimizers, parameter groups, gradient clipping and the LR schedule.
+
+Param groups: weight decay on matrices only (no decay on norms, biases and embeddings); Engram tables get
+``optimizer.engram_lr_multiplier`` x LR and no weight decay (the paper), through the row-wise Adam when the
+tables produce sparse gradients, or an AdamW group otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pretrain.config import LRSchedulerConfig, OptimizerConfig
+from pretrain.rowwise_adam import RowwiseAdam
+
+
+def is_table(name: str) -> bool:
+    return name.endswith("table.weight")
+
+
+def param_groups(model: torch.nn.Module, cfg: OptimizerConfig):
+    """``(dense groups, table params)``; each group carries ``lr_mult``."""
+    decay, no_decay, dense_tables, sparse_tables = [], [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if is_table(name):
+            sparse = getattr(_owner(model, name), "sparse", False)
+            (sparse_tables if sparse else dense_tables).append(param)
+        elif param.ndim < 2 or "tok_embeddings" in name:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay, "lr_mult": 1.0, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0, "name": "no_decay"},
+    ]
+    if dense_tables:
+        groups.append({"params": dense_tables, "weight_decay": 0.0, "lr_mult": cfg.engram_lr_multiplier,
+                       "name": "engram_tables"})
+    return [g for g in groups if g["params"]], sparse_tables
+
+
+def _owner(model, name):
+    module = model
+    for part in name.split(".")[:-1]:
+        module = getattr(module, part)
+    return module
+
+
+class Optimizers:
+    """AdamW for dense parameters plus row-wise Adam for sparse Engram tables, stepped together."""
+
+    def __init__(self, model: torch.nn.Module, cfg: OptimizerConfig):
+        groups, tables = param_groups(model, cfg)
+        betas = tuple(cfg.betas)
+        self.optimizers = [torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, foreach=False)]
+        if tables:
+            self.optimizers.append(RowwiseAdam(
+                [{"params": tables, "lr_mult": cfg.engram_lr_multiplier, "name": "engram_tables"}],
+                lr=cfg.lr * cfg.engram_lr_multiplier, betas=betas, eps=cfg.eps))
+        self.base_lr = cfg.lr
+
+    @property
+    def param_groups(self):
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def set_lr(self, factor: float) -> None:
+        for group in self.param_groups:
+            group["lr"] = self.base_lr * group["lr_mult"] * factor
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """Global L2 norm over dense and sparse gradients; scales them when ``max_norm > 0``."""
+    grads = [p.grad for p in params if p.grad is not None]
+    squares = []
+    for g in grads:
+        if g.is_sparse:
+            g = g.coalesce()
+            values = g.values()
+        else:
+            values = g.full_tensor() if hasattr(g, "full_tensor") else g
+        squares.append(values.float().pow(2).sum())
+    total = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+    if max_norm > 0:
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for p in params:
+            if p.grad is not None:
+                if p.grad.is_sparse:
+                    p.grad = p.grad.coalesce() * coef
+                else:
+                    p.grad.mul_(coef.to(p.grad.device))
+    return total
+
+
+def lr_factor(step: int, total_steps: int, cfg: LRSchedulerConfig) -> float:
+    """LR multiplier for ``step`` (1-based): linear warmup, then cosine or warmup-stable-decay."""
+    if step <= cfg.warmup_steps:
+        return step / max(cfg.warmup_steps, 1)
+    if cfg.name == "cosine":
+        progress = (step - cfg.warmup_steps) / max(total_steps - cfg.warmup_steps, 1)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1)))
+    decay_start = total_steps - int(cfg.decay_ratio * total_steps)
+    if step <= decay_start:
+        return 1.0
+    progress = (step - decay_start) / max(total_steps - decay_start, 1)
+    return 1.0 - (1.0 - cfg.min_lr_ratio) * min(progress, 1.0)
