@@ -8,7 +8,10 @@ setup(
     description="Pretraining framework for LLMs with Engram conditional memory",
     python_requires=">=3.11",
     packages=find_packages(include=["pretrain*", "parallel*", "models*", "data*", "launch*"]),
-    package_data={"pretrain": ["configs/*.toml"], "launch": ["configs/*.toml", "slurm/*.sbatch", "*.sh"]},
+    package_data={
+        "pretrain": ["configs/*.toml"],
+        "launch": ["configs/*.toml", "slurm/*.sbatch", "*.sh"],
+    },
     install_requires=[
         "torch>=2.6",
         "numpy>=1.24",

@@ -1,12 +1,16 @@
 """Streaming, packed, hashed, exactly resumable token dataset.
 
-Order: each epoch shuffles the shard order with a seeded RNG (the same on every rank), deals the shards to
-DP ranks and then to loader workers, and permutes the documents inside each shard with a seeded RNG (a
-shuffle buffer bounded by one shard). Documents (EOS-terminated) are packed back to back into rows of
+Order: each epoch shuffles the shard order with a seeded RNG (the same on every rank), deals the
+shards to
+DP ranks and then to loader workers, and permutes the documents inside each shard with a seeded RNG
+(a
+shuffle buffer bounded by one shard). Documents (EOS-terminated) are packed back to back into rows
+of
 ``seq_len + 1`` tokens. Each worker ("role") yields whole batches and the N-gram hash ids of every
 Engram layer, so hashing never runs on the training step.
 
-The state of a role is five integers (epoch, shard cursor, document cursor, token offset, batches), so
+The state of a role is five integers (epoch, shard cursor, document cursor, token offset, batches),
+so
 resuming reads one shard and seeks; nothing is replayed.
 
 Legend: B batch, T seq_len, K Engram heads of a layer.
@@ -37,7 +41,8 @@ class RoleState:
 
 @dataclass
 class Part:
-    """A shard, or one of ``num_parts`` interleaved document subsets of it when shards are scarce."""
+    """A shard, or one of ``num_parts`` interleaved document subsets of it when shards are
+    scarce."""
 
     name: str
     part: int
@@ -59,15 +64,36 @@ class PackedShardStream:
         strict: a corrupt shard raises instead of being skipped with a warning.
     """
 
-    def __init__(self, folder, split: str, batch_size: int, seq_len: int, vocab_size: int, *, seed=0,
-                 dp_rank=0, dp_degree=1, role=0, num_roles=1, hasher=None, document_reset=False,
-                 strict=False, shuffle=True, url_prefix: str | None = None):
+    def __init__(
+        self,
+        folder,
+        split: str,
+        batch_size: int,
+        seq_len: int,
+        vocab_size: int,
+        *,
+        seed=0,
+        dp_rank=0,
+        dp_degree=1,
+        role=0,
+        num_roles=1,
+        hasher=None,
+        document_reset=False,
+        strict=False,
+        shuffle=True,
+        url_prefix: str | None = None,
+    ):
         self.folder, self.split = Path(folder), split
         self.index = load_index(self.folder, split)
         self.url_prefix = url_prefix or str(self.folder)
         self.batch_size, self.seq_len, self.vocab_size = batch_size, seq_len, vocab_size
         self.seed, self.shuffle = seed, shuffle
-        self.dp_rank, self.dp_degree, self.role, self.num_roles = dp_rank, dp_degree, role, num_roles
+        self.dp_rank, self.dp_degree, self.role, self.num_roles = (
+            dp_rank,
+            dp_degree,
+            role,
+            num_roles,
+        )
         self.hasher, self.document_reset, self.strict = hasher, document_reset, strict
         self.corrupt_shards: list[str] = []
         consumers = dp_degree * num_roles
@@ -79,7 +105,7 @@ class PackedShardStream:
         order = list(range(len(self.parts)))
         if self.shuffle:
             np.random.default_rng([self.seed, epoch]).shuffle(order)
-        mine = order[self.dp_rank::self.dp_degree][self.role::self.num_roles]
+        mine = order[self.dp_rank :: self.dp_degree][self.role :: self.num_roles]
         return [self.parts[i] for i in mine]
 
     def _docs(self, part: Part, epoch: int) -> list[np.ndarray]:
@@ -90,7 +116,9 @@ class PackedShardStream:
                 raise
             if part.name not in self.corrupt_shards:
                 self.corrupt_shards.append(part.name)
-                log.warning("skipping %s (%d corrupt shard(s) so far)", err, len(self.corrupt_shards))
+                log.warning(
+                    "skipping %s (%d corrupt shard(s) so far)", err, len(self.corrupt_shards)
+                )
             return []
         tokens = [d.tokens for i, d in enumerate(docs) if i % part.num_parts == part.part]
         if self.shuffle:
@@ -114,8 +142,8 @@ class PackedShardStream:
                 while state.doc_pos < len(docs):
                     doc = docs[state.doc_pos]
                     take = min(len(doc) - state.token_pos, need - filled)
-                    rows[filled:filled + take] = doc[state.token_pos:state.token_pos + take]
-                    row_docs[filled:filled + take] = state.doc_pos + (state.shard_pos << 32)
+                    rows[filled : filled + take] = doc[state.token_pos : state.token_pos + take]
+                    row_docs[filled : filled + take] = state.doc_pos + (state.shard_pos << 32)
                     filled += take
                     state.token_pos += take
                     progressed = progressed or take > 0
@@ -131,8 +159,10 @@ class PackedShardStream:
             state.epoch, state.shard_pos = state.epoch + 1, 0
             empty_epochs = 0 if progressed else empty_epochs + 1
             if empty_epochs >= 2:
-                raise RuntimeError(f"role {self.role} of DP rank {self.dp_rank} found no readable "
-                                   f"documents in the {self.split} split; every shard it owns is corrupt")
+                raise RuntimeError(
+                    f"role {self.role} of DP rank {self.dp_rank} found no readable "
+                    f"documents in the {self.split} split; every shard it owns is corrupt"
+                )
 
     def _make_batch(self, flat: np.ndarray, flat_docs: np.ndarray) -> dict:
         rows = flat.reshape(self.batch_size, self.seq_len + 1)
@@ -143,7 +173,12 @@ class PackedShardStream:
         starts[:, 1:] = docs[:, 1:] != docs[:, :-1]
         doc_ids = np.cumsum(starts, axis=1) - 1
         positions = _positions_from_starts(starts)
-        batch = {"tokens": tokens, "labels": rows[:, 1:].copy(), "positions": positions, "doc_ids": doc_ids}
+        batch = {
+            "tokens": tokens,
+            "labels": rows[:, 1:].copy(),
+            "positions": positions,
+            "doc_ids": doc_ids,
+        }
         if self.hasher is not None:
             hashed = self.hasher.hash(tokens, doc_ids if self.document_reset else None)
             batch["hash_ids"] = hashed

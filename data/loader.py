@@ -1,7 +1,10 @@
-"""The data loader: loader workers run ``PackedShardStream`` roles; the main process tracks exact state.
+"""The data loader: loader workers run ``PackedShardStream`` roles; the main process tracks exact
+state.
 
-Worker ``i`` plays role ``(i + role_offset) % num_roles``. The torch DataLoader takes batches from its
-workers round-robin, so after ``k`` batches the next one belongs to role ``k % num_roles``; on resume the
+Worker ``i`` plays role ``(i + role_offset) % num_roles``. The torch DataLoader takes batches from
+its
+workers round-robin, so after ``k`` batches the next one belongs to role ``k % num_roles``; on
+resume the
 offset is set so that the same role comes next. Each batch carries its role's state after it, so the
 main process records the state of what it has *consumed* (not what workers prefetched).
 """
@@ -81,14 +84,19 @@ class StatefulLoader:
         return batch
 
     def state_dict(self) -> dict:
-        return {"consumed": self.consumed, "num_roles": self.num_roles,
-                "role_states": {str(k): v for k, v in self.role_states.items()}}
+        return {
+            "consumed": self.consumed,
+            "num_roles": self.num_roles,
+            "role_states": {str(k): v for k, v in self.role_states.items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if int(state["num_roles"]) != self.num_roles:
             raise ValueError(
-                f"the checkpoint's data loader ran {state['num_roles']} worker roles but data.num_workers "
-                f"gives {self.num_roles}; resume with data.num_workers={state['num_roles']} (or 0 if it was 1)"
+                f"the checkpoint's data loader ran {state['num_roles']} worker roles but "
+                "data.num_workers "
+                f"gives {self.num_roles}; resume with data.num_workers={state['num_roles']} (or 0 "
+                "if it was 1)"
             )
         self.consumed = int(state["consumed"])
         self.role_states = {int(k): v for k, v in state["role_states"].items()}

@@ -1,8 +1,11 @@
 """Engram compressed tokenizer and N-gram hashing, exact against the public reference.
 
-Implements the hashing of "Conditional Memory via Scalable Lookup: A New Axis of Sparsity for Large Language
-Models" (DeepSeek, 2026), as in the reference demo (deepseek-ai/Engram ``engram_demo_v1.py``). It is pure
-numpy and picklable, so it runs in data-loader workers and the model receives hash ids (../STYLE rule 7).
+Implements the hashing of "Conditional Memory via Scalable Lookup: A New Axis of Sparsity for Large
+Language
+Models" (DeepSeek, 2026), as in the reference demo (deepseek-ai/Engram ``engram_demo_v1.py``). It
+is pure
+numpy and picklable, so it runs in data-loader workers and the model receives hash ids (../STYLE
+rule 7).
 
 Legend: B batch, T sequence, N max n-gram order, H heads per order, V raw vocab, C compressed vocab.
 
@@ -48,7 +51,8 @@ def _reference_normalizer():
 def build_compressed_lookup(tokenizer: Tokenizer) -> np.ndarray:
     """Raw id -> compressed id, keys interned in first-seen order.
 
-    A decoded token containing U+FFFD is keyed by its raw token string; otherwise by its normalized text,
+    A decoded token containing U+FFFD is keyed by its raw token string; otherwise by its normalized
+    text,
     or the decoded text when normalization leaves nothing.
     """
     normalizer = _reference_normalizer()
@@ -160,7 +164,8 @@ def engram_head_primes(
 ) -> dict[int, list[list[int]]]:
     """Prime table size of every head: ``{layer: [[prime per head] per order 2..N]}``.
 
-    One seen-set is shared by all layers and walked in layer, order, head order (as the reference does),
+    One seen-set is shared by all layers and walked in layer, order, head order (as the reference
+    does),
     so no two heads anywhere share a modulus.
     """
     validate_hash_fields(engram_vocab_size, max_ngram_size, n_head_per_ngram, layer_ids)
@@ -191,14 +196,20 @@ def validate_hash_fields(engram_vocab_size, max_ngram_size, n_head_per_ngram, la
             f"{max_ngram_size} needs one vocab base per n-gram order ({max_ngram_size - 1})"
         )
     if any(int(v) < 2 for v in engram_vocab_size):
-        raise ValueError(f"engram.engram_vocab_size={list(engram_vocab_size)}: every base must be >= 2")
+        raise ValueError(
+            f"engram.engram_vocab_size={list(engram_vocab_size)}: every base must be >= 2"
+        )
     if n_head_per_ngram < 1:
         raise ValueError(f"engram.n_head_per_ngram={n_head_per_ngram}: must be >= 1")
     if len(layer_ids) == 0 or len(set(layer_ids)) != len(layer_ids):
-        raise ValueError(f"engram.layer_ids={list(layer_ids)}: must be non-empty and without repeats")
+        raise ValueError(
+            f"engram.layer_ids={list(layer_ids)}: must be non-empty and without repeats"
+        )
 
 
-def layer_multipliers(seed: int, layer_id: int, max_ngram_size: int, compressed_vocab: int) -> np.ndarray:
+def layer_multipliers(
+    seed: int, layer_id: int, max_ngram_size: int, compressed_vocab: int
+) -> np.ndarray:
     """Odd int64 multipliers of one layer, drawn exactly as the reference draws them."""
     half_bound = max(1, (_INT64_MAX // int(compressed_vocab)) // 2)
     rng = np.random.default_rng(int(seed + _LAYER_SEED_PRIME * int(layer_id)))
@@ -209,7 +220,8 @@ def layer_multipliers(seed: int, layer_id: int, max_ngram_size: int, compressed_
 class NgramHasher:
     """Hashes the last 2..N tokens at each position into prime-sized tables, per Engram layer.
 
-    Args mirror the reference ``EngramConfig``: ``engram_vocab_size`` is the per-order prime search base,
+    Args mirror the reference ``EngramConfig``: ``engram_vocab_size`` is the per-order prime search
+    base,
     ``pad_id`` a raw tokenizer id (compressed before use).
     """
 
@@ -232,14 +244,18 @@ class NgramHasher:
         self.pad_id = int(pad_id)
         self.seed = int(seed)
         self.compressed_tokenizer = compressed_tokenizer
-        if _state is not None:  # rebuilt from an exported configuration, maybe without the tokenizer
+        if (
+            _state is not None
+        ):  # rebuilt from an exported configuration, maybe without the tokenizer
             self.compressed_vocab_size = int(_state["compressed_vocab_size"])
             self.compressed_pad_id = int(_state["compressed_pad_id"])
             self.compressed_map_sha256 = _state["compressed_map_sha256"]
             self.tokenizer_identity = _state["tokenizer_identity"]
         else:
             if compressed_tokenizer is None:
-                raise ValueError("NgramHasher needs a CompressedTokenizer (or use from_config_dict)")
+                raise ValueError(
+                    "NgramHasher needs a CompressedTokenizer (or use from_config_dict)"
+                )
             self.compressed_vocab_size = len(compressed_tokenizer)
             self.compressed_pad_id = int(compressed_tokenizer.compress([self.pad_id])[0])
             self.compressed_map_sha256 = compressed_tokenizer.checksum
@@ -248,7 +264,9 @@ class NgramHasher:
             self.engram_vocab_size, self.max_ngram_size, self.n_head_per_ngram, self.layer_ids
         )
         self.multipliers = {
-            layer: layer_multipliers(self.seed, layer, self.max_ngram_size, self.compressed_vocab_size)
+            layer: layer_multipliers(
+                self.seed, layer, self.max_ngram_size, self.compressed_vocab_size
+            )
             for layer in self.layer_ids
         }
         if _state is not None:
@@ -274,9 +292,11 @@ class NgramHasher:
 
     # ----- hashing -----
     def hash(self, input_ids, doc_ids=None) -> dict[int, np.ndarray]:
-        """Raw ids ``[B, T]`` -> ``{layer_id: int64 [B, T, (N-1)*H]}`` per-head ids (before offsets).
+        """Raw ids ``[B, T]`` -> ``{layer_id: int64 [B, T, (N-1)*H]}`` per-head ids (before
+        offsets).
 
-        ``doc_ids`` ``[B, T]`` turns on document reset: an n-gram never reaches back across a document
+        ``doc_ids`` ``[B, T]`` turns on document reset: an n-gram never reaches back across a
+        document
         start; those look-back slots take the pad id. Without it the result equals the reference.
         """
         if self.compressed_tokenizer is None:
@@ -346,9 +366,10 @@ class NgramHasher:
         cls, config: dict, compressed_tokenizer: CompressedTokenizer | None = None
     ) -> NgramHasher:
         """Rebuild a hasher from ``to_config_dict()`` output, with or without the tokenizer."""
-        if compressed_tokenizer is not None and compressed_tokenizer.checksum != config[
-            "compressed_map_sha256"
-        ]:
+        if (
+            compressed_tokenizer is not None
+            and compressed_tokenizer.checksum != config["compressed_map_sha256"]
+        ):
             raise ValueError(
                 "the compressed tokenizer does not match the exported hash configuration "
                 "(compressed_map_sha256 differs): use the tokenizer the configuration was made with"
@@ -367,12 +388,17 @@ class NgramHasher:
     def _check_exported_state(self, state: dict) -> None:
         for layer in self.layer_ids:
             if state["multipliers"][str(layer)] != self.multipliers[layer].tolist():
-                raise ValueError(f"exported multipliers of layer {layer} do not match the recomputed ones")
+                raise ValueError(
+                    f"exported multipliers of layer {layer} do not match the recomputed ones"
+                )
             if state["primes"][str(layer)] != self.primes[layer]:
-                raise ValueError(f"exported primes of layer {layer} do not match the recomputed ones")
+                raise ValueError(
+                    f"exported primes of layer {layer} do not match the recomputed ones"
+                )
 
 
 def hash_config_mismatches(saved: dict, current: dict) -> list[str]:
-    """Names of the hash-configuration fields that differ between two ``to_config_dict()`` outputs."""
+    """Names of the hash-configuration fields that differ between two ``to_config_dict()``
+    outputs."""
     keys = sorted(set(saved) | set(current))
     return [k for k in keys if saved.get(k) != current.get(k)]

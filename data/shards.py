@@ -59,8 +59,13 @@ class ShardSetWriter:
             self._open()
         buffer = io.BytesIO()
         np.save(buffer, tokens.astype(self.dtype))
-        self._writer.write({"__key__": f"{doc_id:010d}", "tokens.npy": buffer.getvalue(),
-                            "json": json.dumps({"doc_id": doc_id, "key": key}).encode()})
+        self._writer.write(
+            {
+                "__key__": f"{doc_id:010d}",
+                "tokens.npy": buffer.getvalue(),
+                "json": json.dumps({"doc_id": doc_id, "key": key}).encode(),
+            }
+        )
         self._current["num_docs"] += 1
         self._current["num_tokens"] += int(tokens.size)
         if (self.folder / self._current["name"]).stat().st_size >= self.shard_bytes:
@@ -68,8 +73,12 @@ class ShardSetWriter:
 
     def finish(self) -> dict:
         self._close()
-        index = {"prefix": self.prefix, "dtype": self.dtype.name, "vocab_size": self.vocab_size,
-                 "shards": self.shards}
+        index = {
+            "prefix": self.prefix,
+            "dtype": self.dtype.name,
+            "vocab_size": self.vocab_size,
+            "shards": self.shards,
+        }
         (self.folder / f"{self.prefix}.index.json").write_text(json.dumps(index, indent=1))
         return index
 
@@ -87,7 +96,8 @@ class CorruptShardError(RuntimeError):
 def read_shard(url: str, vocab_size: int) -> list[ShardDoc]:
     """All documents of one shard (a local path or any URL webdataset's ``gopen`` supports).
 
-    Raises ``CorruptShardError`` for a truncated or unreadable tar, and ``ValueError`` naming the shard
+    Raises ``CorruptShardError`` for a truncated or unreadable tar, and ``ValueError`` naming the
+    shard
     and document when a token id is at or beyond ``vocab_size``.
     """
     import webdataset as wds
@@ -114,7 +124,8 @@ def read_shard(url: str, vocab_size: int) -> list[ShardDoc]:
             raise CorruptShardError(f"shard {url}: sample {key} cannot be decoded: {err}") from err
         if tokens.size and int(tokens.max()) >= vocab_size:
             raise ValueError(
-                f"shard {url}, document {meta['doc_id']} ({meta.get('key')}): token id {int(tokens.max())} "
+                f"shard {url}, document {meta['doc_id']} ({meta.get('key')}): token id "
+                f"{int(tokens.max())} "
                 f">= vocab size {vocab_size}; the shards were written with another tokenizer; "
                 "re-run data.prepare or fix data.tokenizer"
             )
@@ -128,12 +139,15 @@ def load_index(folder: str | Path, split: str) -> dict:
     path = folder / f"{split}.index.json"
     if not path.is_file():
         raise FileNotFoundError(
-            f"no shard index {path}; run `python -m data.prepare --out {folder}` or fix data.dataset_path"
+            f"no shard index {path}; run `python -m data.prepare --out {folder}` or fix "
+            "data.dataset_path"
         )
     index = json.loads(path.read_text())
     missing = [s["name"] for s in index["shards"] if not (folder / s["name"]).is_file()]
     if missing:
-        raise FileNotFoundError(f"shards listed in {path} are missing: {missing[:5]} (of {len(missing)})")
+        raise FileNotFoundError(
+            f"shards listed in {path} are missing: {missing[:5]} (of {len(missing)})"
+        )
     if not index["shards"]:
         raise ValueError(f"shard index {path} lists no shards: the {split} split is empty")
     return index

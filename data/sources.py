@@ -5,7 +5,8 @@
 - ``linux-doc``, ``perl-doc``, ``git-doc``, ``fortunes``: more Debian documentation packages.
 - user paths: plain-text files, JSONL files (``text`` field), or folders of them.
 
-A document is ``Document(key, text, source)``; ``key`` is stable across machines (a relative path), so
+A document is ``Document(key, text, source)``; ``key`` is stable across machines (a relative path),
+so
 the train/validation split, which hashes it, is stable too.
 """
 
@@ -69,14 +70,18 @@ def stdlib_documents(stats: SourceStats) -> Iterator[Document]:
     root = Path(sysconfig.get_paths()["stdlib"])
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root)
-        if any(part.startswith("test") or part in ("site-packages", "dist-packages") for part in rel.parts):
+        if any(
+            part.startswith("test") or part in ("site-packages", "dist-packages")
+            for part in rel.parts
+        ):
             continue
         key = f"stdlib/{rel.as_posix()}"
         yield Document(key, _read_text(path, stats, key), "stdlib")
 
 
 def fetch_debian_package(package: str, cache: Path, timeout: float = 300) -> Path | None:
-    """Download and unpack a Debian package into ``cache``; ``None`` (with a warning) if apt can't."""
+    """Download and unpack a Debian package into ``cache``; ``None`` (with a warning) if apt
+    can't."""
     target = cache / package
     if (target / ".complete").exists():
         return target
@@ -122,7 +127,9 @@ def debian_documents(name: str, cache: Path, stats: SourceStats) -> Iterator[Doc
 def user_documents(path: Path, stats: SourceStats) -> Iterator[Document]:
     """Plain-text files (one document each) and JSONL files (one ``text`` per line)."""
     if not path.exists():
-        raise FileNotFoundError(f"input {path} does not exist; pass existing files or folders to --input")
+        raise FileNotFoundError(
+            f"input {path} does not exist; pass existing files or folders to --input"
+        )
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:
         key = f"user/{file.relative_to(path.parent).as_posix()}"

@@ -1,6 +1,7 @@
 """One tokenizer interface for the whole project: sentencepiece models and HF ``tokenizer.json``.
 
-Everything that needs a tokenizer (corpus preparation, shards, the Engram compressed tokenizer) goes through
+Everything that needs a tokenizer (corpus preparation, shards, the Engram compressed tokenizer)
+goes through
 :class:`Tokenizer`, so the two back ends are interchangeable.
 """
 
@@ -22,7 +23,8 @@ def file_sha256(path: str | Path) -> str:
 class Tokenizer:
     """Interface: encode/decode text, special ids, vocab size, and an identity string.
 
-    ``decode_single`` and ``token_string`` exist for the Engram compressed tokenizer: the first decodes
+    ``decode_single`` and ``token_string`` exist for the Engram compressed tokenizer: the first
+    decodes
     one id with no clean-up, the second returns the raw vocabulary entry.
     """
 
@@ -96,8 +98,12 @@ class HFTokenizer(Tokenizer):
         self._tok = _HFTok.from_file(self.path)
         self._tok.no_padding()
         self._tok.no_truncation()
-        self.bos_id = self._special_id(("<｜begin▁of▁sentence｜>", "<s>", "<|begin_of_text|>", "<bos>"))
-        self.eos_id = self._special_id(("<｜end▁of▁sentence｜>", "</s>", "<|end_of_text|>", "<eos>"))
+        self.bos_id = self._special_id(
+            ("<｜begin▁of▁sentence｜>", "<s>", "<|begin_of_text|>", "<bos>")
+        )
+        self.eos_id = self._special_id(
+            ("<｜end▁of▁sentence｜>", "</s>", "<|end_of_text|>", "<eos>")
+        )
         pad = self._special_id(("<｜▁pad▁｜>", "<pad>", "[PAD]"))
         self.pad_id = pad if pad >= 0 else self.eos_id
 

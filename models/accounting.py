@@ -65,7 +65,9 @@ def account(a: ModelArgs, seq_len: int | None = None) -> Accounting:
     d = a.dim
     embedding = a.vocab_size * d
     head = 0 if a.tie_embeddings else a.vocab_size * d
-    total = embedding + head + d + (a.hc_mult * d * a.hc_mult + a.hc_mult + 1 if a.hc_mult > 1 else 0)
+    total = (
+        embedding + head + d + (a.hc_mult * d * a.hc_mult + a.hc_mult + 1 if a.hc_mult > 1 else 0)
+    )
     inactive = 0
     norm_like = d  # non-matmul parameters inside the activated set (norms, biases, statics)
     engram_total = engram_tables = 0

@@ -1,6 +1,7 @@
 """Model hyper-parameters: one dataclass tree per model, validated up front.
 
-Every field a user can get wrong is checked in ``ModelArgs.validate`` with a ``ValueError`` that names
+Every field a user can get wrong is checked in ``ModelArgs.validate`` with a ``ValueError`` that
+names
 the field and the fix (../STYLE rule 14).
 """
 
@@ -70,7 +71,11 @@ class ModelArgs:
 
     @property
     def qk_head_dim(self) -> int:
-        return self.qk_nope_head_dim + self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
+        return (
+            self.qk_nope_head_dim + self.qk_rope_head_dim
+            if self.attention == "mla"
+            else self.head_dim
+        )
 
     @property
     def attn_v_head_dim(self) -> int:
@@ -83,28 +88,51 @@ class ModelArgs:
         checks = [
             (self.vocab_size > 0, "model.vocab_size must be > 0"),
             (self.dim > 0 and self.num_layers > 0, "model.dim and model.num_layers must be > 0"),
-            (self.attention in ("gqa", "mla"), f"model.attention={self.attention!r}: use 'gqa' or 'mla'"),
+            (
+                self.attention in ("gqa", "mla"),
+                f"model.attention={self.attention!r}: use 'gqa' or 'mla'",
+            ),
             (self.hc_mult >= 1, f"model.hc_mult={self.hc_mult}: must be >= 1"),
-            (0 <= self.num_dense_layers <= self.num_layers,
-             f"model.num_dense_layers={self.num_dense_layers}: must be in [0, num_layers]"),
+            (
+                0 <= self.num_dense_layers <= self.num_layers,
+                f"model.num_dense_layers={self.num_dense_layers}: must be in [0, num_layers]",
+            ),
         ]
         if self.attention == "gqa":
-            checks.append((self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads == 0,
-                           f"model.num_heads={self.num_heads} must be divisible by model.num_kv_heads="
-                           f"{self.num_kv_heads}"))
-            checks.append((self.head_dim % 2 == 0, f"model.head_dim={self.head_dim} must be even (RoPE)"))
+            checks.append(
+                (
+                    self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads == 0,
+                    f"model.num_heads={self.num_heads} must be divisible by model.num_kv_heads="
+                    f"{self.num_kv_heads}",
+                )
+            )
+            checks.append(
+                (self.head_dim % 2 == 0, f"model.head_dim={self.head_dim} must be even (RoPE)")
+            )
         else:
-            checks.append((self.qk_rope_head_dim % 2 == 0,
-                           f"model.qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE)"))
+            checks.append(
+                (
+                    self.qk_rope_head_dim % 2 == 0,
+                    f"model.qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE)",
+                )
+            )
             checks.append((self.kv_lora_rank > 0, "model.kv_lora_rank must be > 0 for MLA"))
         if self.moe is not None:
             moe = self.moe
             checks.append((moe.num_routed_experts > 0, "model.moe.num_routed_experts must be > 0"))
-            checks.append((1 <= moe.top_k <= moe.num_routed_experts,
-                           f"model.moe.top_k={moe.top_k} must be in [1, num_routed_experts="
-                           f"{moe.num_routed_experts}]"))
-            checks.append((moe.score_func in ("sigmoid", "softmax"),
-                           f"model.moe.score_func={moe.score_func!r}: use 'sigmoid' or 'softmax'"))
+            checks.append(
+                (
+                    1 <= moe.top_k <= moe.num_routed_experts,
+                    f"model.moe.top_k={moe.top_k} must be in [1, num_routed_experts="
+                    f"{moe.num_routed_experts}]",
+                )
+            )
+            checks.append(
+                (
+                    moe.score_func in ("sigmoid", "softmax"),
+                    f"model.moe.score_func={moe.score_func!r}: use 'sigmoid' or 'softmax'",
+                )
+            )
         if self.yarn.factor < 1:
             checks.append((False, f"model.yarn.factor={self.yarn.factor}: must be >= 1 (1 = off)"))
         for ok, message in checks:

@@ -1,6 +1,7 @@
 """Attention: GQA and DeepSeek-V3 MLA, both through ``scaled_dot_product_attention``.
 
-MLA follows DeepSeek-V2/V3 ("DeepSeek-V2: A Strong, Economical, and Efficient MoE Language Model", 2024):
+MLA follows DeepSeek-V2/V3 ("DeepSeek-V2: A Strong, Economical, and Efficient MoE Language Model",
+2024):
 low-rank query and key/value compression and a decoupled RoPE key shared by all heads.
 
 Legend: B batch, T sequence, H heads, Hkv kv heads, Dq qk head dim, Dv value head dim, D model dim.
@@ -19,7 +20,9 @@ from models.layers import RMSNorm, apply_rotary, yarn_mscale
 def _sdpa(q, k, v, mask, scale):
     """q/k/v ``[B, T, H, *]`` -> ``[B, T, H, Dv]``; a ``None`` mask means causal."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale
+    )
     return out.transpose(1, 2)
 
 
@@ -28,7 +31,11 @@ class GQAttention(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            args.num_heads,
+            args.num_kv_heads,
+            args.head_dim,
+        )
         self.wq = nn.Linear(args.dim, args.num_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.num_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.num_kv_heads * args.head_dim, bias=False)
@@ -59,7 +66,11 @@ class MLAttention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.num_heads = args.num_heads
-        self.nope_dim, self.rope_dim, self.v_dim = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
+        self.nope_dim, self.rope_dim, self.v_dim = (
+            args.qk_nope_head_dim,
+            args.qk_rope_head_dim,
+            args.v_head_dim,
+        )
         self.kv_lora_rank = args.kv_lora_rank
         qk_dim = self.nope_dim + self.rope_dim
         if args.q_lora_rank > 0:
@@ -70,7 +81,9 @@ class MLAttention(nn.Module):
             self.wq = nn.Linear(args.dim, args.num_heads * qk_dim, bias=False)
         self.wkv_a = nn.Linear(args.dim, args.kv_lora_rank + self.rope_dim, bias=False)
         self.kv_norm = RMSNorm(args.kv_lora_rank, eps=args.norm_eps)
-        self.wkv_b = nn.Linear(args.kv_lora_rank, args.num_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.wkv_b = nn.Linear(
+            args.kv_lora_rank, args.num_heads * (self.nope_dim + self.v_dim), bias=False
+        )
         self.wo = nn.Linear(args.num_heads * self.v_dim, args.dim, bias=False)
         mscale = yarn_mscale(args.yarn.factor, args.yarn.mscale_all_dim or args.yarn.mscale)
         self.scale = qk_dim**-0.5 * mscale**2

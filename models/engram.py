@@ -1,6 +1,7 @@
 """Engram conditional memory module (DeepSeek, "Conditional Memory via Scalable Lookup", 2026).
 
-Matches the public reference (deepseek-ai/Engram ``engram_demo_v1.py``) to float32 rounding, and adds the
+Matches the public reference (deepseek-ai/Engram ``engram_demo_v1.py``) to float32 rounding, and
+adds the
 DeepSeek-V4.1 production variant behind ``EngramConfig.variant``. Hash ids come from the data loader
 (``data.ngram_hash.NgramHasher``); the module never hashes.
 
@@ -92,11 +93,21 @@ class ShortConv(nn.Module):
 
     def __init__(self, dim: int, hc_mult: int, kernel_size: int, dilation: int, init: str):
         super().__init__()
-        self.hc_mult, self.kernel_size, self.dilation, self.init = hc_mult, kernel_size, dilation, init
+        self.hc_mult, self.kernel_size, self.dilation, self.init = (
+            hc_mult,
+            kernel_size,
+            dilation,
+            init,
+        )
         channels = dim * hc_mult
         self.conv = nn.Conv1d(
-            channels, channels, kernel_size, groups=channels, bias=False,
-            padding=(kernel_size - 1) * dilation, dilation=dilation,
+            channels,
+            channels,
+            kernel_size,
+            groups=channels,
+            bias=False,
+            padding=(kernel_size - 1) * dilation,
+            dilation=dilation,
         )
         self.norms = nn.ModuleList([nn.RMSNorm(dim, eps=1e-5) for _ in range(hc_mult)])
 
@@ -123,7 +134,9 @@ class Engram(nn.Module):
     residual streams.
     """
 
-    def __init__(self, cfg: EngramConfig, layer_id: int, dim: int, hc_mult: int, table_sizes: list[int]):
+    def __init__(
+        self, cfg: EngramConfig, layer_id: int, dim: int, hc_mult: int, table_sizes: list[int]
+    ):
         super().__init__()
         self.cfg, self.layer_id, self.dim, self.hc_mult = cfg, layer_id, dim, hc_mult
         self.table = EngramTable(table_sizes, cfg.head_dim, sparse=cfg.sparse_grad)
@@ -131,7 +144,9 @@ class Engram(nn.Module):
         if cfg.variant == "paper":
             self.value_proj = nn.Linear(embed, dim)
             self.key_projs = nn.ModuleList([nn.Linear(embed, dim) for _ in range(hc_mult)])
-            self.short_conv = ShortConv(dim, hc_mult, cfg.kernel_size, cfg.max_ngram_size, cfg.conv_init)
+            self.short_conv = ShortConv(
+                dim, hc_mult, cfg.kernel_size, cfg.max_ngram_size, cfg.conv_init
+            )
         else:  # v4.1: one fused key/value projection without bias: G keys then one value
             self.kv_proj = nn.Linear(embed, (hc_mult + 1) * dim, bias=False)
         self.key_norms = nn.ModuleList([nn.RMSNorm(dim) for _ in range(hc_mult)])
@@ -150,8 +165,10 @@ class Engram(nn.Module):
         else:
             *keys, value = self.kv_proj(rows).split(self.dim, dim=-1)
             gate_dtype = torch.float32
-        gates = torch.stack([self._gate(keys[i], hidden[:, :, i, :], i, gate_dtype) for i in
-                             range(self.hc_mult)], dim=2)  # [B, T, G, 1]
+        gates = torch.stack(
+            [self._gate(keys[i], hidden[:, :, i, :], i, gate_dtype) for i in range(self.hc_mult)],
+            dim=2,
+        )  # [B, T, G, 1]
         self.last_gate_mean = gates.detach().mean()  # logged as engram/gate_mean/layer{L}
         out = gates.to(value.dtype) * value.unsqueeze(2)  # [B, T, G, D]
         if self.cfg.variant == "paper":
@@ -170,7 +187,9 @@ class Engram(nn.Module):
         self.table.init_weights()
         for norm in [*self.key_norms, *self.query_norms]:
             norm.reset_parameters()
-        linears = [self.value_proj, *self.key_projs] if self.cfg.variant == "paper" else [self.kv_proj]
+        linears = (
+            [self.value_proj, *self.key_projs] if self.cfg.variant == "paper" else [self.kv_proj]
+        )
         for linear in linears:
             nn.init.normal_(linear.weight, std=std)
             if linear.bias is not None:

@@ -1,7 +1,8 @@
 """Engram table access behind one interface.
 
 ``EngramTable`` is the in-memory flat table (one per Engram layer, per-head offsets). Host-resident,
-tiered (hot-row cache / NVMe) and row-sharded tables implement the same two calls, ``forward(hash_ids)``
+tiered (hot-row cache / NVMe) and row-sharded tables implement the same two calls,
+``forward(hash_ids)``
 and ``lookup_flat(flat_ids)``, so the Engram module never knows where rows live.
 
 Legend: B batch, T sequence, K heads, Dh head dim, R total rows.

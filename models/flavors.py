@@ -1,4 +1,5 @@
-"""Named model sizes (../STYLE rule 4). The derivation of the paper flavors is in docs/model_flavors.md.
+"""Named model sizes (../STYLE rule 4). The derivation of the paper flavors is in
+docs/model_flavors.md.
 
 ``debug`` trains in seconds on CPU, ``demo`` is the CPU main job, ``ladder-*`` are small experiment
 sizes, and ``dense-4b`` / ``moe-27b`` / ``engram-27b`` / ``engram-40b`` are the paper's models
@@ -18,35 +19,82 @@ DEEPSEEK_V3_VOCAB = 129280  # the model's embedding rows (the tokenizer has 128,
 
 def _debug() -> ModelArgs:
     return ModelArgs(
-        vocab_size=DEEPSEEK_V3_VOCAB, dim=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-        ffn_hidden_dim=192, num_dense_layers=1, max_seq_len=128, hc_mult=2,
+        vocab_size=DEEPSEEK_V3_VOCAB,
+        dim=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        ffn_hidden_dim=192,
+        num_dense_layers=1,
+        max_seq_len=128,
+        hc_mult=2,
         moe=MoEArgs(num_routed_experts=4, num_shared_experts=1, top_k=2, expert_hidden_dim=64),
-        engram=EngramConfig(layer_ids=[0], engram_vocab_size=[2003, 2003], n_embed_per_ngram=32,
-                            n_head_per_ngram=2, kernel_size=4),
+        engram=EngramConfig(
+            layer_ids=[0],
+            engram_vocab_size=[2003, 2003],
+            n_embed_per_ngram=32,
+            n_head_per_ngram=2,
+            kernel_size=4,
+        ),
     )
 
 
 def _demo() -> ModelArgs:
     return ModelArgs(
-        vocab_size=DEEPSEEK_V3_VOCAB, dim=256, num_layers=4, num_heads=4, attention="mla",
-        q_lora_rank=0, kv_lora_rank=128, qk_nope_head_dim=48, qk_rope_head_dim=16, v_head_dim=48,
-        ffn_hidden_dim=768, num_dense_layers=1, max_seq_len=256, hc_mult=2,
+        vocab_size=DEEPSEEK_V3_VOCAB,
+        dim=256,
+        num_layers=4,
+        num_heads=4,
+        attention="mla",
+        q_lora_rank=0,
+        kv_lora_rank=128,
+        qk_nope_head_dim=48,
+        qk_rope_head_dim=16,
+        v_head_dim=48,
+        ffn_hidden_dim=768,
+        num_dense_layers=1,
+        max_seq_len=256,
+        hc_mult=2,
         moe=MoEArgs(num_routed_experts=8, num_shared_experts=1, top_k=2, expert_hidden_dim=256),
-        engram=EngramConfig(layer_ids=[0, 2], engram_vocab_size=[30011, 30011], n_embed_per_ngram=128,
-                            n_head_per_ngram=4, kernel_size=4),
+        engram=EngramConfig(
+            layer_ids=[0, 2],
+            engram_vocab_size=[30011, 30011],
+            n_embed_per_ngram=128,
+            n_head_per_ngram=4,
+            kernel_size=4,
+        ),
     )
 
 
 def _ladder(dim: int, layers: int, experts: int, engram: bool) -> Callable[[], ModelArgs]:
     def build() -> ModelArgs:
         return ModelArgs(
-            vocab_size=DEEPSEEK_V3_VOCAB, dim=dim, num_layers=layers, num_heads=dim // 64,
-            attention="mla", q_lora_rank=0, kv_lora_rank=dim // 2, qk_nope_head_dim=48,
-            qk_rope_head_dim=16, v_head_dim=48, ffn_hidden_dim=3 * dim, num_dense_layers=1,
-            max_seq_len=1024, hc_mult=4,
-            moe=MoEArgs(num_routed_experts=experts, num_shared_experts=1, top_k=2, expert_hidden_dim=dim),
-            engram=EngramConfig(layer_ids=[1, layers // 2], engram_vocab_size=[50021, 50021],
-                                n_embed_per_ngram=dim // 2, n_head_per_ngram=4) if engram else None,
+            vocab_size=DEEPSEEK_V3_VOCAB,
+            dim=dim,
+            num_layers=layers,
+            num_heads=dim // 64,
+            attention="mla",
+            q_lora_rank=0,
+            kv_lora_rank=dim // 2,
+            qk_nope_head_dim=48,
+            qk_rope_head_dim=16,
+            v_head_dim=48,
+            ffn_hidden_dim=3 * dim,
+            num_dense_layers=1,
+            max_seq_len=1024,
+            hc_mult=4,
+            moe=MoEArgs(
+                num_routed_experts=experts, num_shared_experts=1, top_k=2, expert_hidden_dim=dim
+            ),
+            engram=EngramConfig(
+                layer_ids=[1, layers // 2],
+                engram_vocab_size=[50021, 50021],
+                n_embed_per_ngram=dim // 2,
+                n_head_per_ngram=4,
+            )
+            if engram
+            else None,
         )
 
     return build
@@ -54,9 +102,20 @@ def _ladder(dim: int, layers: int, experts: int, engram: bool) -> Callable[[], M
 
 def _paper_backbone(**overrides) -> ModelArgs:
     args = ModelArgs(
-        vocab_size=DEEPSEEK_V3_VOCAB, dim=2560, num_layers=30, num_heads=32, attention="mla",
-        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-        ffn_hidden_dim=18432, num_dense_layers=1, max_seq_len=4096, hc_mult=4,
+        vocab_size=DEEPSEEK_V3_VOCAB,
+        dim=2560,
+        num_layers=30,
+        num_heads=32,
+        attention="mla",
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        ffn_hidden_dim=18432,
+        num_dense_layers=1,
+        max_seq_len=4096,
+        hc_mult=4,
         moe=MoEArgs(num_routed_experts=72, num_shared_experts=1, top_k=6, expert_hidden_dim=1536),
     )
     for key, value in overrides.items():
@@ -66,8 +125,14 @@ def _paper_backbone(**overrides) -> ModelArgs:
 
 def _paper_engram(rows_per_head: int) -> EngramConfig:
     # layers 2 and 15 (1-indexed), N=3, 8 heads, 1280 dims per n-gram order (160 per head)
-    return EngramConfig(layer_ids=[1, 14], engram_vocab_size=[rows_per_head, rows_per_head],
-                        max_ngram_size=3, n_embed_per_ngram=1280, n_head_per_ngram=8, kernel_size=4)
+    return EngramConfig(
+        layer_ids=[1, 14],
+        engram_vocab_size=[rows_per_head, rows_per_head],
+        max_ngram_size=3,
+        n_embed_per_ngram=1280,
+        n_head_per_ngram=8,
+        kernel_size=4,
+    )
 
 
 def _dense_4b() -> ModelArgs:
@@ -119,7 +184,8 @@ def apply_overrides(args: ModelArgs, overrides: dict) -> ModelArgs:
             if target is None:
                 raise ValueError(f"model.overrides.{dotted}: {part!r} is not set in this flavor")
         if not hasattr(target, parts[-1]):
-            raise ValueError(f"model.overrides.{dotted}: unknown field {parts[-1]!r} of "
-                             f"{type(target).__name__}")
+            raise ValueError(
+                f"model.overrides.{dotted}: unknown field {parts[-1]!r} of {type(target).__name__}"
+            )
         setattr(target, parts[-1], value)
     return args

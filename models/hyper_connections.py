@@ -1,7 +1,8 @@
 """Manifold-constrained hyper-connections (mHC): G residual streams with learned mixing.
 
 Follows DeepSeek's "mHC: Manifold-Constrained Hyper-Connections" (2025), built on Zhu et al.,
-"Hyper-Connections" (2024): each sublayer reads a weighted mix of the streams (pre), writes its output
+"Hyper-Connections" (2024): each sublayer reads a weighted mix of the streams (pre), writes its
+output
 back with per-stream weights (post), and the streams are mixed by a doubly stochastic matrix (res),
 projected with Sinkhorn-Knopp. Weights are static plus a small input-dependent part. With G = 1 the
 module is exactly a plain residual, ``x + f(x)``.
@@ -48,8 +49,8 @@ class HyperConnection(nn.Module):
         z = F.rms_norm(x.flatten(2), (x.shape[2] * x.shape[3],), eps=self.eps)
         dyn = self.proj(z)  # [B, T, G*D] -> [B, T, 2G + G*G]
         pre = torch.sigmoid(self.alpha[0] * dyn[..., :g] + self.static_pre)
-        post = 2 * torch.sigmoid(self.alpha[1] * dyn[..., g:2 * g] + self.static_post)
-        res_logits = self.alpha[2] * dyn[..., 2 * g:].unflatten(-1, (g, g)) + self.static_res
+        post = 2 * torch.sigmoid(self.alpha[1] * dyn[..., g : 2 * g] + self.static_post)
+        res_logits = self.alpha[2] * dyn[..., 2 * g :].unflatten(-1, (g, g)) + self.static_res
         res = sinkhorn(res_logits, self.sinkhorn_iters)  # [B, T, G, G]
         return torch.einsum("btg,btgd->btd", pre, x), (post, res)
 

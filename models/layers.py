@@ -1,6 +1,7 @@
 """Basic layers: RMSNorm, RoPE with YaRN scaling, SwiGLU FFN, and attention masks.
 
-YaRN follows Peng et al., "YaRN: Efficient Context Window Extension of Large Language Models" (2023), in
+YaRN follows Peng et al., "YaRN: Efficient Context Window Extension of Large Language Models"
+(2023), in
 the DeepSeek-V3 arrangement (frequency ramp between beta_fast and beta_slow, mscale on the softmax).
 
 Legend: B batch, T sequence, H heads, Dr rotary dim.
@@ -28,10 +29,18 @@ def rope_inv_freq(dim: int, theta: float, yarn: YarnArgs) -> torch.Tensor:
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     if yarn.factor <= 1:
         return inv_freq.float()
-    low = max(math.floor(_correction_dim(yarn.beta_fast, dim, theta,
-                                         yarn.original_max_position_embeddings)), 0)
-    high = min(math.ceil(_correction_dim(yarn.beta_slow, dim, theta,
-                                         yarn.original_max_position_embeddings)), dim - 1)
+    low = max(
+        math.floor(
+            _correction_dim(yarn.beta_fast, dim, theta, yarn.original_max_position_embeddings)
+        ),
+        0,
+    )
+    high = min(
+        math.ceil(
+            _correction_dim(yarn.beta_slow, dim, theta, yarn.original_max_position_embeddings)
+        ),
+        dim - 1,
+    )
     ramp = (torch.arange(dim // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)
     keep = 1 - ramp.clamp(0, 1)  # 1: high-frequency dims kept, 0: interpolated by the factor
     return (inv_freq / yarn.factor * (1 - keep) + inv_freq * keep).float()
@@ -52,8 +61,10 @@ class RotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        freqs = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float32),
-                            rope_inv_freq(self.dim, self.theta, self.yarn))
+        freqs = torch.outer(
+            torch.arange(self.max_seq_len, dtype=torch.float32),
+            rope_inv_freq(self.dim, self.theta, self.yarn),
+        )
         self.cos.copy_(freqs.cos())
         self.sin.copy_(freqs.sin())
 

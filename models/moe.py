@@ -1,11 +1,15 @@
-"""Fine-grained MoE with shared experts: router -> dispatcher -> experts -> combine (../STYLE rule 6).
+"""Fine-grained MoE with shared experts: router -> dispatcher -> experts -> combine (../STYLE rule
+6).
 
 Routing and auxiliary-loss-free balancing follow DeepSeek-V3 ("DeepSeek-V3 Technical Report", 2024):
-sigmoid affinities, a per-expert bias that only affects selection and is nudged toward balanced load after
-every step, and an optional sequence-level balance loss. The dispatcher is an interface; the local one
+sigmoid affinities, a per-expert bias that only affects selection and is nudged toward balanced
+load after
+every step, and an optional sequence-level balance loss. The dispatcher is an interface; the local
+one
 lives here, the all-to-all one in ``parallel/``.
 
-Legend: N tokens, E routed experts, K top-k, D dim, F expert hidden dim, M = N*K routed token copies.
+Legend: N tokens, E routed experts, K top-k, D dim, F expert hidden dim, M = N*K routed token
+copies.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ class Router(nn.Module):
         self.gate = nn.Linear(dim, args.num_routed_experts, bias=False)
         self.register_buffer("expert_bias", torch.zeros(args.num_routed_experts))
         # tokens routed to each expert since the last bias update; reset by update_bias()
-        self.register_buffer("tokens_per_expert", torch.zeros(args.num_routed_experts), persistent=False)
+        self.register_buffer(
+            "tokens_per_expert", torch.zeros(args.num_routed_experts), persistent=False
+        )
 
     def forward(self, x: torch.Tensor):
         """``x [N, D]`` -> ``(topk_idx [N, K], topk_weight [N, K], scores [N, E])``."""
@@ -75,7 +81,9 @@ class LocalDispatcher:
         counts = torch.bincount(flat, minlength=num_experts)
         return x[token_index], counts, DispatchContext(token_index, order)
 
-    def combine(self, y: torch.Tensor, topk_weight: torch.Tensor, ctx: DispatchContext, num_tokens: int):
+    def combine(
+        self, y: torch.Tensor, topk_weight: torch.Tensor, ctx: DispatchContext, num_tokens: int
+    ):
         """Weighted sum of expert outputs ``y [M, D]`` back to ``[N, D]``."""
         weighted = y * topk_weight.flatten()[ctx.order].unsqueeze(1)
         out = torch.zeros(num_tokens, y.shape[1], dtype=y.dtype, device=y.device)
@@ -102,7 +110,8 @@ def grouped_mm_supported(x: torch.Tensor, *dims: int) -> bool:
 
 
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts stored as ``[E, D, F]`` / ``[E, F, D]`` weights (shardable on the ep axis)."""
+    """E SwiGLU experts stored as ``[E, D, F]`` / ``[E, F, D]`` weights (shardable on the ep
+    axis)."""
 
     def __init__(self, dim: int, hidden_dim: int, num_experts: int, use_grouped_mm: bool = True):
         super().__init__()
@@ -116,7 +125,9 @@ class GroupedExperts(nn.Module):
         dim, hidden = self.w1.shape[1], self.w1.shape[2]
         if self.use_grouped_mm and grouped_mm_supported(x, dim, hidden):
             offs = tokens_per_expert.cumsum(0).to(torch.int32)
-            h = F.silu(torch._grouped_mm(x, self.w1, offs=offs)) * torch._grouped_mm(x, self.w3, offs=offs)
+            h = F.silu(torch._grouped_mm(x, self.w1, offs=offs)) * torch._grouped_mm(
+                x, self.w3, offs=offs
+            )
             return _ContiguousGrad.apply(torch._grouped_mm(h, self.w2, offs=offs))
         return self.forward_loop(x, tokens_per_expert)
 
@@ -140,11 +151,13 @@ class MoE(nn.Module):
         super().__init__()
         self.args = args
         self.router = Router(dim, args)
-        self.experts = GroupedExperts(dim, args.expert_hidden_dim, args.num_routed_experts,
-                                      args.use_grouped_mm)
+        self.experts = GroupedExperts(
+            dim, args.expert_hidden_dim, args.num_routed_experts, args.use_grouped_mm
+        )
         self.shared_experts = (
             FeedForward(dim, args.expert_hidden_dim * args.num_shared_experts)
-            if args.num_shared_experts > 0 else None
+            if args.num_shared_experts > 0
+            else None
         )
         self.dispatcher = LocalDispatcher()
 
@@ -166,7 +179,8 @@ class MoE(nn.Module):
         """DeepSeek-V3's complementary sequence-wise balance loss, averaged over sequences."""
         batch, seq, experts = scores.shape
         counts = torch.zeros(batch, experts, device=scores.device).scatter_add_(
-            1, topk_idx.flatten(1), torch.ones(batch, topk_idx[0].numel(), device=scores.device))
+            1, topk_idx.flatten(1), torch.ones(batch, topk_idx[0].numel(), device=scores.device)
+        )
         frac = counts * experts / (self.args.top_k * seq)  # f_i
         prob = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)  # P_i
         return self.args.seq_aux_loss_coef * (frac * prob).sum(dim=1).mean()

@@ -30,8 +30,10 @@ def parallelize_deepseek_engram(model: nn.Module, dims: ParallelDims, mesh, devi
     if dims.dp_shard > 1:
         if any(engram.table.sparse for engram in model.engram_layers()):
             raise ValueError(
-                "FSDP (parallelism.data_parallel_shard_degree > 1) cannot shard sparse gradients: set "
-                "--model.overrides.engram.sparse_grad=false, or use data_parallel_replicate_degree")
+                "FSDP (parallelism.data_parallel_shard_degree > 1) cannot shard sparse gradients: "
+                "set "
+                "--model.overrides.engram.sparse_grad=false, or use data_parallel_replicate_degree"
+            )
         apply_fsdp(model, mesh, list(model.layers.values()))
         return materialize(model, device, seed), model
     materialize(model, device, seed)

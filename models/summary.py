@@ -1,6 +1,7 @@
 """``python -m models.summary FLAVOR [--json] [--seq_len N]``: parameters and FLOPs of a flavor.
 
-The numbers come from ``models.accounting.account`` and are cross-checked against a meta-device build.
+The numbers come from ``models.accounting.account`` and are cross-checked against a meta-device
+build.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ def summarize(flavor: str, seq_len: int | None = None) -> dict:
         meta = count_meta_params(Transformer(args))
     for key, value in meta.items():
         if value != result[key]:
-            raise AssertionError(f"{flavor}: accounting {key}={result[key]} but meta model has {value}")
+            raise AssertionError(
+                f"{flavor}: accounting {key}={result[key]} but meta model has {value}"
+            )
     result["flavor"] = flavor
     result["meta_checked"] = True
     return result
@@ -32,7 +35,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("flavor", choices=sorted(FLAVORS))
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--seq_len", type=int, default=None, help="for attention FLOPs (default max)")
+    parser.add_argument(
+        "--seq_len", type=int, default=None, help="for attention FLOPs (default max)"
+    )
     ns = parser.parse_args(argv)
     result = summarize(ns.flavor, ns.seq_len)
     if ns.json:

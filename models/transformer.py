@@ -1,4 +1,5 @@
-"""The DeepSeek-style decoder: embedding, blocks (Engram -> attention -> FFN/MoE, all on mHC streams),
+"""The DeepSeek-style decoder: embedding, blocks (Engram -> attention -> FFN/MoE, all on mHC
+streams),
 final norm, LM head. Plain PyTorch; parallelism is applied from outside (../STYLE rule 1).
 
 Legend: B batch, T sequence, G hc_mult streams, D dim, V vocab, K Engram heads.
@@ -16,14 +17,22 @@ from models.args import ModelArgs
 from models.attention import build_attention
 from models.engram import Engram
 from models.hyper_connections import HyperConnection, StreamMerge
-from models.layers import FeedForward, RMSNorm, RotaryEmbedding, attention_mask, doc_ids_from_positions
+from models.layers import (
+    FeedForward,
+    RMSNorm,
+    RotaryEmbedding,
+    attention_mask,
+    doc_ids_from_positions,
+)
 from models.moe import MoE
 
 
 @dataclass
 class ModelOutput:
     logits: torch.Tensor  # [B, T, V]
-    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # added to the loss by the trainer
+    aux_losses: dict[str, torch.Tensor] = field(
+        default_factory=dict
+    )  # added to the loss by the trainer
 
 
 class TransformerBlock(nn.Module):
@@ -32,13 +41,16 @@ class TransformerBlock(nn.Module):
         self.layer_id = layer_id
         self.engram = (
             Engram(args.engram, layer_id, args.dim, args.hc_mult, engram_table_sizes)
-            if engram_table_sizes is not None else None
+            if engram_table_sizes is not None
+            else None
         )
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.attention = build_attention(args)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.moe = MoE(args.dim, args.moe) if args.is_moe_layer(layer_id) else None
-        self.feed_forward = None if self.moe is not None else FeedForward(args.dim, args.ffn_hidden_dim)
+        self.feed_forward = (
+            None if self.moe is not None else FeedForward(args.dim, args.ffn_hidden_dim)
+        )
         self.attn_hc = HyperConnection(args.dim, args.hc_mult, args.hc_sinkhorn_iters)
         self.ffn_hc = HyperConnection(args.dim, args.hc_mult, args.hc_sinkhorn_iters)
         self.init_std = 0.02
@@ -48,7 +60,9 @@ class TransformerBlock(nn.Module):
         """``x [B, T, G, D]`` -> ``(x [B, T, G, D], seq_aux_loss or None)``."""
         if self.engram is not None:
             if hash_ids is None:
-                raise ValueError(f"layer {self.layer_id} has Engram but the batch has no hash ids for it")
+                raise ValueError(
+                    f"layer {self.layer_id} has Engram but the batch has no hash ids for it"
+                )
             x = x + self.engram(x, hash_ids)
         h, ctx = self.attn_hc.pre(x)
         x = self.attn_hc.post(x, self.attention(self.attention_norm(h), rope, mask), ctx)
@@ -76,7 +90,8 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     """``forward(tokens, hash_ids, positions, doc_ids) -> ModelOutput``.
 
-    ``hash_ids`` maps an Engram layer id to its per-head ids ``[B, T, K]`` (from the loader). Layers live
+    ``hash_ids`` maps an Engram layer id to its per-head ids ``[B, T, K]`` (from the loader).
+    Layers live
     in a ``ModuleDict`` keyed by layer id so pipeline stages can drop the ones they do not own.
     """
 
@@ -100,7 +115,9 @@ class Transformer(nn.Module):
     def forward(self, tokens, hash_ids=None, positions=None, doc_ids=None) -> ModelOutput:
         batch, seq = tokens.shape
         if seq > self.args.max_seq_len:
-            raise ValueError(f"sequence length {seq} exceeds model.max_seq_len={self.args.max_seq_len}")
+            raise ValueError(
+                f"sequence length {seq} exceeds model.max_seq_len={self.args.max_seq_len}"
+            )
         if positions is None:
             positions = torch.arange(seq, device=tokens.device).expand(batch, seq)
         if doc_ids is None and self.args.document_mask and (positions == 0).sum() > batch:
@@ -135,7 +152,9 @@ class Transformer(nn.Module):
             self.norm.reset_parameters()
             if not self.args.tie_embeddings:
                 cutoff = 3 * self.args.dim**-0.5
-                nn.init.trunc_normal_(self.output.weight, std=self.args.dim**-0.5, a=-cutoff, b=cutoff)
+                nn.init.trunc_normal_(
+                    self.output.weight, std=self.args.dim**-0.5, a=-cutoff, b=cutoff
+                )
 
     def moe_layers(self) -> list[MoE]:
         return [layer.moe for layer in self.layers.values() if layer.moe is not None]

@@ -7,7 +7,8 @@ from torch import nn
 
 
 def apply_ddp(model: nn.Module, mesh) -> nn.Module:
-    """Replicate with DDP over the ``dp_replicate`` axis (works with sparse Engram-table gradients)."""
+    """Replicate with DDP over the ``dp_replicate`` axis (works with sparse Engram-table
+    gradients)."""
     from torch.nn.parallel import DistributedDataParallel
 
     group = mesh["dp_replicate"].get_group()

@@ -1,7 +1,8 @@
 """Parallel degrees -> one named DeviceMesh (torchtitan's ParallelDims idea).
 
 Axis names: ``dp_replicate``, ``dp_shard``, ``tp``, ``pp``, ``ep``, ``cp``, ``etp`` (Engram tables).
-This module knows nothing of models (../STYLE rule 1): model-dependent checks (heads, experts, layers)
+This module knows nothing of models (../STYLE rule 1): model-dependent checks (heads, experts,
+layers)
 live in the model family's parallelize function.
 """
 
@@ -25,19 +26,28 @@ class ParallelDims:
 
     @classmethod
     def from_config(cls, cfg, world_size: int) -> ParallelDims:
-        dims = cls(cfg.data_parallel_replicate_degree, cfg.data_parallel_shard_degree,
-                   cfg.tensor_parallel_degree, cfg.pipeline_parallel_degree, cfg.expert_parallel_degree,
-                   cfg.context_parallel_degree, cfg.engram_table_parallel_degree, world_size)
+        dims = cls(
+            cfg.data_parallel_replicate_degree,
+            cfg.data_parallel_shard_degree,
+            cfg.tensor_parallel_degree,
+            cfg.pipeline_parallel_degree,
+            cfg.expert_parallel_degree,
+            cfg.context_parallel_degree,
+            cfg.engram_table_parallel_degree,
+            world_size,
+        )
         dims.validate()
         return dims
 
     def validate(self) -> None:
-        named = {"parallelism.data_parallel_replicate_degree": self.dp_replicate,
-                 "parallelism.tensor_parallel_degree": self.tp,
-                 "parallelism.pipeline_parallel_degree": self.pp,
-                 "parallelism.expert_parallel_degree": self.ep,
-                 "parallelism.context_parallel_degree": self.cp,
-                 "parallelism.engram_table_parallel_degree": self.etp}
+        named = {
+            "parallelism.data_parallel_replicate_degree": self.dp_replicate,
+            "parallelism.tensor_parallel_degree": self.tp,
+            "parallelism.pipeline_parallel_degree": self.pp,
+            "parallelism.expert_parallel_degree": self.ep,
+            "parallelism.context_parallel_degree": self.cp,
+            "parallelism.engram_table_parallel_degree": self.etp,
+        }
         for name, value in named.items():
             if value < 1:
                 raise ValueError(f"{name}={value}: must be >= 1")
@@ -45,23 +55,33 @@ class ParallelDims:
         if self.dp_shard == -1:
             if self.world_size % others:
                 raise ValueError(
-                    f"world size {self.world_size} is not divisible by dp_replicate*tp*pp*cp={others}; "
-                    "fix the parallelism degrees or the number of processes")
+                    f"world size {self.world_size} is not divisible by "
+                    f"dp_replicate*tp*pp*cp={others}; "
+                    "fix the parallelism degrees or the number of processes"
+                )
             self.dp_shard = self.world_size // others
         if self.dp_shard < 1:
-            raise ValueError(f"parallelism.data_parallel_shard_degree={self.dp_shard}: must be >= 1 or -1")
+            raise ValueError(
+                f"parallelism.data_parallel_shard_degree={self.dp_shard}: must be >= 1 or -1"
+            )
         if others * self.dp_shard != self.world_size:
             raise ValueError(
                 f"dp_replicate({self.dp_replicate}) * dp_shard({self.dp_shard}) * tp({self.tp}) * "
-                f"pp({self.pp}) * cp({self.cp}) = {others * self.dp_shard} != world size {self.world_size}")
+                f"pp({self.pp}) * cp({self.cp}) = {others * self.dp_shard} != world size "
+                f"{self.world_size}"
+            )
         if (self.dp_shard * self.cp) % self.ep:
-            raise ValueError(f"parallelism.expert_parallel_degree={self.ep} must divide dp_shard*cp="
-                             f"{self.dp_shard * self.cp}")
+            raise ValueError(
+                f"parallelism.expert_parallel_degree={self.ep} must divide dp_shard*cp="
+                f"{self.dp_shard * self.cp}"
+            )
         pending = {n: v for n, v in named.items() if v > 1 and "replicate" not in n}
         if pending:
             raise ValueError(
-                f"{', '.join(f'{k}={v}' for k, v in pending.items())}: this parallelism is not in the "
-                "trainer yet (tracked in issue 5); use data parallelism (replicate/shard degrees)")
+                f"{', '.join(f'{k}={v}' for k, v in pending.items())}: this parallelism is not in "
+                "the "
+                "trainer yet (tracked in issue 5); use data parallelism (replicate/shard degrees)"
+            )
 
     @property
     def dp_degree(self) -> int:
@@ -70,5 +90,8 @@ class ParallelDims:
     def build_mesh(self, device_type: str):
         from torch.distributed.device_mesh import init_device_mesh
 
-        return init_device_mesh(device_type, (self.dp_replicate, self.dp_shard),
-                                mesh_dim_names=("dp_replicate", "dp_shard"))
+        return init_device_mesh(
+            device_type,
+            (self.dp_replicate, self.dp_shard),
+            mesh_dim_names=("dp_replicate", "dp_shard"),
+        )

@@ -1,4 +1,5 @@
-"""Process-group set-up from torchrun or slurm variables, with timeouts (a hang becomes an error)."""
+"""Process-group set-up from torchrun or slurm variables, with timeouts (a hang becomes an
+error)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def init_distributed(device: str = "auto", timeout_seconds: int = 600) -> DistIn
     """Initialise the default process group when launched with several processes.
 
     torchrun sets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT. Under a bare ``srun``
-    the SLURM_* variables are used (MASTER_ADDR / MASTER_PORT must then be exported by the sbatch file).
+    the SLURM_* variables are used (MASTER_ADDR / MASTER_PORT must then be exported by the sbatch
+    file).
     Backend: NCCL on CUDA, gloo on CPU.
     """
     world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
@@ -42,9 +44,13 @@ def init_distributed(device: str = "auto", timeout_seconds: int = 600) -> DistIn
     if world > 1 and not dist.is_initialized():
         for key, fallback in (("MASTER_ADDR", None), ("MASTER_PORT", None)):
             if key not in os.environ and fallback is None:
-                raise RuntimeError(f"{key} is not set: launch with torchrun, or export it in the sbatch file")
+                raise RuntimeError(
+                    f"{key} is not set: launch with torchrun, or export it in the sbatch file"
+                )
         dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world,
+            backend="nccl" if use_cuda else "gloo",
+            rank=rank,
+            world_size=world,
             timeout=datetime.timedelta(seconds=timeout_seconds),
         )
     return DistInfo(rank, local_rank, world, dev)

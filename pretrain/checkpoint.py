@@ -1,10 +1,13 @@
 """Atomic, sharded checkpoints with torch.distributed.checkpoint (DCP).
 
 Layout: ``<dump>/<folder>/step-00000100/`` holds the DCP shards of the model and optimizer states,
-``train_state_rank{r}.pt`` (RNG states, data-loader state, LR step) for every rank, and ``meta.json``
-(step, Engram hash configuration, tokenizer identity), which is written last. Everything is written to a
+``train_state_rank{r}.pt`` (RNG states, data-loader state, LR step) for every rank, and
+``meta.json``
+(step, Engram hash configuration, tokenizer identity), which is written last. Everything is written
+to a
 ``.tmp`` folder first and renamed, so a kill at any moment leaves either a complete checkpoint or a
-``.tmp`` folder that is ignored. The newest complete checkpoint that loads is resumed; a corrupt one is
+``.tmp`` folder that is ignored. The newest complete checkpoint that loads is resumed; a corrupt
+one is
 reported and skipped.
 """
 
@@ -20,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -34,7 +38,9 @@ from parallel.distributed import barrier
 log = logging.getLogger(__name__)
 PREFIX = "step-"
 # single-process DCP is intended here; its "assuming a single process" warning is noise
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+warnings.filterwarnings(
+    "ignore", message="torch.distributed is disabled, unavailable or uninitialized"
+)
 
 
 class HashConfigMismatch(ValueError):
@@ -50,7 +56,11 @@ def rng_state() -> dict:
 
     import numpy as np
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -69,7 +79,8 @@ def set_rng_state(state: dict) -> None:
 
 
 class CheckpointManager:
-    """Saves every ``interval`` steps, keeps the last ``keep_last``, resumes the newest complete one."""
+    """Saves every ``interval`` steps, keeps the last ``keep_last``, resumes the newest complete
+    one."""
 
     def __init__(self, folder: str | Path, keep_last: int, identity: dict):
         self.folder = Path(folder)
@@ -90,7 +101,7 @@ class CheckpointManager:
             if not (path / "meta.json").is_file() or not (path / ".metadata").is_file():
                 log.warning("skipping incomplete checkpoint %s (no meta.json or .metadata)", path)
                 continue
-            steps.append(int(path.name[len(PREFIX):]))
+            steps.append(int(path.name[len(PREFIX) :]))
         return sorted(steps)
 
     def path(self, step: int) -> Path:
@@ -107,8 +118,11 @@ class CheckpointManager:
         torch.save({**train_state, "rng": rng_state()}, tmp / f"train_state_rank{_rank()}.pt")
         barrier()
         if _rank() == 0:
-            meta = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                    **self.identity}
+            meta = {
+                "step": step,
+                "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                **self.identity,
+            }
             with open(tmp / "meta.json", "w") as handle:
                 json.dump(meta, handle)
                 handle.flush()
@@ -119,26 +133,35 @@ class CheckpointManager:
         return final
 
     def _prune(self) -> None:
-        for step in self.complete_steps()[:-self.keep_last]:
+        for step in self.complete_steps()[: -self.keep_last]:
             shutil.rmtree(self.path(step), ignore_errors=True)
 
     def check_identity(self, path: Path) -> None:
         meta = json.loads((path / "meta.json").read_text())
         if meta.get("tokenizer_identity") != self.identity["tokenizer_identity"]:
             raise HashConfigMismatch(
-                f"checkpoint {path} was trained with tokenizer {meta.get('tokenizer_identity')} but this job "
-                f"uses {self.identity['tokenizer_identity']}; resume with the original tokenizer or start a "
-                "new job.dump_folder")
+                f"checkpoint {path} was trained with tokenizer {meta.get('tokenizer_identity')} "
+                "but this job "
+                f"uses {self.identity['tokenizer_identity']}; resume with the original tokenizer "
+                "or start a "
+                "new job.dump_folder"
+            )
         saved, current = meta.get("engram_hash"), self.identity["engram_hash"]
-        if (saved is None) != (current is None) or (saved and hash_config_mismatches(saved, current)):
+        if (saved is None) != (current is None) or (
+            saved and hash_config_mismatches(saved, current)
+        ):
             fields = hash_config_mismatches(saved or {}, current or {})
             raise HashConfigMismatch(
-                f"checkpoint {path} was trained with a different Engram hash configuration (differs in: "
-                f"{', '.join(fields)}); its tables would be read with the wrong ids. Resume with the "
-                "original engram/tokenizer settings or start a new job.dump_folder")
+                f"checkpoint {path} was trained with a different Engram hash configuration "
+                "(differs in: "
+                f"{', '.join(fields)}); its tables would be read with the wrong ids. Resume with "
+                "the "
+                "original engram/tokenizer settings or start a new job.dump_folder"
+            )
 
     def load_latest(self, model, optimizers) -> dict | None:
-        """Load the newest complete checkpoint; returns its train state, or None when there is none."""
+        """Load the newest complete checkpoint; returns its train state, or None when there is
+        none."""
         for step in reversed(self.complete_steps()):
             path = self.path(step)
             self.check_identity(path)
@@ -147,13 +170,23 @@ class CheckpointManager:
                 dcp.load(state, checkpoint_id=str(path))
                 _set_state(model, optimizers, state)
                 train_state = torch.load(path / f"train_state_rank{_rank()}.pt", weights_only=False)
-            except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is skipped, loudly
-                log.warning("checkpoint %s is corrupt or unreadable (%s: %s); trying an older one",
-                            path, type(err).__name__, err)
+            except (Exception, CheckpointException) as err:  # noqa: BLE001 - skipped, loudly
+                log.warning(
+                    "checkpoint %s is corrupt or unreadable (%s: %s); trying an older one",
+                    path,
+                    type(err).__name__,
+                    err,
+                )
                 continue
             set_rng_state(train_state.pop("rng"))
             log.info("resumed from %s", path)
             return {**train_state, "step": step, "path": str(path)}
+        if self.complete_steps():
+            # a failed load may have overwritten part of the model: never train on from that state
+            raise RuntimeError(
+                f"no checkpoint in {self.folder} could be loaded (see the warnings above); "
+                "move the folder aside to start fresh, or set checkpoint.load=false"
+            )
         return None
 
 
@@ -161,12 +194,18 @@ def _state(model, optimizers) -> dict:
     opts = optimizers.optimizers
     state = {"model": get_model_state_dict(model)}
     for i, opt in enumerate(opts):
-        state[f"optim{i}"] = get_optimizer_state_dict(model, opt, options=StateDictOptions(flatten_optimizer_state_dict=True))
+        state[f"optim{i}"] = get_optimizer_state_dict(
+            model, opt, options=StateDictOptions(flatten_optimizer_state_dict=True)
+        )
     return state
 
 
 def _set_state(model, optimizers, state: dict) -> None:
     set_model_state_dict(model, state["model"])
     for i, opt in enumerate(optimizers.optimizers):
-        set_optimizer_state_dict(model, opt, state[f"optim{i}"],
-                                 options=StateDictOptions(flatten_optimizer_state_dict=True))
+        set_optimizer_state_dict(
+            model,
+            opt,
+            state[f"optim{i}"],
+            options=StateDictOptions(flatten_optimizer_state_dict=True),
+        )

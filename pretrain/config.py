@@ -1,6 +1,7 @@
 """The job configuration: one dataclass tree, TOML job files, ``--section.key=value`` overrides.
 
-Sections follow torchtitan's names (job, model, data, optimizer, lr_scheduler, training, parallelism,
+Sections follow torchtitan's names (job, model, data, optimizer, lr_scheduler, training,
+parallelism,
 checkpoint, metrics). Each component receives only its own section (../STYLE rule 3). ``validate()``
 raises ``ValueError`` naming the field and the fix before any work starts.
 """
@@ -117,25 +118,50 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def validate(self) -> None:
-        t, o, s, c, m, d = (self.training, self.optimizer, self.lr_scheduler, self.checkpoint,
-                            self.metrics, self.data)
+        t, o, s, c, m, d = (
+            self.training,
+            self.optimizer,
+            self.lr_scheduler,
+            self.checkpoint,
+            self.metrics,
+            self.data,
+        )
         checks = [
             (t.steps > 0, f"training.steps={t.steps}: must be > 0"),
             (t.batch_size > 0, f"training.batch_size={t.batch_size}: must be > 0"),
-            (t.grad_accum_steps > 0, f"training.grad_accum_steps={t.grad_accum_steps}: must be > 0"),
-            (t.mixed_precision in ("none", "bf16"),
-             f"training.mixed_precision={t.mixed_precision!r}: use 'none' or 'bf16'"),
-            (t.max_norm >= 0, f"training.max_norm={t.max_norm}: must be >= 0 (0 disables clipping)"),
+            (
+                t.grad_accum_steps > 0,
+                f"training.grad_accum_steps={t.grad_accum_steps}: must be > 0",
+            ),
+            (
+                t.mixed_precision in ("none", "bf16"),
+                f"training.mixed_precision={t.mixed_precision!r}: use 'none' or 'bf16'",
+            ),
+            (
+                t.max_norm >= 0,
+                f"training.max_norm={t.max_norm}: must be >= 0 (0 disables clipping)",
+            ),
             (o.name == "adamw", f"optimizer.name={o.name!r}: only 'adamw' is available"),
             (o.lr > 0, f"optimizer.lr={o.lr}: must be > 0"),
-            (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
-             f"optimizer.betas={o.betas}: give two values in [0, 1)"),
+            (
+                len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+                f"optimizer.betas={o.betas}: give two values in [0, 1)",
+            ),
             (o.engram_lr_multiplier > 0, "optimizer.engram_lr_multiplier must be > 0"),
             (s.name in ("cosine", "wsd"), f"lr_scheduler.name={s.name!r}: use 'cosine' or 'wsd'"),
-            (0 <= s.warmup_steps < t.steps,
-             f"lr_scheduler.warmup_steps={s.warmup_steps}: must be in [0, training.steps={t.steps})"),
-            (0 < s.decay_ratio <= 1, f"lr_scheduler.decay_ratio={s.decay_ratio}: must be in (0, 1]"),
-            (0 <= s.min_lr_ratio <= 1, f"lr_scheduler.min_lr_ratio={s.min_lr_ratio}: must be in [0, 1]"),
+            (
+                0 <= s.warmup_steps < t.steps,
+                f"lr_scheduler.warmup_steps={s.warmup_steps}: must be in [0, "
+                f"training.steps={t.steps})",
+            ),
+            (
+                0 < s.decay_ratio <= 1,
+                f"lr_scheduler.decay_ratio={s.decay_ratio}: must be in (0, 1]",
+            ),
+            (
+                0 <= s.min_lr_ratio <= 1,
+                f"lr_scheduler.min_lr_ratio={s.min_lr_ratio}: must be in [0, 1]",
+            ),
             (c.interval > 0, f"checkpoint.interval={c.interval}: must be > 0"),
             (c.keep_last >= 1, f"checkpoint.keep_last={c.keep_last}: keep at least 1 checkpoint"),
             (m.log_freq > 0, f"metrics.log_freq={m.log_freq}: must be > 0"),
@@ -182,7 +208,8 @@ def apply(config: Config, section: str, key: str, value) -> None:
     target = getattr(config, section)
     if section == "model" and key.startswith("overrides."):
         target.overrides[key.removeprefix("overrides.")] = (
-            _parse_literal(value) if isinstance(value, str) else value)
+            _parse_literal(value) if isinstance(value, str) else value
+        )
         return
     setattr(target, key, _coerce(section, key, value, target))
 

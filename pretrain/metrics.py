@@ -42,8 +42,15 @@ def memory_gib(device: torch.device) -> float:
 class MetricsLogger:
     """Rank 0 writes; other ranks only keep the progress bar off."""
 
-    def __init__(self, cfg: MetricsConfig, run_folder: Path, rank: int, total_steps: int, start_step: int,
-                 device: torch.device):
+    def __init__(
+        self,
+        cfg: MetricsConfig,
+        run_folder: Path,
+        rank: int,
+        total_steps: int,
+        start_step: int,
+        device: torch.device,
+    ):
         self.cfg, self.rank, self.device = cfg, rank, device
         self.enabled = rank == 0
         self.peak_flops = (cfg.peak_tflops or default_peak_tflops(device)) * 1e12
@@ -59,8 +66,14 @@ class MetricsLogger:
         if cfg.progress_bar:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                            file=sys.stderr, disable=None)
+            self.bar = tqdm(
+                total=total_steps,
+                initial=start_step,
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                disable=None,
+            )
 
     def advance(self) -> None:
         if self.bar is not None:
@@ -73,28 +86,53 @@ class MetricsLogger:
         tflops = values["flops_per_token"] * tps / 1e12
         mfu = 100 * values["flops_per_token"] * tps / self.peak_flops
         mem = memory_gib(self.device)
-        line = (f"step: {step}  loss: {values['loss']:.4f}  grad_norm: {values['grad_norm']:.3f}  "
-                f"lr: {values['lr']:.2e}  memory: {mem:.2f} GiB  tps: {tps:,.0f}  tflops: {tflops:.3f}  "
-                f"mfu: {mfu:.2f}%  data_wait: {values['data_wait_pct']:.1f}%")
+        line = (
+            f"step: {step}  loss: {values['loss']:.4f}  grad_norm: {values['grad_norm']:.3f}  "
+            f"lr: {values['lr']:.2e}  memory: {mem:.2f} GiB  tps: {tps:,.0f}  tflops: {tflops:.3f} "
+            " "
+            f"mfu: {mfu:.2f}%  data_wait: {values['data_wait_pct']:.1f}%"
+        )
         for name, value in values.get("aux", {}).items():
             line += f"  {name}: {value:.4f}"
         self._print(line)
         scalars = {
-            "loss_metrics/global_avg_loss": values["loss"], "grad_norm": values["grad_norm"],
-            "lr": values["lr"], "throughput(tps)": tps, "tflops": tflops, "mfu(%)": mfu,
-            "time_metrics/data_loading(%)": values["data_wait_pct"], "memory/max_active(GiB)": mem,
-            **{f"loss_metrics/{k}": v for k, v in values.get("aux", {}).items()}, **engram,
+            "loss_metrics/global_avg_loss": values["loss"],
+            "grad_norm": values["grad_norm"],
+            "lr": values["lr"],
+            "throughput(tps)": tps,
+            "tflops": tflops,
+            "mfu(%)": mfu,
+            "time_metrics/data_loading(%)": values["data_wait_pct"],
+            "memory/max_active(GiB)": mem,
+            **{f"loss_metrics/{k}": v for k, v in values.get("aux", {}).items()},
+            **engram,
         }
-        self._write(step, scalars, {"step": step, "loss": values["loss"], "grad_norm": values["grad_norm"],
-                                    "lr": values["lr"], "tps": tps, "mfu": mfu,
-                                    "data_wait_pct": values["data_wait_pct"], **engram})
+        self._write(
+            step,
+            scalars,
+            {
+                "step": step,
+                "loss": values["loss"],
+                "grad_norm": values["grad_norm"],
+                "lr": values["lr"],
+                "tps": tps,
+                "mfu": mfu,
+                "data_wait_pct": values["data_wait_pct"],
+                **engram,
+            },
+        )
 
     def log_eval(self, step: int, loss: float, tokens: int) -> None:
         if not self.enabled:
             return
-        self._print(f"eval step: {step}  val_loss: {loss:.4f}  val_ppl: {_ppl(loss):.2f}  tokens: {tokens}")
-        self._write(step, {"loss_metrics/val_loss": loss}, {"step": step, "val_loss": loss,
-                                                              "val_tokens": tokens})
+        self._print(
+            f"eval step: {step}  val_loss: {loss:.4f}  val_ppl: {_ppl(loss):.2f}  tokens: {tokens}"
+        )
+        self._write(
+            step,
+            {"loss_metrics/val_loss": loss},
+            {"step": step, "val_loss": loss, "val_tokens": tokens},
+        )
 
     def _print(self, line: str) -> None:
         if self.bar is not None:

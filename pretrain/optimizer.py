@@ -1,7 +1,9 @@
 """Optimizers, parameter groups, gradient clipping and the LR schedule.
 
-Param groups: weight decay on matrices only (no decay on norms, biases and embeddings); Engram tables get
-``optimizer.engram_lr_multiplier`` x LR and no weight decay (the paper), through the row-wise Adam when the
+Param groups: weight decay on matrices only (no decay on norms, biases and embeddings); Engram
+tables get
+``optimizer.engram_lr_multiplier`` x LR and no weight decay (the paper), through the row-wise Adam
+when the
 tables produce sparse gradients, or an AdamW group otherwise.
 """
 
@@ -37,8 +39,14 @@ def param_groups(model: torch.nn.Module, cfg: OptimizerConfig):
         {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0, "name": "no_decay"},
     ]
     if dense_tables:
-        groups.append({"params": dense_tables, "weight_decay": 0.0, "lr_mult": cfg.engram_lr_multiplier,
-                       "name": "engram_tables"})
+        groups.append(
+            {
+                "params": dense_tables,
+                "weight_decay": 0.0,
+                "lr_mult": cfg.engram_lr_multiplier,
+                "name": "engram_tables",
+            }
+        )
     return [g for g in groups if g["params"]], sparse_tables
 
 
@@ -55,11 +63,24 @@ class Optimizers:
     def __init__(self, model: torch.nn.Module, cfg: OptimizerConfig):
         groups, tables = param_groups(model, cfg)
         betas = tuple(cfg.betas)
-        self.optimizers = [torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, foreach=False)]
+        self.optimizers = [
+            torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, foreach=False)
+        ]
         if tables:
-            self.optimizers.append(RowwiseAdam(
-                [{"params": tables, "lr_mult": cfg.engram_lr_multiplier, "name": "engram_tables"}],
-                lr=cfg.lr * cfg.engram_lr_multiplier, betas=betas, eps=cfg.eps))
+            self.optimizers.append(
+                RowwiseAdam(
+                    [
+                        {
+                            "params": tables,
+                            "lr_mult": cfg.engram_lr_multiplier,
+                            "name": "engram_tables",
+                        }
+                    ],
+                    lr=cfg.lr * cfg.engram_lr_multiplier,
+                    betas=betas,
+                    eps=cfg.eps,
+                )
+            )
         self.base_lr = cfg.lr
 
     @property
@@ -108,7 +129,9 @@ def lr_factor(step: int, total_steps: int, cfg: LRSchedulerConfig) -> float:
         return step / max(cfg.warmup_steps, 1)
     if cfg.name == "cosine":
         progress = (step - cfg.warmup_steps) / max(total_steps - cfg.warmup_steps, 1)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1)))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (
+            1 + math.cos(math.pi * min(progress, 1))
+        )
     decay_start = total_steps - int(cfg.decay_ratio * total_steps)
     if step <= decay_start:
         return 1.0

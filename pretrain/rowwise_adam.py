@@ -1,8 +1,11 @@
 """Row-wise Adam for Engram tables: updates only the rows a step touched.
 
-Semantics follow ``torch.optim.SparseAdam`` (lazy Adam): the moments of untouched rows are left alone,
-bias correction uses the optimizer's step count. The step's cost is O(touched rows x Dh), independent
-of the table's size (the moment buffers are allocated once). Weight decay is 0 by design (the paper).
+Semantics follow ``torch.optim.SparseAdam`` (lazy Adam): the moments of untouched rows are left
+alone,
+bias correction uses the optimizer's step count. The step's cost is O(touched rows x Dh),
+independent
+of the table's size (the moment buffers are allocated once). Weight decay is 0 by design (the
+paper).
 A row-sharded table passes its local shard and local-row gradients; nothing here is global.
 """
 
@@ -38,7 +41,9 @@ class RowwiseAdam(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(param)
                 state["step"] += 1
                 step = state["step"].item()
-                exp_avg = state["exp_avg"].index_select(0, rows).mul_(beta1).add_(values, alpha=1 - beta1)
+                exp_avg = (
+                    state["exp_avg"].index_select(0, rows).mul_(beta1).add_(values, alpha=1 - beta1)
+                )
                 exp_avg_sq = state["exp_avg_sq"].index_select(0, rows)
                 exp_avg_sq.mul_(beta2).addcmul_(values, values, value=1 - beta2)
                 state["exp_avg"].index_copy_(0, rows, exp_avg)

@@ -1,7 +1,8 @@
 """``python -m pretrain.train --config FILE [--section.key=value ...]``: the training job.
 
 Runs as one process or under torchrun / slurm. Builds the model on meta, applies the parallel plan,
-initialises, resumes the newest complete checkpoint in ``job.dump_folder``, then trains with gradient
+initialises, resumes the newest complete checkpoint in ``job.dump_folder``, then trains with
+gradient
 accumulation, optional bf16 autocast, clipping, periodic evaluation and checkpoints.
 """
 
@@ -54,21 +55,36 @@ class Trainer:
         self.hasher = build_hasher(self.args, self.tokenizer)
         with torch.device("meta"):
             model = Transformer(self.args)
-        self.model, self.inner = parallelize_deepseek_engram(model, self.dims, mesh, self.device, t.seed)
+        self.model, self.inner = parallelize_deepseek_engram(
+            model, self.dims, mesh, self.device, t.seed
+        )
         self.dp_group = mesh["dp_replicate"].get_group() if mesh is not None else None
         self.optimizers = Optimizers(self.model, cfg.optimizer)
         dp_rank = self.rank // (self.dist.world_size // self.dims.dp_degree)
         self.stream_kwargs = dict(
-            folder=str(folder), batch_size=t.batch_size, seq_len=cfg.data.seq_len,
-            vocab_size=self.tokenizer.vocab_size, seed=t.seed, dp_rank=dp_rank,
-            dp_degree=self.dims.dp_degree, hasher=self.hasher, strict=cfg.data.strict,
+            folder=str(folder),
+            batch_size=t.batch_size,
+            seq_len=cfg.data.seq_len,
+            vocab_size=self.tokenizer.vocab_size,
+            seed=t.seed,
+            dp_rank=dp_rank,
+            dp_degree=self.dims.dp_degree,
+            hasher=self.hasher,
+            strict=cfg.data.strict,
             document_reset=bool(self.args.engram and self.args.engram.document_reset),
-            url_prefix=cfg.data.url_prefix or None)
+            url_prefix=cfg.data.url_prefix or None,
+        )
         self.loader = StatefulLoader({**self.stream_kwargs, "split": "train"}, cfg.data.num_workers)
-        identity = {"tokenizer_identity": self.tokenizer.identity,
-                    "engram_hash": self.hasher.to_config_dict() if self.hasher else None}
+        identity = {
+            "tokenizer_identity": self.tokenizer.identity,
+            "engram_hash": self.hasher.to_config_dict() if self.hasher else None,
+        }
         c = cfg.checkpoint
-        self.ckpt = CheckpointManager(self.run_folder / c.folder, c.keep_last, identity) if c.enable else None
+        self.ckpt = (
+            CheckpointManager(self.run_folder / c.folder, c.keep_last, identity)
+            if c.enable
+            else None
+        )
         self.step = 0
         self.last_checkpoint = None
         if self.ckpt is not None and c.load:
@@ -77,20 +93,31 @@ class Trainer:
                 self.loader.load_state_dict(state["loader"])
                 self.step, self.last_checkpoint = state["step"], state["path"]
         self.accounting = account(self.args, cfg.data.seq_len)
-        self.metrics = MetricsLogger(cfg.metrics, self.run_folder, self.rank, t.steps, self.step, self.device)
-        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
-                         if t.mixed_precision == "bf16" else contextlib.nullcontext())
+        self.metrics = MetricsLogger(
+            cfg.metrics, self.run_folder, self.rank, t.steps, self.step, self.device
+        )
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if t.mixed_precision == "bf16"
+            else contextlib.nullcontext()
+        )
 
     # ----- one step -----
     def _to_device(self, batch: dict) -> dict:
-        moved = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k != "hash_ids"}
+        moved = {
+            k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k != "hash_ids"
+        }
         if "hash_ids" in batch:
-            moved["hash_ids"] = {k: v.to(self.device, non_blocking=True) for k, v in batch["hash_ids"].items()}
+            moved["hash_ids"] = {
+                k: v.to(self.device, non_blocking=True) for k, v in batch["hash_ids"].items()
+            }
         return moved
 
     def _forward_loss(self, batch: dict):
         with self.autocast:
-            out = self.model(batch["tokens"], batch.get("hash_ids"), batch["positions"], batch["doc_ids"])
+            out = self.model(
+                batch["tokens"], batch.get("hash_ids"), batch["positions"], batch["doc_ids"]
+            )
         ce = F.cross_entropy(out.logits.float().flatten(0, 1), batch["labels"].flatten())
         return ce, out.aux_losses
 
@@ -112,16 +139,23 @@ class Trainer:
         loss_value = ce_sum.item()
         if not math.isfinite(loss_value):
             raise FloatingPointError(
-                f"loss is {loss_value} at step {self.step + 1}; stopping without saving. The last good "
-                f"checkpoint is {self.last_checkpoint or '(none yet)'}; lower optimizer.lr or check the data")
+                f"loss is {loss_value} at step {self.step + 1}; stopping without saving. The last "
+                "good "
+                f"checkpoint is {self.last_checkpoint or '(none yet)'}; lower optimizer.lr or "
+                "check the data"
+            )
         grad_norm = clip_grad_norm(list(self.model.parameters()), self.cfg.training.max_norm)
         self.optimizers.step()
         self.optimizers.zero_grad()
         self._update_moe_biases()
         self.step += 1
         self.last_batch = batch
-        return {"loss": loss_value, "grad_norm": grad_norm.item(), "lr": self.optimizers.base_lr * factor,
-                "aux": {k: float(v) for k, v in aux_sum.items()}}
+        return {
+            "loss": loss_value,
+            "grad_norm": grad_norm.item(),
+            "lr": self.optimizers.base_lr * factor,
+            "aux": {k: float(v) for k, v in aux_sum.items()},
+        }
 
     def _update_moe_biases(self) -> None:
         for moe in self.inner.moe_layers():
@@ -142,12 +176,17 @@ class Trainer:
             from data.loader import _to_torch
 
             ce, _ = self._forward_loss(self._to_device(_to_torch(batch)))
-            total += torch.tensor([ce.item() * batch["labels"].size, batch["labels"].size],
-                                  dtype=torch.float64, device=self.device)
+            total += torch.tensor(
+                [ce.item() * batch["labels"].size, batch["labels"].size],
+                dtype=torch.float64,
+                device=self.device,
+            )
         all_reduce_sum_(total, self.dp_group)
         self.model.train()
         if total[1] == 0:
-            raise ValueError("the validation split has fewer tokens than one batch; lower training.batch_size")
+            raise ValueError(
+                "the validation split has fewer tokens than one batch; lower training.batch_size"
+            )
         return (total[0] / total[1]).item(), int(total[1].item())
 
     def engram_scalars(self) -> dict[str, float]:
@@ -165,13 +204,18 @@ class Trainer:
 
     def save(self) -> None:
         if self.ckpt is not None:
-            self.last_checkpoint = str(self.ckpt.save(
-                self.step, self.model, self.optimizers, {"loader": self.loader.state_dict()}))
+            self.last_checkpoint = str(
+                self.ckpt.save(
+                    self.step, self.model, self.optimizers, {"loader": self.loader.state_dict()}
+                )
+            )
 
     # ----- the loop -----
     def fit(self) -> dict:
         t, m = self.cfg.training, self.cfg.metrics
-        tokens_per_step = t.batch_size * t.grad_accum_steps * self.cfg.data.seq_len * self.dims.dp_degree
+        tokens_per_step = (
+            t.batch_size * t.grad_accum_steps * self.cfg.data.seq_len * self.dims.dp_degree
+        )
         window_start, window_steps, window_wait = time.perf_counter(), 0, self.loader.wait_seconds
         val_loss = None
         while self.step < t.steps:
@@ -181,11 +225,17 @@ class Trainer:
             if self.step % m.log_freq == 0 or self.step == t.steps:
                 elapsed = time.perf_counter() - window_start
                 wait = self.loader.wait_seconds - window_wait
-                values.update(tps=tokens_per_step * window_steps / elapsed,
-                              flops_per_token=self.accounting.flops_per_token,
-                              data_wait_pct=100 * wait / elapsed)
+                values.update(
+                    tps=tokens_per_step * window_steps / elapsed,
+                    flops_per_token=self.accounting.flops_per_token,
+                    data_wait_pct=100 * wait / elapsed,
+                )
                 self.metrics.log_train(self.step, values, self.engram_scalars())
-                window_start, window_steps, window_wait = time.perf_counter(), 0, self.loader.wait_seconds
+                window_start, window_steps, window_wait = (
+                    time.perf_counter(),
+                    0,
+                    self.loader.wait_seconds,
+                )
             if self.step % m.eval_freq == 0 or self.step == t.steps:
                 val_loss, tokens = self.evaluate()
                 self.metrics.log_eval(self.step, val_loss, tokens)
@@ -195,26 +245,37 @@ class Trainer:
             val_loss, tokens = self.evaluate()
             self.metrics.log_eval(self.step, val_loss, tokens)
         self.metrics.close()
-        return {"step": self.step, "val_loss": val_loss, "run_folder": str(self.run_folder),
-                "checkpoint": self.last_checkpoint}
+        return {
+            "step": self.step,
+            "val_loss": val_loss,
+            "run_folder": str(self.run_folder),
+            "checkpoint": self.last_checkpoint,
+        }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     config_path = None
     if "--config" in argv:
         i = argv.index("--config")
         config_path = argv[i + 1]
-        del argv[i:i + 2]
+        del argv[i : i + 2]
     else:
         for i, arg in enumerate(argv):
             if arg.startswith("--config="):
                 config_path = arg.split("=", 1)[1]
                 del argv[i]
                 break
-    cfg = load_config(config_path, argv)
-    trainer = Trainer(cfg)
+    try:
+        cfg = load_config(config_path, argv)
+        trainer = Trainer(cfg)
+    except (ValueError, FileNotFoundError) as err:  # user errors: one clear line, no traceback
+        log.error("%s: %s", type(err).__name__, err)
+        destroy()
+        return 2
     try:
         summary = trainer.fit()
     except FloatingPointError as err:
@@ -225,10 +286,14 @@ def main(argv: list[str] | None = None) -> int:
         destroy()
     if trainer.rank == 0:
         folder = Path(summary["run_folder"])
-        print(f"\ndone: step {summary['step']}, held-out loss {summary['val_loss']:.4f}\n"
-              f"  logs:        {folder / 'metrics.jsonl'} (TensorBoard: {folder / cfg.metrics.save_tb_folder})\n"
-              f"  config:      {folder / 'config.toml'}\n"
-              f"  checkpoint:  {summary['checkpoint']}", flush=True)
+        print(
+            f"\ndone: step {summary['step']}, held-out loss {summary['val_loss']:.4f}\n"
+            f"  logs:        {folder / 'metrics.jsonl'} (TensorBoard: "
+            f"{folder / cfg.metrics.save_tb_folder})\n"
+            f"  config:      {folder / 'config.toml'}\n"
+            f"  checkpoint:  {summary['checkpoint']}",
+            flush=True,
+        )
     return 0
 
 

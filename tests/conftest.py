@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -27,3 +29,28 @@ def deepseek_compressed():
     from data.tokenizer import deepseek_v3_tokenizer_path
 
     return CompressedTokenizer.from_file(deepseek_v3_tokenizer_path())
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A small real corpus: 150 stdlib modules as user input, a 1k BPE, small shards."""
+    root = tmp_path_factory.mktemp("corpus")
+    src = root / "src"
+    src.mkdir()
+    stdlib = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:150]
+    for path in stdlib:
+        shutil.copy(path, src / path.name)
+    shutil.copy(stdlib[0], src / "duplicate.py")
+    (src / "empty.txt").write_text("   \n")
+    (src / "latin1.txt").write_bytes("caf\xe9 au lait, bien s\xfbr\n".encode("latin-1") * 20)
+    from data.prepare import prepare
+
+    prepare(
+        root / "data",
+        sources=(),
+        inputs=[str(src)],
+        vocab_size=1000,
+        shard_bytes=64 << 10,
+        val_per_mille=100,
+    )
+    return root / "data"

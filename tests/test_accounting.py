@@ -40,8 +40,12 @@ def test_iso_flop():
 
 
 def test_summary_cli_json():
-    out = subprocess.run([sys.executable, "-m", "models.summary", "engram-27b", "--json"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "models.summary", "engram-27b", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     result = json.loads(out)
     for key in ("total_params", "activated_params", "engram_params", "flops_per_token"):
         assert result[key] > 0

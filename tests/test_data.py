@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sysconfig
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,31 +12,21 @@ import torch
 from data.dataset import PackedShardStream
 from data.loader import StatefulLoader
 from data.ngram_hash import CompressedTokenizer, NgramHasher
-from data.prepare import is_validation, prepare
+from data.prepare import is_validation
 from data.shards import ShardSetWriter, load_index, read_shard
-
-
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory) -> Path:
-    """A small real corpus: 150 stdlib modules as user input, a 1k BPE, small shards."""
-    root = tmp_path_factory.mktemp("corpus")
-    src = root / "src"
-    src.mkdir()
-    stdlib = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:150]
-    for path in stdlib:
-        shutil.copy(path, src / path.name)
-    shutil.copy(stdlib[0], src / "duplicate.py")
-    (src / "empty.txt").write_text("   \n")
-    (src / "latin1.txt").write_bytes("caf\xe9 au lait, bien s\xfbr\n".encode("latin-1") * 20)
-    prepare(root / "data", sources=(), inputs=[str(src)], vocab_size=1000, shard_bytes=64 << 10,
-            val_per_mille=100)
-    return root / "data"
 
 
 def _hasher(corpus):
     compressed = CompressedTokenizer.from_file(corpus / "tokenizer.model")
-    return NgramHasher(compressed, engram_vocab_size=[211, 223], max_ngram_size=3, n_head_per_ngram=2,
-                       layer_ids=[0, 1], pad_id=3, seed=0)
+    return NgramHasher(
+        compressed,
+        engram_vocab_size=[211, 223],
+        max_ngram_size=3,
+        n_head_per_ngram=2,
+        layer_ids=[0, 1],
+        pad_id=3,
+        seed=0,
+    )
 
 
 def _kwargs(corpus, **kw):
@@ -92,8 +80,15 @@ def test_exact_resume_two_workers_two_dp_ranks(corpus):
     hasher = _hasher(corpus)
     total, cut = 60, 37  # crosses epoch boundaries for this small corpus
     for rank in range(2):
-        kwargs = _kwargs(corpus, hasher=hasher, dp_rank=rank, dp_degree=2, document_reset=True,
-                         batch_size=16, seq_len=1024)
+        kwargs = _kwargs(
+            corpus,
+            hasher=hasher,
+            dp_rank=rank,
+            dp_degree=2,
+            document_reset=True,
+            batch_size=16,
+            seq_len=1024,
+        )
         reference = _collect(StatefulLoader(kwargs, num_workers=2), total)
         first = StatefulLoader(kwargs, num_workers=2)
         _collect(first, cut)

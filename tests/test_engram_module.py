@@ -12,8 +12,14 @@ from pretrain.rowwise_adam import RowwiseAdam
 
 
 def _cfg(**kw):
-    base = dict(layer_ids=[0], engram_vocab_size=[101, 103], max_ngram_size=3, n_embed_per_ngram=16,
-                n_head_per_ngram=2, kernel_size=3)
+    base = dict(
+        layer_ids=[0],
+        engram_vocab_size=[101, 103],
+        max_ngram_size=3,
+        n_embed_per_ngram=16,
+        n_head_per_ngram=2,
+        kernel_size=3,
+    )
     return EngramConfig(**{**base, **kw})
 
 
@@ -73,7 +79,9 @@ def _train_table(sparse: bool, optimizer_cls, steps=4):
     table = torch.nn.Embedding(50, 6, sparse=sparse)
     opt = optimizer_cls(table.parameters(), lr=0.1)
     for step in range(steps):
-        ids = torch.randint(0, 50 if step else 10, (7, 3), generator=torch.Generator().manual_seed(step))
+        ids = torch.randint(
+            0, 50 if step else 10, (7, 3), generator=torch.Generator().manual_seed(step)
+        )
         opt.zero_grad()
         (table(ids) ** 2).sum().backward()
         opt.step()

@@ -1,6 +1,7 @@
 """Reference parity: every case folder in $ENGRAM_PARITY_DIR (default ../shared/engram_reference).
 
-Compressed lookup and hash ids must be exact; outputs and every gradient (table rows included) must match
+Compressed lookup and hash ids must be exact; outputs and every gradient (table rows included) must
+match
 to float32 rounding.
 """
 
@@ -17,7 +18,14 @@ from models.engram import Engram, EngramConfig, load_reference_state_dict, refer
 from tests.conftest import parity_cases
 
 CASES = parity_cases()
-HASH_FIELDS = ("engram_vocab_size", "max_ngram_size", "n_head_per_ngram", "layer_ids", "pad_id", "seed")
+HASH_FIELDS = (
+    "engram_vocab_size",
+    "max_ngram_size",
+    "n_head_per_ngram",
+    "layer_ids",
+    "pad_id",
+    "seed",
+)
 MODULE_FIELDS = HASH_FIELDS + ("n_embed_per_ngram", "kernel_size")
 
 
@@ -50,12 +58,18 @@ def test_hash_parity(case, deepseek_compressed):
     assert hasher.compressed_pad_id == int(expected["compressed_pad_id"])
     hashed = hasher.hash(inputs["input_ids"])
     for layer in engram["layer_ids"]:
-        np.testing.assert_array_equal(hasher.multipliers[layer], expected[f"layer{layer}.multipliers"])
-        np.testing.assert_array_equal(hasher.table_sizes(layer), expected[f"layer{layer}.table_sizes"])
+        np.testing.assert_array_equal(
+            hasher.multipliers[layer], expected[f"layer{layer}.multipliers"]
+        )
+        np.testing.assert_array_equal(
+            hasher.table_sizes(layer), expected[f"layer{layer}.table_sizes"]
+        )
         np.testing.assert_array_equal(hashed[layer], expected[f"layer{layer}.hash_ids"])
 
 
-MODULE_CASES = [c for c in CASES if not json.loads((c / "config.json").read_text()).get("hash_only")]
+MODULE_CASES = [
+    c for c in CASES if not json.loads((c / "config.json").read_text()).get("hash_only")
+]
 
 
 @pytest.mark.parametrize("case", MODULE_CASES, ids=[c.name for c in MODULE_CASES])
@@ -69,12 +83,18 @@ def test_module_parity(case):
     for layer in cfg.layer_ids:
         module = Engram(cfg, layer, backbone["hidden_size"], backbone["hc_mult"], sizes[layer])
         prefix = f"layer{layer}."
-        ref = {k[len(prefix):]: torch.from_numpy(weights[k]) for k in weights.files if k.startswith(prefix)}
+        ref = {
+            k[len(prefix) :]: torch.from_numpy(weights[k])
+            for k in weights.files
+            if k.startswith(prefix)
+        }
         load_reference_state_dict(module, ref)
         hidden = torch.from_numpy(inputs["hidden_states"]).clone().requires_grad_(True)
         out = module(hidden, torch.from_numpy(expected[f"{prefix}hash_ids"]))
         (out * torch.from_numpy(inputs["cotangent"])).sum().backward()
-        _assert_close(out.detach(), expected[f"{prefix}output"], f"{case.name} layer {layer} output")
+        _assert_close(
+            out.detach(), expected[f"{prefix}output"], f"{case.name} layer {layer} output"
+        )
         _assert_close(hidden.grad, expected[f"{prefix}grad_hidden_states"], "grad hidden")
         params = dict(module.named_parameters())
         for ref_name, our_name in name_map.items():
@@ -82,6 +102,8 @@ def test_module_parity(case):
                 grad = params[our_name].grad.coalesce()
                 rows = expected[f"{prefix}grad.{ref_name}.rows"]
                 np.testing.assert_array_equal(grad.indices()[0].numpy(), rows)
-                _assert_close(grad.values(), expected[f"{prefix}grad.{ref_name}.values"], "table grad")
+                _assert_close(
+                    grad.values(), expected[f"{prefix}grad.{ref_name}.values"], "table grad"
+                )
             else:
                 _assert_close(params[our_name].grad, expected[f"{prefix}grad.{ref_name}"], ref_name)

@@ -19,12 +19,27 @@ from models.transformer import build_model
 
 def tiny(attention="gqa", hc=1, moe=True, engram=True, **kw) -> ModelArgs:
     return ModelArgs(
-        vocab_size=97, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, attention=attention,
-        q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
-        ffn_hidden_dim=64, hc_mult=hc, max_seq_len=32,
+        vocab_size=97,
+        dim=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        attention=attention,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        ffn_hidden_dim=64,
+        hc_mult=hc,
+        max_seq_len=32,
         moe=MoEArgs(num_routed_experts=4, top_k=2, expert_hidden_dim=16) if moe else None,
-        engram=EngramConfig(layer_ids=[0], engram_vocab_size=[53, 59], n_embed_per_ngram=8,
-                            n_head_per_ngram=2) if engram else None,
+        engram=EngramConfig(
+            layer_ids=[0], engram_vocab_size=[53, 59], n_embed_per_ngram=8, n_head_per_ngram=2
+        )
+        if engram
+        else None,
         **kw,
     )
 
@@ -62,8 +77,13 @@ def test_causal_and_document_masks(attention):
 
 def test_moe_matches_dense_loop():
     torch.manual_seed(0)
-    args = MoEArgs(num_routed_experts=5, num_shared_experts=1, top_k=2, expert_hidden_dim=8,
-                   use_grouped_mm=False)
+    args = MoEArgs(
+        num_routed_experts=5,
+        num_shared_experts=1,
+        top_k=2,
+        expert_hidden_dim=8,
+        use_grouped_mm=False,
+    )
     moe = MoE(16, args)
     moe.init_weights(0.1, 0.1)
     moe.router.expert_bias.copy_(torch.randn(5) * 0.1)
@@ -135,14 +155,14 @@ def _naive_mla(attn: MLAttention, x, cos, sin):
     batch, seq, _ = x.shape
     q = attn.wq_b(attn.q_norm(attn.wq_a(x))).view(batch, seq, attn.num_heads, -1)
     ckv = attn.wkv_a(x)
-    c, k_pe = ckv[..., :attn.kv_lora_rank], ckv[..., attn.kv_lora_rank:]
+    c, k_pe = ckv[..., : attn.kv_lora_rank], ckv[..., attn.kv_lora_rank :]
     kv = attn.wkv_b(attn.kv_norm(c)).view(batch, seq, attn.num_heads, -1)
     k_pe = apply_rotary(k_pe.unsqueeze(2), cos, sin)[:, :, 0]
     outs = []
     for h in range(attn.num_heads):
-        qn, qp = q[:, :, h, :attn.nope_dim], q[:, :, h, attn.nope_dim:]
+        qn, qp = q[:, :, h, : attn.nope_dim], q[:, :, h, attn.nope_dim :]
         qp = apply_rotary(qp.unsqueeze(2), cos, sin)[:, :, 0]
-        kn, v = kv[:, :, h, :attn.nope_dim], kv[:, :, h, attn.nope_dim:]
+        kn, v = kv[:, :, h, : attn.nope_dim], kv[:, :, h, attn.nope_dim :]
         scores = (qn @ kn.transpose(1, 2) + qp @ k_pe.transpose(1, 2)) * attn.scale
         scores = scores.masked_fill(torch.ones(seq, seq, dtype=torch.bool).triu(1), -math.inf)
         outs.append(scores.softmax(-1) @ v)

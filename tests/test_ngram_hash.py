@@ -10,7 +10,11 @@ import pytest
 from data.ngram_hash import CompressedTokenizer, NgramHasher, engram_head_primes, is_prime
 
 FIELDS = dict(
-    engram_vocab_size=[1009, 2003], max_ngram_size=3, n_head_per_ngram=4, layer_ids=[0, 2], pad_id=2,
+    engram_vocab_size=[1009, 2003],
+    max_ngram_size=3,
+    n_head_per_ngram=4,
+    layer_ids=[0, 2],
+    pad_id=2,
     seed=7,
 )
 
@@ -47,8 +51,13 @@ def test_matches_naive_formula(hasher, deepseek_compressed):
     compressed = deepseek_compressed.compress(raw)
     with np.errstate(over="ignore"):
         for layer in FIELDS["layer_ids"]:
-            want = _naive_hash(compressed, hasher.multipliers[layer], hasher.primes[layer],
-                               hasher.compressed_pad_id, 3)
+            want = _naive_hash(
+                compressed,
+                hasher.multipliers[layer],
+                hasher.primes[layer],
+                hasher.compressed_pad_id,
+                3,
+            )
             np.testing.assert_array_equal(got[layer], want)
 
 
@@ -132,8 +141,13 @@ def test_sentencepiece_compressed_tokenizer(tmp_path):
 
     text = tmp_path / "t.txt"
     text.write_text("\n".join(f"Hello World {i} hello world HELLO café cafe" for i in range(300)))
-    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "sp"), vocab_size=60,
-                                   model_type="bpe", minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        input=str(text),
+        model_prefix=str(tmp_path / "sp"),
+        vocab_size=60,
+        model_type="bpe",
+        minloglevel=2,
+    )
     compressed = CompressedTokenizer.from_file(tmp_path / "sp.model")
     assert len(compressed) < compressed.lookup_table.shape[0]  # case/accent folding merges ids
     assert compressed.lookup_table[0] == 0  # interned in first-seen order

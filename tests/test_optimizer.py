@@ -1,0 +1,63 @@
+"""Param groups and LR schedules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.transformer import build_model
+from pretrain.config import LRSchedulerConfig, OptimizerConfig
+from pretrain.optimizer import Optimizers, clip_grad_norm, lr_factor
+from pretrain.rowwise_adam import RowwiseAdam
+from tests.test_models import tiny
+
+
+def _groups(opts):
+    return {g["name"]: g for g in opts.param_groups}
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_param_groups(sparse):
+    args = tiny(hc=2)
+    args.engram.sparse_grad = sparse
+    model = build_model(args)
+    opts = Optimizers(model, OptimizerConfig(lr=1e-3, weight_decay=0.1, engram_lr_multiplier=5.0))
+    opts.set_lr(0.5)
+    groups = _groups(opts)
+    table = model.engram_layers()[0].table.weight
+    tables = groups["engram_tables"]
+    assert any(p is table for p in tables["params"])
+    assert tables["lr"] == pytest.approx(1e-3 * 5 * 0.5) and tables.get("weight_decay", 0.0) == 0.0
+    assert isinstance(opts.optimizers[-1], RowwiseAdam) == sparse
+    no_decay = groups["no_decay"]["params"]
+    assert any(p is model.tok_embeddings.weight for p in no_decay)
+    assert any(p is model.norm.weight for p in no_decay)
+    assert groups["no_decay"]["weight_decay"] == 0.0 and groups["decay"]["weight_decay"] == 0.1
+    assert all(p.ndim >= 2 for p in groups["decay"]["params"])
+    assert not any(p is table for p in groups["decay"]["params"] + no_decay)
+
+
+def test_cosine_schedule():
+    cfg = LRSchedulerConfig(name="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(5, 100, cfg) == pytest.approx(0.5)
+    assert lr_factor(10, 100, cfg) == pytest.approx(1.0)
+    assert lr_factor(55, 100, cfg) == pytest.approx(0.55)
+    assert lr_factor(100, 100, cfg) == pytest.approx(0.1)
+
+
+def test_wsd_schedule():
+    cfg = LRSchedulerConfig(name="wsd", warmup_steps=10, decay_ratio=0.2, min_lr_ratio=0.0)
+    assert lr_factor(50, 100, cfg) == 1.0 and lr_factor(80, 100, cfg) == 1.0
+    assert lr_factor(90, 100, cfg) == pytest.approx(0.5)
+    assert lr_factor(100, 100, cfg) == pytest.approx(0.0)
+
+
+def test_clip_covers_sparse_and_dense():
+    dense = torch.nn.Parameter(torch.zeros(3))
+    dense.grad = torch.tensor([3.0, 0.0, 0.0])
+    table = torch.nn.Embedding(10, 2, sparse=True)
+    table(torch.tensor([1, 1])).sum().backward()  # rows [2, 2] after coalescing -> norm sqrt(8)
+    norm = clip_grad_norm([dense, table.weight], max_norm=1.0)
+    assert norm.item() == pytest.approx((9 + 8) ** 0.5)
+    after = clip_grad_norm([dense, table.weight], max_norm=0)
+    assert after.item() == pytest.approx(1.0, rel=1e-4)
