@@ -40,6 +40,8 @@ class HyperConnection(nn.Module):
         self.static_post = nn.Parameter(torch.empty(g))
         self.static_res = nn.Parameter(torch.empty(g, g))
         self.alpha = nn.Parameter(torch.empty(3))
+        # fixed prior that starts the mixing close to the identity; static_res learns an offset
+        self.register_buffer("res_prior", torch.empty(g, g), persistent=False)
 
     def pre(self, x: torch.Tensor):
         """``x [B, T, G, D]`` -> ``(sublayer input [B, T, D], ctx)``."""
@@ -50,7 +52,8 @@ class HyperConnection(nn.Module):
         dyn = self.proj(z)  # [B, T, G*D] -> [B, T, 2G + G*G]
         pre = torch.sigmoid(self.alpha[0] * dyn[..., :g] + self.static_pre)
         post = 2 * torch.sigmoid(self.alpha[1] * dyn[..., g : 2 * g] + self.static_post)
-        res_logits = self.alpha[2] * dyn[..., 2 * g :].unflatten(-1, (g, g)) + self.static_res
+        res_logits = self.alpha[2] * dyn[..., 2 * g :].unflatten(-1, (g, g))
+        res_logits = res_logits + self.static_res + self.res_prior
         res = sinkhorn(res_logits, self.sinkhorn_iters)  # [B, T, G, G]
         return torch.einsum("btg,btgd->btd", pre, x), (post, res)
 
@@ -69,8 +72,9 @@ class HyperConnection(nn.Module):
         nn.init.normal_(self.proj.weight, std=0.02)
         self.static_pre.fill_(-torch.log(torch.tensor(g - 1.0)).item())  # sigmoid = 1/G
         self.static_post.zero_()  # 2*sigmoid(0) = 1
-        eye = torch.eye(g, dtype=torch.bool)
-        self.static_res.copy_(torch.where(eye, 0.0, -8.0))  # close to identity mixing
+        self.static_res.zero_()
+        eye = torch.eye(g, dtype=torch.bool, device=self.res_prior.device)
+        self.res_prior.copy_(torch.where(eye, 0.0, -8.0))
         self.alpha.fill_(0.01)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from parallel.data_parallel import apply_ddp, apply_fsdp
+from parallel.data_parallel import all_reduce_grads_, apply_ddp, apply_fsdp
 from parallel.dims import ParallelDims
 
 
@@ -37,4 +37,19 @@ def parallelize_deepseek_engram(model: nn.Module, dims: ParallelDims, mesh, devi
         apply_fsdp(model, mesh, list(model.layers.values()))
         return materialize(model, device, seed), model
     materialize(model, device, seed)
-    return apply_ddp(model, mesh), model
+    sparse_ids = {id(p) for p in sparse_grad_params(model)}
+    names = [n for n, p in model.named_parameters() if id(p) in sparse_ids]
+    return apply_ddp(model, mesh, names), model
+
+
+def sparse_grad_params(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters with sparse gradients (Engram tables), averaged by ``all_reduce_grads_``."""
+    return [engram.table.weight for engram in model.engram_layers() if engram.table.sparse]
+
+
+def sync_unmanaged_grads(model: nn.Module, inner: nn.Module, group) -> None:
+    """After backward: average the gradients DDP does not manage (sparse Engram tables)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        all_reduce_grads_(sparse_grad_params(inner), group)

@@ -1,19 +1,67 @@
-"""Data parallelism: DDP across replicas, FSDP2 (``fully_shard``) or HSDP over the dp mesh axes."""
+"""Data parallelism: DDP across replicas, FSDP2 (``fully_shard``) or HSDP over the dp mesh axes.
+
+DDP only buckets dense gradients, so parameters with sparse gradients (Engram tables) are left out
+of DDP and averaged by ``all_reduce_grads_`` after backward.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
-def apply_ddp(model: nn.Module, mesh) -> nn.Module:
-    """Replicate with DDP over the ``dp_replicate`` axis (works with sparse Engram-table
-    gradients)."""
+def apply_ddp(model: nn.Module, mesh, sparse_param_names: list[str] = ()) -> nn.Module:
+    """DDP over the ``dp_replicate`` axis; ``sparse_param_names`` are left to the caller."""
     from torch.nn.parallel import DistributedDataParallel
 
+    if sparse_param_names:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, list(sparse_param_names)
+        )
     group = mesh["dp_replicate"].get_group()
     device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
     return DistributedDataParallel(model, process_group=group, device_ids=device_ids)
+
+
+def all_reduce_grads_(params: list[nn.Parameter], group=None) -> None:
+    """Average gradients (dense or sparse COO) over ``group`` in place."""
+    if not dist.is_initialized():
+        return
+    world = dist.get_world_size(group)
+    for param in params:
+        grad = param.grad
+        if grad is None:
+            grad = torch.sparse_coo_tensor(
+                torch.empty(1, 0, dtype=torch.long, device=param.device),
+                torch.empty(0, *param.shape[1:], dtype=param.dtype, device=param.device),
+                param.shape,
+            )
+        if grad.is_sparse:
+            # gather every rank's touched rows (gloo/NCCL need equal sizes: pad to the maximum)
+            grad = grad.coalesce()
+            param.grad = _all_gather_sparse(grad, group).coalesce() / world
+        else:
+            dist.all_reduce(grad, group=group)
+            grad.div_(world)
+
+
+def _all_gather_sparse(grad: torch.Tensor, group) -> torch.Tensor:
+    rows, values = grad.indices()[0], grad.values()
+    count = torch.tensor([rows.numel()], device=rows.device)
+    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(counts, count, group=group)
+    longest = int(max(c.item() for c in counts))
+    pad_rows = torch.zeros(longest, dtype=rows.dtype, device=rows.device)
+    pad_values = torch.zeros(longest, *values.shape[1:], dtype=values.dtype, device=values.device)
+    pad_rows[: rows.numel()], pad_values[: rows.numel()] = rows, values
+    all_rows = [torch.empty_like(pad_rows) for _ in counts]
+    all_values = [torch.empty_like(pad_values) for _ in counts]
+    dist.all_gather(all_rows, pad_rows, group=group)
+    dist.all_gather(all_values, pad_values, group=group)
+    rows = torch.cat([r[: int(c.item())] for r, c in zip(all_rows, counts)])
+    values = torch.cat([v[: int(c.item())] for v, c in zip(all_values, counts)])
+    return torch.sparse_coo_tensor(rows.unsqueeze(0), values, grad.shape)
 
 
 def apply_fsdp(model: nn.Module, mesh, blocks: list[nn.Module], reshard_after_forward: bool = True):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from data.loader import StatefulLoader
 from models.accounting import account
-from models.parallelize import parallelize_deepseek_engram
+from models.parallelize import parallelize_deepseek_engram, sync_unmanaged_grads
 from models.transformer import Transformer
 from parallel.dims import ParallelDims
 from parallel.distributed import all_reduce_sum_, destroy, init_distributed
@@ -144,6 +144,7 @@ class Trainer:
                 f"checkpoint is {self.last_checkpoint or '(none yet)'}; lower optimizer.lr or "
                 "check the data"
             )
+        sync_unmanaged_grads(self.model, self.inner, self.dp_group)
         grad_norm = clip_grad_norm(list(self.model.parameters()), self.cfg.training.max_norm)
         self.optimizers.step()
         self.optimizers.zero_grad()

@@ -1,0 +1,106 @@
+"""DDP and FSDP2 against the single-process run: same losses and parameters to float32 rounding.
+
+Two gloo ranks each take half of a batch; the single-process reference takes the whole batch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+from models.parallelize import parallelize_deepseek_engram, sync_unmanaged_grads
+from models.transformer import Transformer
+from parallel.dims import ParallelDims
+from parallel.distributed import all_reduce_sum_
+from pretrain.config import OptimizerConfig, ParallelismConfig
+from pretrain.optimizer import Optimizers, clip_grad_norm
+from tests.test_models import tiny
+
+pytestmark = pytest.mark.distributed
+STEPS = 3
+
+
+def _batch(step: int):
+    g = torch.Generator().manual_seed(100 + step)
+    tokens = torch.randint(0, 97, (4, 17), generator=g)
+    hash_ids = {0: torch.randint(0, 50, (4, 16, 4), generator=g)}
+    return tokens, hash_ids
+
+
+def _args(sparse: bool):
+    args = tiny("mla", hc=2)
+    args.engram.sparse_grad = sparse
+    return args
+
+
+def _train(model, inner, opts, rows: slice, group=None) -> list[float]:
+    losses = []
+    for step in range(STEPS):
+        tokens, hash_ids = _batch(step)
+        tokens, hash_ids = tokens[rows], {k: v[rows] for k, v in hash_ids.items()}
+        out = model(tokens[:, :-1], hash_ids)
+        loss = F.cross_entropy(out.logits.flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        sync_unmanaged_grads(model, inner, group)
+        clip_grad_norm(list(model.parameters()), 0.5)
+        opts.step()
+        opts.zero_grad()
+        for moe in inner.moe_layers():
+            all_reduce_sum_(moe.router.tokens_per_expert, group)
+            moe.router.update_bias()
+        losses.append(loss.detach())
+    return losses
+
+
+def _full_state(inner) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, value in inner.state_dict().items():
+        state[name] = value.full_tensor() if hasattr(value, "full_tensor") else value
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def _initial_state(sparse: bool) -> Transformer:
+    model = Transformer(_args(sparse))
+    torch.manual_seed(0)
+    model.init_weights()
+    return model
+
+
+def _reference(sparse: bool):
+    model = _initial_state(sparse)
+    opts = Optimizers(model, OptimizerConfig(lr=1e-2))
+    losses = _train(model, model, opts, slice(0, 4))
+    return [x.item() for x in losses], _full_state(model)
+
+
+def _rank_fn(rank: int, world: int, mode: str):
+    sparse = mode == "ddp"
+    cfg = ParallelismConfig(data_parallel_replicate_degree=2 if mode == "ddp" else 1)
+    dims = ParallelDims.from_config(cfg, world)
+    mesh = dims.build_mesh("cpu")
+    with torch.device("meta"):
+        model = Transformer(_args(sparse))
+    model, inner = parallelize_deepseek_engram(model, dims, mesh, torch.device("cpu"), seed=0)
+    # sharded init draws per shard; start from the single-process weights for the comparison
+    set_model_state_dict(
+        inner, _initial_state(sparse).state_dict(), options=StateDictOptions(full_state_dict=True)
+    )
+    opts = Optimizers(model, OptimizerConfig(lr=1e-2))
+    rows = slice(2 * rank, 2 * rank + 2)
+    losses = _train(model, inner, opts, rows)
+    mean = [all_reduce_sum_(x.clone()).item() / world for x in losses]
+    return mean, _full_state(inner)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_data_parallel_matches_single_process(mode):
+    from tests.distributed.helpers import run_ranks
+
+    want_losses, want_state = _reference(sparse=mode == "ddp")
+    results = run_ranks(_rank_fn, 2, mode)
+    for rank, (losses, state) in results.items():
+        assert losses == pytest.approx(want_losses, rel=1e-5), rank
+        for name, value in want_state.items():
+            torch.testing.assert_close(state[name], value, rtol=2e-5, atol=2e-6, msg=name)
