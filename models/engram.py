@@ -152,8 +152,10 @@ class Engram(nn.Module):
         self.key_norms = nn.ModuleList([nn.RMSNorm(dim) for _ in range(hc_mult)])
         self.query_norms = nn.ModuleList([nn.RMSNorm(dim) for _ in range(hc_mult)])
 
-    def forward(self, hidden: torch.Tensor, hash_ids: torch.Tensor) -> torch.Tensor:
-        rows = self.table(hash_ids).flatten(start_dim=-2)  # [B, T, K, Dh] -> [B, T, E]
+    def forward(self, hidden: torch.Tensor, hash_ids: torch.Tensor, plan=None) -> torch.Tensor:
+        """``plan``: optional host-side routing for a sharded table (see parallel/)."""
+        rows = self.table(hash_ids) if plan is None else self.table(hash_ids, plan)
+        rows = rows.flatten(start_dim=-2)  # [B, T, K, Dh] -> [B, T, E]
         return self.combine(hidden, rows)
 
     def combine(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

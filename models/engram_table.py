@@ -51,8 +51,47 @@ class EngramTable(nn.Module):
         return self.lookup_flat(self.flat_ids(hash_ids))  # [B, T, K] -> [B, T, K, Dh]
 
     @torch.no_grad()
-    def init_weights(self, std: float = 1.0) -> None:
+    def init_weights(self) -> None:
         # non-persistent buffer: recompute after a meta-device build + to_empty()
         self.offsets.copy_(self._offsets())
-        # nn.Embedding's default N(0, 1), as in the reference
-        nn.init.normal_(self.weight, std=std)
+        weight, first_row = _local_rows(self.weight)
+        init_table_rows(weight, first_row, draw_table_seed())
+
+
+INIT_BLOCK_ROWS = 1 << 16
+
+
+def _local_rows(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """This rank's rows and the global index of the first one (a DTensor when FSDP shards it)."""
+    if not hasattr(weight, "to_local"):
+        return weight, 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(
+        weight.shape, weight.device_mesh, weight.placements
+    )
+    return weight.to_local(), int(offset[0])
+
+
+def draw_table_seed() -> int:
+    """One draw from the global RNG, so model init stays deterministic under ``manual_seed``."""
+    return int(torch.randint(0, 2**31 - 1, ()).item())
+
+
+@torch.no_grad()
+def init_table_rows(weight: torch.Tensor, first_row: int, seed: int, std: float = 1.0) -> None:
+    """N(0, std) rows (nn.Embedding's default, as in the reference), block by block.
+
+    Every block of ``INIT_BLOCK_ROWS`` global rows comes from its own generator seeded by
+    ``(seed, block)``, so a row's initial value does not depend on how the table is sharded.
+    """
+    rows, dim = weight.shape
+    done = 0
+    while done < rows:
+        global_row = first_row + done
+        block, within = divmod(global_row, INIT_BLOCK_ROWS)
+        count = min(rows - done, INIT_BLOCK_ROWS - within)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + block)
+        values = torch.randn(within + count, dim, generator=gen)[within:]
+        weight[done : done + count].copy_(values * std)
+        done += count

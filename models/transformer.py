@@ -56,14 +56,14 @@ class TransformerBlock(nn.Module):
         self.init_std = 0.02
         self.out_std = 0.02 / math.sqrt(2 * args.num_layers)
 
-    def forward(self, x, rope, mask, hash_ids=None):
+    def forward(self, x, rope, mask, hash_ids=None, plan=None):
         """``x [B, T, G, D]`` -> ``(x [B, T, G, D], seq_aux_loss or None)``."""
         if self.engram is not None:
             if hash_ids is None:
                 raise ValueError(
                     f"layer {self.layer_id} has Engram but the batch has no hash ids for it"
                 )
-            x = x + self.engram(x, hash_ids)
+            x = x + self.engram(x, hash_ids, plan)
         h, ctx = self.attn_hc.pre(x)
         x = self.attn_hc.post(x, self.attention(self.attention_norm(h), rope, mask), ctx)
         h, ctx = self.ffn_hc.pre(x)
@@ -112,7 +112,9 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
-    def forward(self, tokens, hash_ids=None, positions=None, doc_ids=None) -> ModelOutput:
+    def forward(
+        self, tokens, hash_ids=None, positions=None, doc_ids=None, engram_plans=None
+    ) -> ModelOutput:
         batch, seq = tokens.shape
         if seq > self.args.max_seq_len:
             raise ValueError(
@@ -130,7 +132,8 @@ class Transformer(nn.Module):
         aux_total = None
         for layer in self.layers.values():
             layer_hash = None if hash_ids is None else hash_ids.get(layer.layer_id)
-            x, aux = layer(x, rope, mask, layer_hash)
+            plan = None if engram_plans is None else engram_plans.get(layer.layer_id)
+            x, aux = layer(x, rope, mask, layer_hash, plan)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
         if self.norm is None:  # a pipeline stage without the head passes the streams on

@@ -75,7 +75,19 @@ class ParallelDims:
                 f"parallelism.expert_parallel_degree={self.ep} must divide dp_shard*cp="
                 f"{self.dp_shard * self.cp}"
             )
-        pending = {n: v for n, v in named.items() if v > 1 and "replicate" not in n}
+        if self.etp > 1 and (self.etp != self.dp_replicate or self.dp_shard > 1):
+            raise ValueError(
+                f"parallelism.engram_table_parallel_degree={self.etp}: today the table group is "
+                "the "
+                "data-parallel replicas; set it to "
+                f"data_parallel_replicate_degree={self.dp_replicate} "
+                "with data_parallel_shard_degree=1 (other groupings are tracked in issue 5)"
+            )
+        pending = {
+            n: v
+            for n, v in named.items()
+            if v > 1 and "replicate" not in n and "engram_table" not in n
+        }
         if pending:
             raise ValueError(
                 f"{', '.join(f'{k}={v}' for k, v in pending.items())}: this parallelism is not in "

@@ -100,18 +100,25 @@ class Optimizers:
             opt.zero_grad(set_to_none=True)
 
 
-def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
-    """Global L2 norm over dense and sparse gradients; scales them when ``max_norm > 0``."""
-    grads = [p.grad for p in params if p.grad is not None]
-    squares = []
-    for g in grads:
-        if g.is_sparse:
-            g = g.coalesce()
-            values = g.values()
+def clip_grad_norm(params, max_norm: float, sharded=(), group=None) -> torch.Tensor:
+    """Global L2 norm over dense, DTensor and sparse gradients; scales them when ``max_norm > 0``.
+
+    ``sharded`` are parameters whose local gradients are disjoint pieces of one global gradient over
+    ``group`` (row-sharded Engram tables): their squared norms are summed over the group.
+    """
+    sharded_ids = {id(p) for p in sharded}
+    local, spread = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    for p in params:
+        if p.grad is None:
+            continue
+        square = _grad_square(p.grad).double().cpu()
+        if id(p) in sharded_ids:
+            spread += square
         else:
-            values = g.full_tensor() if hasattr(g, "full_tensor") else g
-        squares.append(values.float().pow(2).sum())
-    total = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+            local += square
+    if sharded_ids and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(spread, group=group)
+    total = (local + spread).sqrt().float()
     if max_norm > 0:
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for p in params:
@@ -121,6 +128,13 @@ def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
                 else:
                     p.grad.mul_(coef.to(p.grad.device))
     return total
+
+
+def _grad_square(grad: torch.Tensor) -> torch.Tensor:
+    if grad.is_sparse:
+        return grad.coalesce().values().float().pow(2).sum()
+    square = grad.float().pow(2).sum()
+    return square.full_tensor() if hasattr(square, "full_tensor") else square  # DTensor: a scalar
 
 
 def lr_factor(step: int, total_steps: int, cfg: LRSchedulerConfig) -> float:

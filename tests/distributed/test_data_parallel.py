@@ -35,8 +35,9 @@ def _args(sparse: bool):
     return args
 
 
-def _train(model, inner, opts, rows: slice, group=None) -> list[float]:
-    losses = []
+def _train(model, inner, opts, rows: slice, group=None, sharded=()):
+    """Returns (losses, first-step gradients by name)."""
+    losses, first_grads = [], {}
     for step in range(STEPS):
         tokens, hash_ids = _batch(step)
         tokens, hash_ids = tokens[rows], {k: v[rows] for k, v in hash_ids.items()}
@@ -44,14 +45,28 @@ def _train(model, inner, opts, rows: slice, group=None) -> list[float]:
         loss = F.cross_entropy(out.logits.flatten(0, 1), tokens[:, 1:].flatten())
         loss.backward()
         sync_unmanaged_grads(model, inner, group)
-        clip_grad_norm(list(model.parameters()), 0.5)
+        if step == 0:
+            first_grads = _grads(inner)
+        clip_grad_norm(list(model.parameters()), 0.5, sharded=sharded, group=group)
         opts.step()
         opts.zero_grad()
         for moe in inner.moe_layers():
             all_reduce_sum_(moe.router.tokens_per_expert, group)
             moe.router.update_bias()
         losses.append(loss.detach())
-    return losses
+    return losses, first_grads
+
+
+def _grads(inner) -> dict[str, torch.Tensor]:
+    grads = {}
+    for name, param in inner.named_parameters():
+        grad = param.grad
+        if grad is None:
+            continue
+        if grad.is_sparse:
+            grad = grad.coalesce().to_dense()
+        grads[name] = (grad.full_tensor() if hasattr(grad, "full_tensor") else grad).clone()
+    return grads
 
 
 def _full_state(inner) -> dict[str, torch.Tensor]:
@@ -71,8 +86,8 @@ def _initial_state(sparse: bool) -> Transformer:
 def _reference(sparse: bool):
     model = _initial_state(sparse)
     opts = Optimizers(model, OptimizerConfig(lr=1e-2))
-    losses = _train(model, model, opts, slice(0, 4))
-    return [x.item() for x in losses], _full_state(model)
+    losses, grads = _train(model, model, opts, slice(0, 4))
+    return [x.item() for x in losses], grads, _full_state(model)
 
 
 def _rank_fn(rank: int, world: int, mode: str):
@@ -89,18 +104,26 @@ def _rank_fn(rank: int, world: int, mode: str):
     )
     opts = Optimizers(model, OptimizerConfig(lr=1e-2))
     rows = slice(2 * rank, 2 * rank + 2)
-    losses = _train(model, inner, opts, rows)
+    losses, grads = _train(model, inner, opts, rows)
     mean = [all_reduce_sum_(x.clone()).item() / world for x in losses]
-    return mean, _full_state(inner)
+    return mean, grads, _full_state(inner)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_data_parallel_matches_single_process(mode):
     from tests.distributed.helpers import run_ranks
 
-    want_losses, want_state = _reference(sparse=mode == "ddp")
-    results = run_ranks(_rank_fn, 2, mode)
-    for rank, (losses, state) in results.items():
-        assert losses == pytest.approx(want_losses, rel=1e-5), rank
+    check_parity(_reference(sparse=mode == "ddp"), run_ranks(_rank_fn, 2, mode))
+
+
+def check_parity(reference, results) -> None:
+    """Losses and first-step gradients to float32 rounding; parameters after three Adam steps
+    (which amplify rounding in near-zero gradient entries) to 5e-5."""
+    want_losses, want_grads, want_state = reference
+    for rank, (losses, grads, state) in results.items():
+        assert losses == pytest.approx(want_losses, rel=1e-6), rank
+        assert grads.keys() == want_grads.keys()
+        for name, value in want_grads.items():
+            torch.testing.assert_close(grads[name], value, rtol=1e-5, atol=1e-7, msg=name)
         for name, value in want_state.items():
-            torch.testing.assert_close(state[name], value, rtol=2e-5, atol=2e-6, msg=name)
+            torch.testing.assert_close(state[name], value, rtol=1e-4, atol=5e-5, msg=name)
