@@ -62,6 +62,8 @@ class PackedShardStream:
         hasher: an ``NgramHasher`` or None (no Engram).
         document_reset: pass document ids to the hasher (n-grams never cross a document start).
         strict: a corrupt shard raises instead of being skipped with a warning.
+        table_layout: ``{layer: (head offsets, shard bounds)}`` of row-sharded Engram tables; the
+            batch then carries their host-side all-to-all plans (``engram_plans``).
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class PackedShardStream:
         strict=False,
         shuffle=True,
         url_prefix: str | None = None,
+        table_layout: dict | None = None,
     ):
         self.folder, self.split = Path(folder), split
         self.index = load_index(self.folder, split)
@@ -95,6 +98,7 @@ class PackedShardStream:
             num_roles,
         )
         self.hasher, self.document_reset, self.strict = hasher, document_reset, strict
+        self.table_layout = table_layout or {}
         self.corrupt_shards: list[str] = []
         consumers = dp_degree * num_roles
         names = [s["name"] for s in self.index["shards"]]
@@ -182,6 +186,13 @@ class PackedShardStream:
         if self.hasher is not None:
             hashed = self.hasher.hash(tokens, doc_ids if self.document_reset else None)
             batch["hash_ids"] = hashed
+            if self.table_layout:
+                from parallel.engram_table_parallel import build_shard_plan
+
+                batch["engram_plans"] = {
+                    layer: build_shard_plan(hashed[layer] + offsets, bounds)
+                    for layer, (offsets, bounds) in self.table_layout.items()
+                }
         return batch
 
 

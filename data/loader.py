@@ -41,6 +41,13 @@ def _to_torch(batch: dict) -> dict:
     out = {k: torch.from_numpy(v) for k, v in batch.items() if isinstance(v, np.ndarray)}
     if "hash_ids" in batch:
         out["hash_ids"] = {layer: torch.from_numpy(v) for layer, v in batch["hash_ids"].items()}
+    if "engram_plans" in batch:
+        out["engram_plans"] = {
+            layer: type(plan)(
+                *(torch.from_numpy(f) for f in (plan.unique_ids, plan.send_counts, plan.inverse))
+            )
+            for layer, plan in batch["engram_plans"].items()
+        }
     return out
 
 

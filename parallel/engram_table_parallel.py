@@ -64,6 +64,20 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
+def _state_dict_as_global(module, state_dict, prefix, local_metadata):
+    key = prefix + "weight"
+    if key in state_dict and not hasattr(state_dict[key], "to_local"):
+        state_dict[key] = module.to_global(state_dict[key])
+    return state_dict
+
+
+def _load_state_dict_local(module, state_dict, prefix, *args):
+    key = prefix + "weight"
+    value = state_dict.get(key)
+    if value is not None and hasattr(value, "to_local"):
+        state_dict[key] = value.to_local()
+
+
 class ShardedEngramTable(nn.Module):
     """The local row shard of one Engram layer's table, with the ``EngramTable`` interface.
 
@@ -102,6 +116,27 @@ class ShardedEngramTable(nn.Module):
         self.offsets_np = offsets
         self.register_buffer("offsets", torch.from_numpy(offsets).to(device), persistent=False)
         self.weight = nn.Parameter(torch.empty(local, head_dim, device=device))
+        self.sharded = True
+        # checkpoints see the global [R, Dh] table as a Shard(0) DTensor, so DCP can reshard it
+        self._register_state_dict_hook(_state_dict_as_global)
+        self._register_load_state_dict_pre_hook(_load_state_dict_local, with_module=True)
+
+    def to_global(self, local: torch.Tensor):
+        """A ``Shard(0)`` DTensor view (no copy) of a tensor laid out like this rank's rows."""
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.tensor import DTensor, Shard
+
+        if getattr(self, "_mesh", None) is None:
+            self._mesh = DeviceMesh.from_group(self.group, self.weight.device.type)
+        shape = (self.num_rows, *local.shape[1:])
+        stride = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(
+            local, self._mesh, [Shard(0)], run_check=False, shape=shape, stride=stride
+        )
+
+    def table_layout(self) -> tuple[np.ndarray, list[int]]:
+        """(head offsets, shard bounds): what the loader needs to build ``ShardPlan``s."""
+        return self.offsets_np, self.bounds
 
     def flat_ids(self, hash_ids: torch.Tensor) -> torch.Tensor:
         return hash_ids + self.offsets

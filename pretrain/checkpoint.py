@@ -159,6 +159,23 @@ class CheckpointManager:
                 "original engram/tokenizer settings or start a new job.dump_folder"
             )
 
+    def _train_state(self, path: Path) -> dict:
+        """This rank's RNG and loader state; none when the checkpoint was saved at another world
+        size (a resharded resume: the weights and optimizer states carry over, the data order
+        starts afresh)."""
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        saved_world = json.loads((path / "meta.json").read_text()).get("world_size", 1)
+        if saved_world != world:
+            log.warning(
+                "checkpoint %s was saved at world size %d, now %d: weights and optimizer "
+                "states are resharded; the data loader and RNG state start afresh",
+                path,
+                saved_world,
+                world,
+            )
+            return {}
+        return torch.load(path / f"train_state_rank{_rank()}.pt", weights_only=False)
+
     def load_latest(self, model, optimizers) -> dict | None:
         """Load the newest complete checkpoint; returns its train state, or None when there is
         none."""
@@ -169,7 +186,7 @@ class CheckpointManager:
                 state = _state(model, optimizers)
                 dcp.load(state, checkpoint_id=str(path))
                 _set_state(model, optimizers, state)
-                train_state = torch.load(path / f"train_state_rank{_rank()}.pt", weights_only=False)
+                train_state = self._train_state(path)
             except (Exception, CheckpointException) as err:  # noqa: BLE001 - skipped, loudly
                 log.warning(
                     "checkpoint %s is corrupt or unreadable (%s: %s); trying an older one",
@@ -178,7 +195,8 @@ class CheckpointManager:
                     err,
                 )
                 continue
-            set_rng_state(train_state.pop("rng"))
+            if "rng" in train_state:
+                set_rng_state(train_state.pop("rng"))
             log.info("resumed from %s", path)
             return {**train_state, "step": step, "path": str(path)}
         if self.complete_steps():
@@ -191,21 +209,48 @@ class CheckpointManager:
 
 
 def _state(model, optimizers) -> dict:
-    opts = optimizers.optimizers
+    """Model and optimizer states for DCP; row-sharded tables' states as ``Shard(0)`` DTensors."""
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    sharded = _sharded_modules(model)
     state = {"model": get_model_state_dict(model)}
-    for i, opt in enumerate(opts):
-        state[f"optim{i}"] = get_optimizer_state_dict(
-            model, opt, options=StateDictOptions(flatten_optimizer_state_dict=True)
-        )
+    for i, opt in enumerate(optimizers.optimizers):
+        optim_state = get_optimizer_state_dict(model, opt, options=flat)
+        for key, value in optim_state.items():
+            module = _owner_of_state(key, sharded)
+            if module is not None and torch.is_tensor(value) and value.dim() >= 1:
+                optim_state[key] = module.to_global(value)
+        state[f"optim{i}"] = optim_state
     return state
 
 
 def _set_state(model, optimizers, state: dict) -> None:
     set_model_state_dict(model, state["model"])
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)
     for i, opt in enumerate(optimizers.optimizers):
-        set_optimizer_state_dict(
-            model,
-            opt,
-            state[f"optim{i}"],
-            options=StateDictOptions(flatten_optimizer_state_dict=True),
-        )
+        optim_state = {
+            k: (
+                v.to_local()
+                if k.startswith("state.")
+                and hasattr(v, "to_local")
+                and _owner_of_state(k, _sharded_modules(model)) is not None
+                else v
+            )
+            for k, v in state[f"optim{i}"].items()
+        }
+        set_optimizer_state_dict(model, opt, optim_state, options=flat)
+
+
+def _sharded_modules(model) -> dict[str, torch.nn.Module]:
+    """Parameter FQN -> module for row-sharded parameters (modules with ``to_global``)."""
+    return {
+        f"{name.removeprefix('module.')}.weight": module
+        for name, module in model.named_modules()
+        if hasattr(module, "to_global")
+    }
+
+
+def _owner_of_state(key: str, sharded: dict) -> torch.nn.Module | None:
+    for fqn, module in sharded.items():
+        if key.startswith(f"state.{fqn}."):
+            return module
+    return None

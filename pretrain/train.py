@@ -9,6 +9,7 @@ accumulation, optional bf16 autocast, clipping, periodic evaluation and checkpoi
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import sys
@@ -20,7 +21,11 @@ import torch.nn.functional as F
 
 from data.loader import StatefulLoader
 from models.accounting import account
-from models.parallelize import parallelize_deepseek_engram, sync_unmanaged_grads
+from models.parallelize import (
+    parallelize_deepseek_engram,
+    sharded_table_params,
+    sync_unmanaged_grads,
+)
 from models.transformer import Transformer
 from parallel.dims import ParallelDims
 from parallel.distributed import all_reduce_sum_, destroy, init_distributed
@@ -73,6 +78,20 @@ class Trainer:
             strict=cfg.data.strict,
             document_reset=bool(self.args.engram and self.args.engram.document_reset),
             url_prefix=cfg.data.url_prefix or None,
+            table_layout={
+                e.layer_id: e.table.table_layout()
+                for e in self.inner.engram_layers()
+                if hasattr(e.table, "table_layout")
+            },
+        )
+        self.sharded_tables = sharded_table_params(self.inner)
+        self.table_cpu_group = next(
+            (
+                e.table.cpu_group
+                for e in self.inner.engram_layers()
+                if hasattr(e.table, "cpu_group")
+            ),
+            None,
         )
         self.loader = StatefulLoader({**self.stream_kwargs, "split": "train"}, cfg.data.num_workers)
         identity = {
@@ -90,7 +109,8 @@ class Trainer:
         if self.ckpt is not None and c.load:
             state = self.ckpt.load_latest(self.model, self.optimizers)
             if state is not None:
-                self.loader.load_state_dict(state["loader"])
+                if "loader" in state:
+                    self.loader.load_state_dict(state["loader"])
                 self.step, self.last_checkpoint = state["step"], state["path"]
         self.accounting = account(self.args, cfg.data.seq_len)
         self.metrics = MetricsLogger(
@@ -104,19 +124,27 @@ class Trainer:
 
     # ----- one step -----
     def _to_device(self, batch: dict) -> dict:
-        moved = {
-            k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k != "hash_ids"
-        }
+        def move(t):
+            return t.to(self.device, non_blocking=True)
+
+        moved = {k: move(v) for k, v in batch.items() if torch.is_tensor(v)}
         if "hash_ids" in batch:
-            moved["hash_ids"] = {
-                k: v.to(self.device, non_blocking=True) for k, v in batch["hash_ids"].items()
+            moved["hash_ids"] = {k: move(v) for k, v in batch["hash_ids"].items()}
+        if "engram_plans" in batch:  # split counts stay on the host: no device sync to read them
+            moved["engram_plans"] = {
+                k: type(p)(move(p.unique_ids), p.send_counts, move(p.inverse))
+                for k, p in batch["engram_plans"].items()
             }
         return moved
 
     def _forward_loss(self, batch: dict):
         with self.autocast:
             out = self.model(
-                batch["tokens"], batch.get("hash_ids"), batch["positions"], batch["doc_ids"]
+                batch["tokens"],
+                batch.get("hash_ids"),
+                batch["positions"],
+                batch["doc_ids"],
+                batch.get("engram_plans"),
             )
         ce = F.cross_entropy(out.logits.float().flatten(0, 1), batch["labels"].flatten())
         return ce, out.aux_losses
@@ -145,7 +173,12 @@ class Trainer:
                 "check the data"
             )
         sync_unmanaged_grads(self.model, self.inner, self.dp_group)
-        grad_norm = clip_grad_norm(list(self.model.parameters()), self.cfg.training.max_norm)
+        grad_norm = clip_grad_norm(
+            list(self.model.parameters()),
+            self.cfg.training.max_norm,
+            self.sharded_tables,
+            self.table_cpu_group,
+        )
         self.optimizers.step()
         self.optimizers.zero_grad()
         self._update_moe_biases()
@@ -167,21 +200,37 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> tuple[float, int]:
         from data.dataset import PackedShardStream
+        from data.loader import _to_torch
 
+        # the same global batches whatever the layout: batch i goes to DP rank i % dp_degree
         self.model.eval()
-        stream = PackedShardStream(**{**self.stream_kwargs, "split": "val", "shuffle": False})
-        total = torch.zeros(2, device=self.device, dtype=torch.float64)
-        for i, (batch, _) in enumerate(stream.batches()):
-            if i >= self.cfg.metrics.eval_batches:
-                break
-            from data.loader import _to_torch
-
-            ce, _ = self._forward_loss(self._to_device(_to_torch(batch)))
-            total += torch.tensor(
-                [ce.item() * batch["labels"].size, batch["labels"].size],
-                dtype=torch.float64,
-                device=self.device,
+        kwargs = {
+            **self.stream_kwargs,
+            "split": "val",
+            "shuffle": False,
+            "dp_rank": 0,
+            "dp_degree": 1,
+        }
+        batches = [
+            b
+            for b, _ in itertools.islice(
+                PackedShardStream(**kwargs).batches(), self.cfg.metrics.eval_batches
             )
+        ]
+        dp, dp_rank = self.stream_kwargs["dp_degree"], self.stream_kwargs["dp_rank"]
+        total = torch.zeros(2, device=self.device, dtype=torch.float64)
+        slots = -(-len(batches) // dp) if batches else 0
+        for slot in range(slots):
+            index = slot * dp + dp_rank
+            # every rank runs the same number of forwards (sharded tables exchange rows in each);
+            # a rank past the end repeats a batch and does not count it
+            batch = batches[min(index, len(batches) - 1)]
+            ce, _ = self._forward_loss(self._to_device(_to_torch(batch)))
+            if index < len(batches):
+                tokens = batch["labels"].size
+                total += torch.tensor(
+                    [ce.item() * tokens, tokens], dtype=torch.float64, device=self.device
+                )
         all_reduce_sum_(total, self.dp_group)
         self.model.train()
         if total[1] == 0:
