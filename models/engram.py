@@ -178,9 +178,14 @@ class Engram(nn.Module):
         return out
 
     def _gate(self, key, query, branch: int, dtype) -> torch.Tensor:
-        if dtype is not None:
-            key, query = key.to(dtype), query.to(dtype)
-        score = (self.key_norms[branch](key) * self.query_norms[branch](query)).sum(dim=-1)
+        key_norm, query_norm = self.key_norms[branch], self.query_norms[branch]
+        if dtype is None:
+            score = (key_norm(key) * query_norm(query)).sum(dim=-1)
+        else:  # V4.1: the whole gate, norm weights included, in ``dtype`` (float32)
+            dim = (self.dim,)
+            k = F.rms_norm(key.to(dtype), dim, key_norm.weight.to(dtype), key_norm.eps)
+            q = F.rms_norm(query.to(dtype), dim, query_norm.weight.to(dtype), query_norm.eps)
+            score = (k * q).sum(dim=-1)
         score = signed_sqrt(score / math.sqrt(self.dim))
         return score.sigmoid().unsqueeze(-1)
 
