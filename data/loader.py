@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.dataset import PackedShardStream, RoleState
+from data.shards import load_index
 
 
 class _RoleDataset(IterableDataset):
@@ -60,6 +61,8 @@ class StatefulLoader:
     """
 
     def __init__(self, stream_kwargs: dict, num_workers: int = 1, prefetch_factor: int = 4):
+        if not stream_kwargs.get("url_prefix"):  # fail here, not later inside a worker
+            load_index(stream_kwargs["folder"], stream_kwargs["split"])
         self.num_workers = num_workers
         self.num_roles = max(1, num_workers)
         self.prefetch_factor = prefetch_factor

@@ -125,10 +125,10 @@ class GroupedExperts(nn.Module):
         dim, hidden = self.w1.shape[1], self.w1.shape[2]
         if self.use_grouped_mm and grouped_mm_supported(x, dim, hidden):
             offs = tokens_per_expert.cumsum(0).to(torch.int32)
-            h = F.silu(torch._grouped_mm(x, self.w1, offs=offs)) * torch._grouped_mm(
-                x, self.w3, offs=offs
-            )
-            return _ContiguousGrad.apply(torch._grouped_mm(h, self.w2, offs=offs))
+            # autocast does not cover grouped_mm: match the weights to the activations
+            w1, w3, w2 = (w.to(x.dtype) for w in (self.w1, self.w3, self.w2))
+            h = F.silu(torch._grouped_mm(x, w1, offs=offs)) * torch._grouped_mm(x, w3, offs=offs)
+            return _ContiguousGrad.apply(torch._grouped_mm(h, w2, offs=offs))
         return self.forward_loop(x, tokens_per_expert)
 
     def forward_loop(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:

@@ -155,3 +155,17 @@ def test_missing_shards_fail_before_training(corpus, tmp_path):
     (data / load_index(data, "train")["shards"][1]["name"]).unlink()
     with pytest.raises(FileNotFoundError, match="missing"):
         load_index(data, "train")
+
+
+def test_missing_shard_fails_when_the_loader_is_built(corpus, tmp_path):
+    data = _copy(corpus, tmp_path)
+    (data / load_index(data, "train")["shards"][0]["name"]).unlink()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        StatefulLoader(_kwargs(data, folder=str(data)), num_workers=2)
+
+
+def test_shards_from_a_webdataset_url(corpus):
+    local = next(PackedShardStream(**_kwargs(corpus)).batches())[0]
+    piped = PackedShardStream(**_kwargs(corpus, url_prefix=f"pipe:cat {corpus}"))
+    remote = next(piped.batches())[0]
+    np.testing.assert_array_equal(remote["tokens"], local["tokens"])

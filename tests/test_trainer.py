@@ -101,11 +101,25 @@ def test_sigkill_resume_is_bit_identical(corpus, tmp_path):
     )
 
 
-def _trainer(corpus, dump, steps=6):
-    cfg = load_config(
-        "pretrain/configs/debug.toml", _overrides(corpus, dump, steps=steps, workers=0)
+def _trainer(corpus, dump, steps=6, extra=()):
+    overrides = _overrides(corpus, dump, steps=steps, workers=0) + list(extra)
+    return Trainer(load_config("pretrain/configs/debug.toml", overrides))
+
+
+def test_bf16_autocast_and_grad_accumulation(corpus, tmp_path):
+    extra = [
+        "--training.mixed_precision=bf16",
+        "--training.grad_accum_steps=2",
+        "--checkpoint.enable=false",
+    ]
+    trainer = _trainer(
+        corpus, tmp_path / "bf16", steps=3, extra=[*extra, "--lr_scheduler.warmup_steps=1"]
     )
-    return Trainer(cfg)
+    summary = trainer.fit()
+    assert trainer.loader.consumed == 6  # 3 steps x 2 micro-batches
+    records = _records(tmp_path / "bf16")
+    assert sorted(records) == [1, 2, 3] and all(r["loss"] < 20 for r in records.values())
+    assert summary["val_loss"] < 20
 
 
 def test_interrupted_save_and_corrupt_checkpoint_are_skipped(corpus, tmp_path, monkeypatch, caplog):

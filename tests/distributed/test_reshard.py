@@ -12,14 +12,23 @@ pytestmark = pytest.mark.distributed
 
 
 def _overrides(corpus, dump, world):
-    return [f"--job.dump_folder={dump}", f"--data.dataset_path={corpus}",
-            "--data.prepare_if_missing=false", "--data.seq_len=64", "--data.num_workers=0",
-            "--training.batch_size=2", "--training.steps=4", "--checkpoint.interval=4",
-            "--metrics.eval_freq=1000", "--metrics.eval_batches=6",
-            "--metrics.enable_tensorboard=false", "--metrics.progress_bar=false",
-            "--lr_scheduler.warmup_steps=1",
-            f"--parallelism.data_parallel_replicate_degree={world}",
-            f"--parallelism.engram_table_parallel_degree={world}"]
+    return [
+        f"--job.dump_folder={dump}",
+        f"--data.dataset_path={corpus}",
+        "--data.prepare_if_missing=false",
+        "--data.seq_len=64",
+        "--data.num_workers=0",
+        "--training.batch_size=2",
+        "--training.steps=4",
+        "--checkpoint.interval=4",
+        "--metrics.eval_freq=1000",
+        "--metrics.eval_batches=6",
+        "--metrics.enable_tensorboard=false",
+        "--metrics.progress_bar=false",
+        "--lr_scheduler.warmup_steps=1",
+        f"--parallelism.data_parallel_replicate_degree={world}",
+        f"--parallelism.engram_table_parallel_degree={world}",
+    ]
 
 
 def _fit(rank, world, corpus, dump):
