@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.sharded_init import local_rows
+
 
 class EngramTable(nn.Module):
     """One flat ``[R, Dh]`` table with per-head offsets into it.
@@ -54,23 +56,11 @@ class EngramTable(nn.Module):
     def init_weights(self) -> None:
         # non-persistent buffer: recompute after a meta-device build + to_empty()
         self.offsets.copy_(self._offsets())
-        weight, first_row = _local_rows(self.weight)
+        weight, first_row = local_rows(self.weight)
         init_table_rows(weight, first_row, draw_table_seed())
 
 
 INIT_BLOCK_ROWS = 1 << 16
-
-
-def _local_rows(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """This rank's rows and the global index of the first one (a DTensor when FSDP shards it)."""
-    if not hasattr(weight, "to_local"):
-        return weight, 0
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    _, offset = compute_local_shape_and_global_offset(
-        weight.shape, weight.device_mesh, weight.placements
-    )
-    return weight.to_local(), int(offset[0])
 
 
 def draw_table_seed() -> int:

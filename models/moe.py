@@ -22,6 +22,7 @@ from torch import nn
 
 from models.args import MoEArgs
 from models.layers import FeedForward
+from models.sharded_init import local_rows
 
 
 class Router(nn.Module):
@@ -113,9 +114,17 @@ class GroupedExperts(nn.Module):
     """E SwiGLU experts stored as ``[E, D, F]`` / ``[E, F, D]`` weights (shardable on the ep
     axis)."""
 
-    def __init__(self, dim: int, hidden_dim: int, num_experts: int, use_grouped_mm: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        num_experts: int,
+        use_grouped_mm: bool = True,
+        first_expert: int = 0,
+    ):
         super().__init__()
         self.num_experts, self.use_grouped_mm = num_experts, use_grouped_mm
+        self.first_expert = first_expert  # global index of expert 0 here (expert parallelism)
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
@@ -139,9 +148,19 @@ class GroupedExperts(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float) -> None:
-        nn.init.trunc_normal_(self.w1, std=std)
-        nn.init.trunc_normal_(self.w3, std=std)
-        nn.init.trunc_normal_(self.w2, std=out_std)
+        # one generator per global expert: the init does not depend on how experts are sharded
+        base = int(torch.randint(0, 2**31 - 1, ()).item())
+        views = [
+            (*local_rows(w), scale)
+            for w, scale in ((self.w1, std), (self.w3, std), (self.w2, out_std))
+        ]
+        first = self.first_expert + views[0][1]
+        for local in range(views[0][0].shape[0]):
+            gen = torch.Generator().manual_seed(base * 1_000_003 + first + local)
+            for weight, _, scale in views:
+                value = torch.empty(weight.shape[1:])
+                nn.init.trunc_normal_(value, std=scale, a=-2 * scale, b=2 * scale, generator=gen)
+                weight[local].copy_(value)
 
 
 class MoE(nn.Module):

@@ -1,23 +1,49 @@
 """``parallelize_deepseek_engram``: applies the parallel plan to the model family (../STYLE rule 1).
 
-Order (../STYLE rule 2): the model arrives on the meta device; Engram tables are swapped for their
-row shards and FSDP shards the rest there; then the model is materialised and initialised
-deterministically; DDP wraps a materialised model.
+Order (../STYLE rule 2): the model arrives on the meta device; Engram tables and routed experts are
+swapped for their shards and FSDP shards the rest there; then the model is materialised and
+initialised (inits are sharding-independent); DDP wraps a materialised model.
 
-Today: data parallelism (DDP over replicas, FSDP2/HSDP over the dp_shard axis) and Engram-table
-parallelism over the data-parallel ranks.
+Parameters DDP does not manage (sparse replicated tables, row-sharded tables, expert shards)
+get their gradient synchronisation from ``ParallelPlan.sync_grads`` after backward, and their
+global norm from ``ParallelPlan.sharded_groups``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from models.engram_table import init_table_rows
+from models.moe import GroupedExperts
 from parallel.data_parallel import all_reduce_grads_, apply_ddp, apply_fsdp
 from parallel.dims import ParallelDims
+from parallel.distributed import cpu_group_for
 from parallel.engram_table_parallel import ShardedEngramTable
+from parallel.expert_parallel import AllToAllDispatcher
+from parallel.sharding import register_row_sharding
+
+
+@dataclass
+class GradSyncRule:
+    """After backward: sum the gradients over ``group`` (None: no communication), then divide."""
+
+    params: list[nn.Parameter]
+    group: object
+    divisor: float
+
+
+@dataclass
+class ParallelPlan:
+    rules: list[GradSyncRule] = field(default_factory=list)
+    # (params whose local gradients are disjoint pieces of one gradient, CPU group for the norm)
+    sharded_groups: list[tuple[list[nn.Parameter], object]] = field(default_factory=list)
+
+    def sync_grads(self) -> None:
+        for rule in self.rules:
+            all_reduce_grads_(rule.params, rule.group, rule.divisor)
 
 
 def materialize(model: nn.Module, device: torch.device, seed: int) -> nn.Module:
@@ -28,17 +54,28 @@ def materialize(model: nn.Module, device: torch.device, seed: int) -> nn.Module:
 
 
 def parallelize_deepseek_engram(model: nn.Module, dims: ParallelDims, mesh, device, seed: int):
-    """Returns ``(model to call, the plain Transformer underneath)``."""
+    """Returns ``(model to call, the plain Transformer underneath, ParallelPlan)``."""
+    plan = ParallelPlan()
     if dims.world_size == 1:
-        return materialize(model, device, seed), model
-    if dims.etp > 1:
-        group = mesh["dp_replicate"].get_group()
-        cpu_group = (
-            group
-            if dist.get_backend(group) == "gloo"
-            else dist.new_group(dist.get_process_group_ranks(group), backend="gloo")
+        return materialize(model, device, seed), model, plan
+    dp_group = mesh["dp_replicate"].get_group()
+    sharded = []  # (modules, sum-norm cpu group, grad-sync group or None, grad divisor)
+    if dims.ep > 1:
+        ep_mesh = _ep_mesh(dims, device)
+        ep_group, rest = ep_mesh["ep"].get_group(), ep_mesh["ep_replicate"].get_group()
+        experts = apply_expert_parallel(model, ep_group, ep_mesh["ep"].get_local_rank())
+        sharded.append(
+            (
+                experts,
+                cpu_group_for(ep_group),
+                rest if dims.dp_replicate > dims.ep else None,
+                dims.dp_degree,
+            )
         )
-        apply_engram_table_parallel(model, group, cpu_group, dims.dp_degree)
+    if dims.etp > 1:
+        cpu_group = cpu_group_for(dp_group)
+        tables = apply_engram_table_parallel(model, dp_group, cpu_group, dims.dp_degree)
+        sharded.append((tables, cpu_group, None, None))  # owners already hold the scaled sum
     if dims.dp_shard > 1:
         if any(engram.table.sparse for engram in model.engram_layers()):
             raise ValueError(
@@ -47,16 +84,34 @@ def parallelize_deepseek_engram(model: nn.Module, dims: ParallelDims, mesh, devi
                 "parallelism.data_parallel_replicate_degree"
             )
         apply_fsdp(model, mesh, list(model.layers.values()))
-        return materialize(model, device, seed), model
-    materialize(model, device, seed)
-    unmanaged = {id(p) for p in sparse_grad_params(model) + sharded_table_params(model)}
-    names = [n for n, p in model.named_parameters() if id(p) in unmanaged]
-    return apply_ddp(model, mesh, names), model
+        return materialize(model, device, seed), model, plan
+    materialize(model, device, seed)  # replaces every Parameter: collect them only now
+    for modules, cpu_group, group, divisor in sharded:
+        params = [p for module in modules for p in module.parameters()]
+        plan.sharded_groups.append((params, cpu_group))
+        if divisor is not None:
+            plan.rules.append(GradSyncRule(params, group, divisor))
+    replicated_sparse = sparse_grad_params(model)
+    if replicated_sparse:
+        plan.rules.append(GradSyncRule(replicated_sparse, dp_group, dims.dp_degree))
+    managed_elsewhere = {id(p) for rule in plan.rules for p in rule.params}
+    managed_elsewhere |= {id(p) for params, _ in plan.sharded_groups for p in params}
+    names = [n for n, p in model.named_parameters() if id(p) in managed_elsewhere]
+    return apply_ddp(model, mesh, names), model, plan
+
+
+def _ep_mesh(dims: ParallelDims, device):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(
+        torch.device(device).type,
+        (dims.dp_replicate // dims.ep, dims.ep),
+        mesh_dim_names=("ep_replicate", "ep"),
+    )
 
 
 def sparse_grad_params(model: nn.Module) -> list[nn.Parameter]:
-    """Replicated parameters with sparse gradients (Engram tables), averaged by
-    ``all_reduce_grads_``; row-sharded tables are excluded (their owners already hold the sum)."""
+    """Replicated Engram tables with sparse gradients (DDP only buckets dense gradients)."""
     return [
         e.table.weight
         for e in model.engram_layers()
@@ -64,21 +119,15 @@ def sparse_grad_params(model: nn.Module) -> list[nn.Parameter]:
     ]
 
 
-def sharded_table_params(model: nn.Module) -> list[nn.Parameter]:
-    return [
-        e.table.weight for e in model.engram_layers() if isinstance(e.table, ShardedEngramTable)
-    ]
-
-
-def apply_engram_table_parallel(model: nn.Module, group, cpu_group, dp_degree: int) -> None:
+def apply_engram_table_parallel(model: nn.Module, group, cpu_group, dp_degree: int):
     """Swap every Engram table for its row shard over ``group`` (before materialisation).
 
     ``dp_degree``: how many data-parallel replicas feed the tables; the owners' gradients are scaled
-    by its inverse so an update equals the data-parallel average.
+    by its inverse so an update equals the data-parallel average. Returns the shard modules.
     """
+    modules = []
     for engram in model.engram_layers():
         table = engram.table
-        device = table.weight.device
         engram.table = ShardedEngramTable(
             table.table_sizes,
             table.head_dim,
@@ -86,13 +135,27 @@ def apply_engram_table_parallel(model: nn.Module, group, cpu_group, dp_degree: i
             cpu_group,
             1.0 / dp_degree,
             init_table_rows,
-            device=device,
+            device=table.weight.device,
         )
+        modules.append(engram.table)
+    return modules
 
 
-def sync_unmanaged_grads(model: nn.Module, inner: nn.Module, group) -> None:
-    """After backward: average the gradients DDP does not manage (sparse Engram tables)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    if isinstance(model, DistributedDataParallel):
-        all_reduce_grads_(sparse_grad_params(inner), group)
+def apply_expert_parallel(model: nn.Module, ep_group, ep_rank: int) -> list[nn.Module]:
+    """Keep ``E / ep`` consecutive experts per rank and route tokens with all-to-all."""
+    modules = []
+    for moe in model.moe_layers():
+        args, old = moe.args, moe.experts
+        dispatcher = AllToAllDispatcher(ep_group, args.num_routed_experts)
+        local = dispatcher.local_experts
+        moe.experts = GroupedExperts(
+            old.w1.shape[1],
+            old.w1.shape[2],
+            local,
+            args.use_grouped_mm,
+            first_expert=ep_rank * local,
+        ).to(old.w1.device)
+        register_row_sharding(moe.experts, ["w1", "w2", "w3"], ep_group, args.num_routed_experts)
+        moe.dispatcher = dispatcher
+        modules.append(moe.experts)
+    return modules

@@ -24,11 +24,15 @@ def apply_ddp(model: nn.Module, mesh, sparse_param_names: list[str] = ()) -> nn.
     return DistributedDataParallel(model, process_group=group, device_ids=device_ids)
 
 
-def all_reduce_grads_(params: list[nn.Parameter], group=None) -> None:
-    """Average gradients (dense or sparse COO) over ``group`` in place."""
-    if not dist.is_initialized():
+def all_reduce_grads_(params: list[nn.Parameter], group=None, divisor: float | None = None) -> None:
+    """Sum gradients (dense or sparse COO) over ``group`` in place, then divide by ``divisor``
+    (default: the group size, i.e. average). ``group=None`` skips the communication."""
+    if group is None:
+        for param in params:
+            if param.grad is not None and divisor:
+                param.grad = param.grad / divisor
         return
-    world = dist.get_world_size(group)
+    world = divisor or dist.get_world_size(group)
     for param in params:
         grad = param.grad
         if grad is None:

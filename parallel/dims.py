@@ -70,29 +70,31 @@ class ParallelDims:
                 f"pp({self.pp}) * cp({self.cp}) = {others * self.dp_shard} != world size "
                 f"{self.world_size}"
             )
-        if (self.dp_shard * self.cp) % self.ep:
+        if self.ep > 1 and (self.dp_replicate % self.ep or self.dp_shard > 1):
             raise ValueError(
-                f"parallelism.expert_parallel_degree={self.ep} must divide dp_shard*cp="
-                f"{self.dp_shard * self.cp}"
+                f"parallelism.expert_parallel_degree={self.ep}: today experts are sharded over the "
+                f"data-parallel replicas; it must divide data_parallel_replicate_degree="
+                f"{self.dp_replicate}, with data_parallel_shard_degree=1 (EP over FSDP ranks is "
+                "tracked in issue 5)"
             )
         if self.etp > 1 and (self.etp != self.dp_replicate or self.dp_shard > 1):
             raise ValueError(
                 f"parallelism.engram_table_parallel_degree={self.etp}: today the table group is "
-                "the "
-                "data-parallel replicas; set it to "
-                f"data_parallel_replicate_degree={self.dp_replicate} "
-                "with data_parallel_shard_degree=1 (other groupings are tracked in issue 5)"
+                f"the data-parallel replicas; set it to data_parallel_replicate_degree="
+                f"{self.dp_replicate}, with data_parallel_shard_degree=1 (other groupings are "
+                "tracked in issue 5)"
             )
         pending = {
-            n: v
-            for n, v in named.items()
-            if v > 1 and "replicate" not in n and "engram_table" not in n
+            "parallelism.tensor_parallel_degree": self.tp,
+            "parallelism.pipeline_parallel_degree": self.pp,
+            "parallelism.context_parallel_degree": self.cp,
         }
+        pending = {k: v for k, v in pending.items() if v > 1}
         if pending:
             raise ValueError(
                 f"{', '.join(f'{k}={v}' for k, v in pending.items())}: this parallelism is not in "
-                "the "
-                "trainer yet (tracked in issue 5); use data parallelism (replicate/shard degrees)"
+                "the trainer yet (tracked in issue 5); use data, expert and Engram-table "
+                "parallelism"
             )
 
     @property

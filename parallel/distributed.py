@@ -56,6 +56,13 @@ def init_distributed(device: str = "auto", timeout_seconds: int = 600) -> DistIn
     return DistInfo(rank, local_rank, world, dev)
 
 
+def cpu_group_for(group):
+    """A gloo group over ``group``'s ranks, for host-side exchanges (the group itself if gloo)."""
+    if dist.get_backend(group) == "gloo":
+        return group
+    return dist.new_group(dist.get_process_group_ranks(group), backend="gloo")
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -10,7 +10,8 @@ and the per-owner counts are exchanged over a CPU (gloo) group, so the device ne
 synchronised to learn them (the public Megatron-based port pays a device-to-host sync here).
 
 Rows are partitioned in contiguous blocks with ``torch.chunk`` semantics (``ceil(R / P)`` rows per
-shard, the last ones possibly shorter), the same as a ``Shard(0)`` DTensor, so checkpoints reshard.
+shard, the last ones possibly shorter), the same as a ``Shard(0)`` DTensor, so checkpoints reshard
+(``parallel.sharding``).
 
 Legend: B batch, T sequence, K heads, Dh head dim, U unique rows of the local batch, P group size.
 """
@@ -24,6 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from parallel.sharding import register_row_sharding
 
 
 def row_bounds(num_rows: int, num_shards: int) -> list[int]:
@@ -62,20 +65,6 @@ class _ScaleGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad * ctx.scale, None
-
-
-def _state_dict_as_global(module, state_dict, prefix, local_metadata):
-    key = prefix + "weight"
-    if key in state_dict and not hasattr(state_dict[key], "to_local"):
-        state_dict[key] = module.to_global(state_dict[key])
-    return state_dict
-
-
-def _load_state_dict_local(module, state_dict, prefix, *args):
-    key = prefix + "weight"
-    value = state_dict.get(key)
-    if value is not None and hasattr(value, "to_local"):
-        state_dict[key] = value.to_local()
 
 
 class ShardedEngramTable(nn.Module):
@@ -117,22 +106,7 @@ class ShardedEngramTable(nn.Module):
         self.register_buffer("offsets", torch.from_numpy(offsets).to(device), persistent=False)
         self.weight = nn.Parameter(torch.empty(local, head_dim, device=device))
         self.sharded = True
-        # checkpoints see the global [R, Dh] table as a Shard(0) DTensor, so DCP can reshard it
-        self._register_state_dict_hook(_state_dict_as_global)
-        self._register_load_state_dict_pre_hook(_load_state_dict_local, with_module=True)
-
-    def to_global(self, local: torch.Tensor):
-        """A ``Shard(0)`` DTensor view (no copy) of a tensor laid out like this rank's rows."""
-        from torch.distributed.device_mesh import DeviceMesh
-        from torch.distributed.tensor import DTensor, Shard
-
-        if getattr(self, "_mesh", None) is None:
-            self._mesh = DeviceMesh.from_group(self.group, self.weight.device.type)
-        shape = (self.num_rows, *local.shape[1:])
-        stride = torch.empty(shape, device="meta").stride()
-        return DTensor.from_local(
-            local, self._mesh, [Shard(0)], run_check=False, shape=shape, stride=stride
-        )
+        register_row_sharding(self, ["weight"], group, self.num_rows)
 
     def table_layout(self) -> tuple[np.ndarray, list[int]]:
         """(head offsets, shard bounds): what the loader needs to build ``ShardPlan``s."""

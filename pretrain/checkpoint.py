@@ -241,11 +241,12 @@ def _set_state(model, optimizers, state: dict) -> None:
 
 
 def _sharded_modules(model) -> dict[str, torch.nn.Module]:
-    """Parameter FQN -> module for row-sharded parameters (modules with ``to_global``)."""
+    """Parameter FQN -> module for row-sharded parameters (``parallel.sharding``)."""
     return {
-        f"{name.removeprefix('module.')}.weight": module
+        f"{name.removeprefix('module.')}.{param}": module
         for name, module in model.named_modules()
         if hasattr(module, "to_global")
+        for param in module.sharded_params
     }
 
 

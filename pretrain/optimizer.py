@@ -100,25 +100,21 @@ class Optimizers:
             opt.zero_grad(set_to_none=True)
 
 
-def clip_grad_norm(params, max_norm: float, sharded=(), group=None) -> torch.Tensor:
+def clip_grad_norm(params, max_norm: float, sharded_groups=()) -> torch.Tensor:
     """Global L2 norm over dense, DTensor and sparse gradients; scales them when ``max_norm > 0``.
 
-    ``sharded`` are parameters whose local gradients are disjoint pieces of one global gradient over
-    ``group`` (row-sharded Engram tables): their squared norms are summed over the group.
+    ``sharded_groups``: ``(params, cpu_group)`` pairs whose local gradients are disjoint pieces of
+    one gradient over the group (row-sharded tables, expert shards): their squares are summed
+    over it.
     """
-    sharded_ids = {id(p) for p in sharded}
-    local, spread = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    owner = {id(p): i for i, (group_params, _) in enumerate(sharded_groups) for p in group_params}
+    squares = torch.zeros(len(sharded_groups) + 1, dtype=torch.float64)
     for p in params:
-        if p.grad is None:
-            continue
-        square = _grad_square(p.grad).double().cpu()
-        if id(p) in sharded_ids:
-            spread += square
-        else:
-            local += square
-    if sharded_ids and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(spread, group=group)
-    total = (local + spread).sqrt().float()
+        if p.grad is not None:
+            squares[owner.get(id(p), len(sharded_groups))] += _grad_square(p.grad).double().cpu()
+    for i, (_, group) in enumerate(sharded_groups):
+        torch.distributed.all_reduce(squares[i : i + 1], group=group)
+    total = squares.sum().sqrt().float()
     if max_norm > 0:
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for p in params:

@@ -21,11 +21,7 @@ import torch.nn.functional as F
 
 from data.loader import StatefulLoader
 from models.accounting import account
-from models.parallelize import (
-    parallelize_deepseek_engram,
-    sharded_table_params,
-    sync_unmanaged_grads,
-)
+from models.parallelize import parallelize_deepseek_engram
 from models.transformer import Transformer
 from parallel.dims import ParallelDims
 from parallel.distributed import all_reduce_sum_, destroy, init_distributed
@@ -60,7 +56,7 @@ class Trainer:
         self.hasher = build_hasher(self.args, self.tokenizer)
         with torch.device("meta"):
             model = Transformer(self.args)
-        self.model, self.inner = parallelize_deepseek_engram(
+        self.model, self.inner, self.plan = parallelize_deepseek_engram(
             model, self.dims, mesh, self.device, t.seed
         )
         self.dp_group = mesh["dp_replicate"].get_group() if mesh is not None else None
@@ -83,15 +79,6 @@ class Trainer:
                 for e in self.inner.engram_layers()
                 if hasattr(e.table, "table_layout")
             },
-        )
-        self.sharded_tables = sharded_table_params(self.inner)
-        self.table_cpu_group = next(
-            (
-                e.table.cpu_group
-                for e in self.inner.engram_layers()
-                if hasattr(e.table, "cpu_group")
-            ),
-            None,
         )
         self.loader = StatefulLoader({**self.stream_kwargs, "split": "train"}, cfg.data.num_workers)
         identity = {
@@ -172,12 +159,9 @@ class Trainer:
                 f"checkpoint is {self.last_checkpoint or '(none yet)'}; lower optimizer.lr or "
                 "check the data"
             )
-        sync_unmanaged_grads(self.model, self.inner, self.dp_group)
+        self.plan.sync_grads()
         grad_norm = clip_grad_norm(
-            list(self.model.parameters()),
-            self.cfg.training.max_norm,
-            self.sharded_tables,
-            self.table_cpu_group,
+            list(self.model.parameters()), self.cfg.training.max_norm, self.plan.sharded_groups
         )
         self.optimizers.step()
         self.optimizers.zero_grad()

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from models.parallelize import parallelize_deepseek_engram, sharded_table_params
+from models.parallelize import parallelize_deepseek_engram
 from models.transformer import Transformer
 from parallel.dims import ParallelDims
 from parallel.engram_table_parallel import build_shard_plan, row_bounds
@@ -42,7 +42,7 @@ def _rank_fn(rank: int, world: int):
     mesh = dims.build_mesh("cpu")
     with torch.device("meta"):
         model = Transformer(_args(sparse=True))
-    model, inner = parallelize_deepseek_engram(model, dims, mesh, torch.device("cpu"), seed=0)
+    model, inner, plan = parallelize_deepseek_engram(model, dims, mesh, "cpu", seed=0)
     table = inner.engram_layers()[0].table
     full = _initial_state(True).state_dict()
     own = {k: v for k, v in full.items() if not k.endswith("table.weight")}
@@ -53,9 +53,7 @@ def _rank_fn(rank: int, world: int):
         )
     opts = Optimizers(model, OptimizerConfig(lr=1e-2))
     per = 4 // world
-    losses, grads = _train(
-        model, inner, opts, slice(per * rank, per * rank + per), sharded=sharded_table_params(inner)
-    )
+    losses, grads = _train(model, inner, opts, slice(per * rank, per * rank + per), plan)
     mean = [t.item() for t in (dist.all_reduce(x) or x / world for x in losses)]
     state = _full_state(inner)
     name = "layers.0.engram.table.weight"

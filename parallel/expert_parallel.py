@@ -1,0 +1,85 @@
+"""Expert parallelism: an all-to-all token dispatcher (uneven splits, autograd) for sharded experts.
+
+Each rank of the ep group owns ``E / ep`` consecutive experts. ``dispatch`` permutes the local
+token copies by expert, exchanges per-expert counts, sends every copy to its expert's owner and
+regroups the received copies by local expert; ``combine`` reverses the exchange and sums the
+weighted outputs per token. Both all-to-alls are autograd-aware, so gradients return to the
+tokens' ranks.
+
+Legend: N local tokens, K top-k, E experts, El = E / ep local experts, M = N*K copies sent,
+R received.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.nn.functional import all_to_all_single
+
+
+@dataclass
+class A2AContext:
+    token_index: torch.Tensor  # [M] source token of every sent copy, in expert order
+    order: torch.Tensor  # [M] (token, k) order -> expert order
+    send_splits: list[int]  # copies sent to each rank
+    recv_splits: list[int]  # copies received from each rank
+    regroup: torch.Tensor  # [R] received (rank-major) order -> local-expert-major order
+
+
+class AllToAllDispatcher:
+    """Drop-in for ``models.moe.LocalDispatcher`` when experts are sharded over ``group``."""
+
+    def __init__(self, group, num_experts: int):
+        self.group = group
+        self.world = dist.get_world_size(group)
+        if num_experts % self.world:
+            raise ValueError(
+                f"parallelism.expert_parallel_degree={self.world} must divide the "
+                f"number of routed experts ({num_experts})"
+            )
+        self.local_experts = num_experts // self.world
+
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int):
+        flat = topk_idx.flatten()
+        order = flat.argsort(stable=True)
+        token_index = order // topk_idx.shape[1]
+        counts = torch.bincount(flat, minlength=num_experts)  # [E]
+        recv_counts = torch.empty_like(counts)
+        dist.all_to_all_single(recv_counts, counts, group=self.group)  # [ep * El], rank-major
+        # split sizes must be host integers for the collective (one small device-to-host copy)
+        send_splits = counts.view(self.world, self.local_experts).sum(1).tolist()
+        recv_matrix = recv_counts.view(self.world, self.local_experts)
+        recv_splits = recv_matrix.sum(1).tolist()
+        received = x.new_empty(sum(recv_splits), x.shape[1])
+        received = all_to_all_single(
+            received, x[token_index], recv_splits, send_splits, group=self.group
+        )
+        regroup = _regroup_index(recv_matrix)
+        ctx = A2AContext(token_index, order, send_splits, recv_splits, regroup)
+        return received[regroup], recv_matrix.sum(0), ctx
+
+    def combine(self, y: torch.Tensor, topk_weight: torch.Tensor, ctx: A2AContext, num_tokens: int):
+        back = torch.empty_like(y).index_copy(0, ctx.regroup, y)  # local-expert-major -> rank-major
+        returned = y.new_empty(sum(ctx.send_splits), y.shape[1])
+        returned = all_to_all_single(
+            returned, back, ctx.send_splits, ctx.recv_splits, group=self.group
+        )
+        weighted = returned * topk_weight.flatten()[ctx.order].unsqueeze(1)
+        out = torch.zeros(num_tokens, y.shape[1], dtype=y.dtype, device=y.device)
+        return out.index_add_(0, ctx.token_index, weighted)
+
+
+def _regroup_index(recv_matrix: torch.Tensor) -> torch.Tensor:
+    """Index that reorders received copies from (source rank, expert) to (expert, source rank)."""
+    ranks, experts = recv_matrix.shape
+    starts = (recv_matrix.flatten().cumsum(0) - recv_matrix.flatten()).view(ranks, experts)
+    pieces = [
+        torch.arange(
+            int(starts[r, e]), int(starts[r, e] + recv_matrix[r, e]), device=recv_matrix.device
+        )
+        for e in range(experts)
+        for r in range(ranks)
+    ]
+    return torch.cat(pieces) if pieces else recv_matrix.new_zeros(0)
