@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from models.engram_table import init_table_rows
@@ -58,7 +59,7 @@ def parallelize_deepseek_engram(model: nn.Module, dims: ParallelDims, mesh, devi
     plan = ParallelPlan()
     if dims.world_size == 1:
         return materialize(model, device, seed), model, plan
-    dp_group = mesh["dp_replicate"].get_group()
+    dp_group = dist.group.WORLD if dims.dp_group() is None else dims.dp_group()
     sharded = []  # (modules, sum-norm cpu group, grad-sync group or None, grad divisor)
     if dims.ep > 1:
         ep_mesh = _ep_mesh(dims, device)
@@ -68,7 +69,7 @@ def parallelize_deepseek_engram(model: nn.Module, dims: ParallelDims, mesh, devi
             (
                 experts,
                 cpu_group_for(ep_group),
-                rest if dims.dp_replicate > dims.ep else None,
+                rest if dims.dp_degree > dims.ep else None,
                 dims.dp_degree,
             )
         )
@@ -77,20 +78,26 @@ def parallelize_deepseek_engram(model: nn.Module, dims: ParallelDims, mesh, devi
         tables = apply_engram_table_parallel(model, dp_group, cpu_group, dims.dp_degree)
         sharded.append((tables, cpu_group, None, None))  # owners already hold the scaled sum
     if dims.dp_shard > 1:
-        if any(engram.table.sparse for engram in model.engram_layers()):
+        if any(
+            e.table.sparse and not isinstance(e.table, ShardedEngramTable)
+            for e in model.engram_layers()
+        ):
             raise ValueError(
-                "FSDP (parallelism.data_parallel_shard_degree > 1) cannot shard sparse gradients: "
-                "set --model.overrides.engram.sparse_grad=false, or use "
-                "parallelism.data_parallel_replicate_degree"
+                "FSDP (parallelism.data_parallel_shard_degree > 1) cannot shard sparse gradients "
+                "of "
+                "replicated Engram tables: set parallelism.engram_table_parallel_degree to the "
+                "data-parallel degree, or --model.overrides.engram.sparse_grad=false"
             )
-        apply_fsdp(model, mesh, list(model.layers.values()))
-        return materialize(model, device, seed), model, plan
-    materialize(model, device, seed)  # replaces every Parameter: collect them only now
+        ignored = {p for modules, *_ in sharded for module in modules for p in module.parameters()}
+        apply_fsdp(model, mesh, list(model.layers.values()), ignored_params=ignored)
+    materialize(model, device, seed)  # replaces plain Parameters: collect them only now
     for modules, cpu_group, group, divisor in sharded:
         params = [p for module in modules for p in module.parameters()]
         plan.sharded_groups.append((params, cpu_group))
         if divisor is not None:
             plan.rules.append(GradSyncRule(params, group, divisor))
+    if dims.dp_shard > 1:
+        return model, model, plan
     replicated_sparse = sparse_grad_params(model)
     if replicated_sparse:
         plan.rules.append(GradSyncRule(replicated_sparse, dp_group, dims.dp_degree))
@@ -105,7 +112,7 @@ def _ep_mesh(dims: ParallelDims, device):
 
     return init_device_mesh(
         torch.device(device).type,
-        (dims.dp_replicate // dims.ep, dims.ep),
+        (dims.dp_degree // dims.ep, dims.ep),
         mesh_dim_names=("ep_replicate", "ep"),
     )
 
@@ -155,7 +162,9 @@ def apply_expert_parallel(model: nn.Module, ep_group, ep_rank: int) -> list[nn.M
             args.use_grouped_mm,
             first_expert=ep_rank * local,
         ).to(old.w1.device)
-        register_row_sharding(moe.experts, ["w1", "w2", "w3"], ep_group, args.num_routed_experts)
+        register_row_sharding(
+            moe.experts, ["w1", "w2", "w3"], ep_group, args.num_routed_experts, ep_rank * local
+        )
         moe.dispatcher = dispatcher
         modules.append(moe.experts)
     return modules

@@ -68,12 +68,26 @@ def _all_gather_sparse(grad: torch.Tensor, group) -> torch.Tensor:
     return torch.sparse_coo_tensor(rows.unsqueeze(0), values, grad.shape)
 
 
-def apply_fsdp(model: nn.Module, mesh, blocks: list[nn.Module], reshard_after_forward: bool = True):
-    """FSDP2 per block, then the root; HSDP when the mesh has a replicate axis of size > 1."""
+def apply_fsdp(
+    model: nn.Module,
+    mesh,
+    blocks: list[nn.Module],
+    reshard_after_forward: bool = True,
+    ignored_params: set[nn.Parameter] | None = None,
+):
+    """FSDP2 per block, then the root; HSDP when the mesh has a replicate axis of size > 1.
+
+    ``ignored_params`` stay local (row-sharded tables, expert shards: sharded by their own plan).
+    """
     from torch.distributed.fsdp import fully_shard
 
     dp_mesh = mesh if mesh["dp_replicate"].size() > 1 else mesh["dp_shard"]
+    kwargs = dict(
+        mesh=dp_mesh,
+        reshard_after_forward=reshard_after_forward,
+        ignored_params=ignored_params or None,
+    )
     for block in blocks:
-        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
     return model

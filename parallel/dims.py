@@ -70,19 +70,16 @@ class ParallelDims:
                 f"pp({self.pp}) * cp({self.cp}) = {others * self.dp_shard} != world size "
                 f"{self.world_size}"
             )
-        if self.ep > 1 and (self.dp_replicate % self.ep or self.dp_shard > 1):
+        if self.ep > 1 and self.dp_degree % self.ep:
             raise ValueError(
-                f"parallelism.expert_parallel_degree={self.ep}: today experts are sharded over the "
-                f"data-parallel replicas; it must divide data_parallel_replicate_degree="
-                f"{self.dp_replicate}, with data_parallel_shard_degree=1 (EP over FSDP ranks is "
-                "tracked in issue 5)"
+                f"parallelism.expert_parallel_degree={self.ep} must divide the data-parallel "
+                f"degree "
+                f"{self.dp_degree} (experts are sharded over data-parallel ranks)"
             )
-        if self.etp > 1 and (self.etp != self.dp_replicate or self.dp_shard > 1):
+        if self.etp > 1 and self.etp != self.dp_degree:
             raise ValueError(
-                f"parallelism.engram_table_parallel_degree={self.etp}: today the table group is "
-                f"the data-parallel replicas; set it to data_parallel_replicate_degree="
-                f"{self.dp_replicate}, with data_parallel_shard_degree=1 (other groupings are "
-                "tracked in issue 5)"
+                f"parallelism.engram_table_parallel_degree={self.etp}: the table group is the "
+                f"data-parallel ranks; set it to {self.dp_degree} (dp_replicate * dp_shard) or 1"
             )
         pending = {
             "parallelism.tensor_parallel_degree": self.tp,
@@ -100,6 +97,11 @@ class ParallelDims:
     @property
     def dp_degree(self) -> int:
         return self.dp_replicate * self.dp_shard
+
+    def dp_group(self):
+        """The group of all data-parallel ranks: the whole world (None) while tp = pp = cp = 1."""
+        assert self.dp_degree == self.world_size, "tp/pp/cp > 1 are refused by validate()"
+        return None
 
     def build_mesh(self, device_type: str):
         from torch.distributed.device_mesh import init_device_mesh

@@ -106,7 +106,7 @@ class ShardedEngramTable(nn.Module):
         self.register_buffer("offsets", torch.from_numpy(offsets).to(device), persistent=False)
         self.weight = nn.Parameter(torch.empty(local, head_dim, device=device))
         self.sharded = True
-        register_row_sharding(self, ["weight"], group, self.num_rows)
+        register_row_sharding(self, ["weight"], group, self.num_rows, self.row_start)
 
     def table_layout(self) -> tuple[np.ndarray, list[int]]:
         """(head offsets, shard bounds): what the loader needs to build ``ShardPlan``s."""

@@ -14,9 +14,13 @@ import torch
 from torch import nn
 
 
-def register_row_sharding(module: nn.Module, names: list[str], group, global_rows: int) -> None:
-    """Mark ``module.<name>`` (local rows of a tensor with ``global_rows`` rows) as row-sharded."""
+def register_row_sharding(
+    module: nn.Module, names: list[str], group, global_rows: int, first_row: int
+) -> None:
+    """Mark ``module.<name>`` (rows ``first_row...`` of a tensor with ``global_rows`` rows) as
+    row-sharded. Loading accepts a global DTensor or the full plain tensor (its rows are sliced)."""
     module.sharded_params = list(names)
+    module._shard_first_row = first_row
     module._shard_group, module._shard_rows, module._shard_mesh = group, global_rows, None
     module.to_global = types.MethodType(_to_global, module)
     module._register_state_dict_hook(_state_dict_as_global)
@@ -47,5 +51,11 @@ def _state_dict_as_global(module, state_dict, prefix, local_metadata):
 def _load_state_dict_local(module, state_dict, prefix, *args):
     for name in module.sharded_params:
         value = state_dict.get(prefix + name)
-        if value is not None and hasattr(value, "to_local"):
+        if value is None:
+            continue
+        if hasattr(value, "to_local"):
             state_dict[prefix + name] = value.to_local()
+        elif value.shape[0] == module._shard_rows:  # a full tensor: keep this rank's rows
+            rows = getattr(module, name).shape[0]
+            start = module._shard_first_row
+            state_dict[prefix + name] = value[start : start + rows]

@@ -59,7 +59,7 @@ class Trainer:
         self.model, self.inner, self.plan = parallelize_deepseek_engram(
             model, self.dims, mesh, self.device, t.seed
         )
-        self.dp_group = mesh["dp_replicate"].get_group() if mesh is not None else None
+        self.dp_group = self.dims.dp_group()
         self.optimizers = Optimizers(self.model, cfg.optimizer)
         dp_rank = self.rank // (self.dist.world_size // self.dims.dp_degree)
         self.stream_kwargs = dict(

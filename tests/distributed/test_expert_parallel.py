@@ -1,11 +1,13 @@
-"""Expert parallelism against the single-process run: EP2 over 2 ranks and EP2 x 2 replicas over 4
-ranks (with Engram-table parallelism), same losses, first-step gradients and parameters."""
+"""Expert parallelism against the single-process run: EP2 over 2 DDP ranks, EP2 x 2 replicas over 4
+ranks with Engram-table parallelism, and EP2 + table parallelism under FSDP2: same losses,
+first-step gradients and parameters."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from models.parallelize import parallelize_deepseek_engram
 from models.transformer import Transformer
@@ -18,15 +20,16 @@ pytestmark = pytest.mark.distributed
 
 
 def _gather(local: torch.Tensor) -> torch.Tensor:
-    """Concatenate row shards over the ep group (ranks in order) for the comparison."""
+    """Every rank's local tensor (ranks in order), to concatenate row shards for the comparison."""
     shards = [None] * dist.get_world_size()
     dist.all_gather_object(shards, local.detach().clone())
     return shards
 
 
-def _rank_fn(rank: int, world: int, ep: int, etp: int):
+def _rank_fn(rank: int, world: int, ep: int, etp: int, fsdp: bool):
     cfg = ParallelismConfig(
-        data_parallel_replicate_degree=world,
+        data_parallel_replicate_degree=1 if fsdp else world,
+        data_parallel_shard_degree=world if fsdp else 1,
         expert_parallel_degree=ep,
         engram_table_parallel_degree=etp,
     )
@@ -34,16 +37,10 @@ def _rank_fn(rank: int, world: int, ep: int, etp: int):
     with torch.device("meta"):
         model = Transformer(_args(True))
     model, inner, plan = parallelize_deepseek_engram(model, dims, dims.build_mesh("cpu"), "cpu", 0)
-    full = _initial_state(True).state_dict()
-    ep_rank = rank % ep
-    for name, value in inner.state_dict().items():
-        local = value.to_local() if hasattr(value, "to_local") else value
-        want = full[name]
-        if local.shape != want.shape:  # a row shard: experts over ep, tables over etp
-            shards = ep if ".experts." in name else etp
-            index = ep_rank if ".experts." in name else rank
-            want = want.chunk(shards)[index]
-        local.copy_(want)
+    # every sharded parameter (FSDP, expert and table shards) takes its rows of the full weights
+    set_model_state_dict(
+        inner, _initial_state(True).state_dict(), options=StateDictOptions(full_state_dict=True)
+    )
     opts = Optimizers(model, OptimizerConfig(lr=1e-2))
     per = 4 // world
     losses, grads = _train(model, inner, opts, slice(per * rank, per * rank + per), plan)
@@ -60,9 +57,11 @@ def _sum(x):
     return x
 
 
-@pytest.mark.parametrize("world, ep, etp", [(2, 2, 1), (4, 2, 4)])
-def test_expert_parallel_matches_single_process(world, ep, etp):
+@pytest.mark.parametrize(
+    "world, ep, etp, fsdp", [(2, 2, 1, False), (4, 2, 4, False), (2, 2, 2, True)]
+)
+def test_expert_parallel_matches_single_process(world, ep, etp, fsdp):
     from tests.distributed.helpers import run_ranks
     from tests.distributed.test_data_parallel import _reference, check_parity
 
-    check_parity(_reference(sparse=True), run_ranks(_rank_fn, world, ep, etp))
+    check_parity(_reference(sparse=True), run_ranks(_rank_fn, world, ep, etp, fsdp))
