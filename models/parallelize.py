@@ -54,11 +54,25 @@ def materialize(model: nn.Module, device: torch.device, seed: int) -> nn.Module:
     return model
 
 
-def parallelize_deepseek_engram(model: nn.Module, dims: ParallelDims, mesh, device, seed: int):
-    """Returns ``(model to call, the plain Transformer underneath, ParallelPlan)``."""
+def parallelize_deepseek_engram(
+    model: nn.Module,
+    dims: ParallelDims,
+    mesh,
+    device,
+    seed: int,
+    activation_checkpoint: str = "none",
+    compile_blocks: bool = False,
+    dry_run: bool = False,
+):
+    """Returns ``(model to call, the plain Transformer underneath, ParallelPlan)``.
+
+    ``dry_run``: apply the plan on the meta device (with a fake process group) and stop before
+    materialising, to count what a rank would hold.
+    """
     plan = ParallelPlan()
     if dims.world_size == 1:
-        return materialize(model, device, seed), model, plan
+        apply_block_wrappers(model, activation_checkpoint, compile_blocks)
+        return (model if dry_run else materialize(model, device, seed)), model, plan
     dp_group = dist.group.WORLD if dims.dp_group() is None else dims.dp_group()
     sharded = []  # (modules, sum-norm cpu group, grad-sync group or None, grad divisor)
     if dims.ep > 1:
@@ -77,6 +91,7 @@ def parallelize_deepseek_engram(model: nn.Module, dims: ParallelDims, mesh, devi
         cpu_group = cpu_group_for(dp_group)
         tables = apply_engram_table_parallel(model, dp_group, cpu_group, dims.dp_degree)
         sharded.append((tables, cpu_group, None, None))  # owners already hold the scaled sum
+    apply_block_wrappers(model, activation_checkpoint, compile_blocks)
     if dims.dp_shard > 1:
         if any(
             e.table.sparse and not isinstance(e.table, ShardedEngramTable)
@@ -90,6 +105,8 @@ def parallelize_deepseek_engram(model: nn.Module, dims: ParallelDims, mesh, devi
             )
         ignored = {p for modules, *_ in sharded for module in modules for p in module.parameters()}
         apply_fsdp(model, mesh, list(model.layers.values()), ignored_params=ignored)
+    if dry_run:
+        return model, model, plan
     materialize(model, device, seed)  # replaces plain Parameters: collect them only now
     for modules, cpu_group, group, divisor in sharded:
         params = [p for module in modules for p in module.parameters()]
@@ -105,6 +122,18 @@ def parallelize_deepseek_engram(model: nn.Module, dims: ParallelDims, mesh, devi
     managed_elsewhere |= {id(p) for params, _ in plan.sharded_groups for p in params}
     names = [n for n, p in model.named_parameters() if id(p) in managed_elsewhere]
     return apply_ddp(model, mesh, names), model, plan
+
+
+def apply_block_wrappers(model: nn.Module, activation_checkpoint: str, compile_blocks: bool):
+    """Activation checkpointing (recompute each block in backward), then torch.compile per block."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for key, block in list(model.layers.items()):
+        if activation_checkpoint == "full":
+            block = checkpoint_wrapper(block, preserve_rng_state=False)
+        if compile_blocks:
+            block.compile()  # in place: parameter names and state-dict keys stay the same
+        model.layers[key] = block
 
 
 def _ep_mesh(dims: ParallelDims, device):

@@ -86,6 +86,16 @@ class ParallelismConfig:
 
 
 @dataclass
+class ActivationCheckpointConfig:
+    mode: str = "none"  # "none" or "full" (recompute every transformer block in backward)
+
+
+@dataclass
+class CompileConfig:
+    enable: bool = False  # torch.compile each block (off by default; slow to warm up on CPU)
+
+
+@dataclass
 class CheckpointConfig:
     enable: bool = True
     folder: str = "checkpoints"  # inside job.dump_folder
@@ -114,6 +124,10 @@ class Config:
     lr_scheduler: LRSchedulerConfig = field(default_factory=LRSchedulerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+    activation_checkpoint: ActivationCheckpointConfig = field(
+        default_factory=ActivationCheckpointConfig
+    )
+    compile: CompileConfig = field(default_factory=CompileConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
@@ -165,6 +179,10 @@ class Config:
             (c.interval > 0, f"checkpoint.interval={c.interval}: must be > 0"),
             (c.keep_last >= 1, f"checkpoint.keep_last={c.keep_last}: keep at least 1 checkpoint"),
             (m.log_freq > 0, f"metrics.log_freq={m.log_freq}: must be > 0"),
+            (
+                self.activation_checkpoint.mode in ("none", "full"),
+                f"activation_checkpoint.mode={self.activation_checkpoint.mode!r}: use 'none' or 'full'",
+            ),
             (m.eval_freq > 0, f"metrics.eval_freq={m.eval_freq}: must be > 0"),
             (d.seq_len > 1, f"data.seq_len={d.seq_len}: must be > 1"),
             (d.num_workers >= 0, f"data.num_workers={d.num_workers}: must be >= 0"),

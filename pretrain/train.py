@@ -57,7 +57,13 @@ class Trainer:
         with torch.device("meta"):
             model = Transformer(self.args)
         self.model, self.inner, self.plan = parallelize_deepseek_engram(
-            model, self.dims, mesh, self.device, t.seed
+            model,
+            self.dims,
+            mesh,
+            self.device,
+            t.seed,
+            activation_checkpoint=cfg.activation_checkpoint.mode,
+            compile_blocks=cfg.compile.enable,
         )
         self.dp_group = self.dims.dp_group()
         self.optimizers = Optimizers(self.model, cfg.optimizer)

@@ -237,3 +237,24 @@ def test_yarn_changes_low_frequencies_only():
     scaled = rope_inv_freq(64, 10000.0, YarnArgs(factor=8, original_max_position_embeddings=4096))
     assert torch.allclose(scaled[:8], base[:8])  # fast dims kept
     torch.testing.assert_close(scaled[-1], base[-1] / 8)  # slow dims interpolated
+
+
+def test_activation_checkpointing_matches_plain():
+    from models.parallelize import apply_block_wrappers
+
+    args = tiny("mla", hc=2)
+    tokens, hash_ids = torch.randint(0, 97, (2, 12)), _hash_ids(2, 12)
+    grads = []
+    for mode in ("none", "full"):
+        model = build_model(args)
+        apply_block_wrappers(model, mode, compile_blocks=False)
+        model(tokens, hash_ids).logits.square().mean().backward()
+        grads.append(
+            {
+                n.replace("._checkpoint_wrapped_module", ""): p.grad.to_dense()
+                for n, p in model.named_parameters()
+            }
+        )
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
