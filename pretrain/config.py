@@ -181,7 +181,8 @@ class Config:
             (m.log_freq > 0, f"metrics.log_freq={m.log_freq}: must be > 0"),
             (
                 self.activation_checkpoint.mode in ("none", "full"),
-                f"activation_checkpoint.mode={self.activation_checkpoint.mode!r}: use 'none' or 'full'",
+                f"activation_checkpoint.mode={self.activation_checkpoint.mode!r}: "
+                "use 'none' or 'full'",
             ),
             (m.eval_freq > 0, f"metrics.eval_freq={m.eval_freq}: must be > 0"),
             (d.seq_len > 1, f"data.seq_len={d.seq_len}: must be > 1"),
