@@ -58,7 +58,7 @@ def init_distributed(device: str = "auto", timeout_seconds: int = 600) -> DistIn
 
 def cpu_group_for(group):
     """A gloo group over ``group``'s ranks, for host-side exchanges (the group itself if gloo)."""
-    if dist.get_backend(group) == "gloo":
+    if dist.get_backend(group) in ("gloo", "fake"):  # fake: dry runs at target scale
         return group
     return dist.new_group(dist.get_process_group_ranks(group), backend="gloo")
 

@@ -1,0 +1,63 @@
+"""Dry runs of the paper recipes at their launch layouts (meta device, fake process group)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch.dry_run import dry_run
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = ["dense_4b", "moe_27b", "engram_27b", "engram_40b"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipes_fit_their_layouts(recipe):
+    result = dry_run(f"launch/configs/{recipe}.toml", [], world_size=32, rank=5, gpu_memory_gib=80)
+    assert result["fits"], result
+    assert result["peak_gib"] > 5  # a real estimate, not an empty model
+    if recipe.startswith("engram"):
+        # tables are row-sharded: every rank holds 1/32 of them
+        engram_tables = {"engram_27b": 5.787e9, "engram_40b": 18.587e9}[recipe]
+        assert result["rank_table_params"] == pytest.approx(engram_tables / 32, rel=0.01)
+
+
+def test_cli_json_and_exit_code_when_it_does_not_fit():
+    cmd = [sys.executable, "-m", "launch.dry_run", "--config", "launch/configs/moe_27b.toml"]
+    ok = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert json.loads(ok.stdout.strip().splitlines()[-1])["fits"] is True
+    small = subprocess.run(
+        cmd + ["--gpu_memory_gib", "24"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert small.returncode == 1
+    assert json.loads(small.stdout.strip().splitlines()[-1])["fits"] is False
+
+
+@pytest.mark.parametrize(
+    "overrides, world, message",
+    [
+        ([], 30, "is not divisible|!= world size"),
+        (["--parallelism.expert_parallel_degree=5"], 32, "expert_parallel_degree=5 must divide"),
+        (["--parallelism.engram_table_parallel_degree=8"], 32, "engram_table_parallel_degree=8"),
+        (
+            [
+                "--parallelism.tensor_parallel_degree=2",
+                "--parallelism.data_parallel_shard_degree=16",
+                "--parallelism.engram_table_parallel_degree=16",
+            ],
+            32,
+            "not in the trainer yet",
+        ),
+    ],
+)
+def test_bad_layouts_fail_before_any_process_group(overrides, world, message):
+    import torch.distributed as dist
+
+    with pytest.raises(ValueError, match=message):
+        dry_run("launch/configs/engram_27b.toml", overrides, world, 0, 80)
+    assert not dist.is_initialized()
