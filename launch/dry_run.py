@@ -18,7 +18,7 @@ import torch.distributed as dist
 from models.accounting import account
 from models.flavors import apply_overrides, get_flavor
 from models.memory import RankCounts, estimate_memory
-from models.parallelize import parallelize_deepseek_engram
+from models.parallelize import parallelize_deepseek_engram, validate_parallelism
 from models.transformer import Transformer
 from parallel.dims import ParallelDims
 from pretrain.config import load_config
@@ -53,6 +53,7 @@ def dry_run(
     args.vocab_size = cfg.model.vocab_size or args.vocab_size
     args.validate()
     dims = ParallelDims.from_config(cfg.parallelism, world_size)  # errors before any group work
+    validate_parallelism(args, dims)
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
         with torch.device("meta"):

@@ -48,7 +48,7 @@ class GQAttention(nn.Module):
         k = self.wk(x).view(batch, seq, -1, self.head_dim)
         v = self.wv(x).view(batch, seq, -1, self.head_dim)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        repeat = self.num_heads // self.num_kv_heads
+        repeat = q.shape[2] // k.shape[2]  # local heads under tensor parallelism
         if repeat > 1:  # [B, T, Hkv, D] -> [B, T, H, D]
             k, v = k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
         return self.wo(_sdpa(q, k, v, mask, self.scale).flatten(2))
@@ -85,21 +85,25 @@ class MLAttention(nn.Module):
             args.kv_lora_rank, args.num_heads * (self.nope_dim + self.v_dim), bias=False
         )
         self.wo = nn.Linear(args.num_heads * self.v_dim, args.dim, bias=False)
+        # the decoupled rope key is shared by all heads: a seam where tensor parallelism sums the
+        # gradients of the heads held on other ranks
+        self.rope_key = nn.Identity()
         mscale = yarn_mscale(args.yarn.factor, args.yarn.mscale_all_dim or args.yarn.mscale)
         self.scale = qk_dim**-0.5 * mscale**2
 
     def forward(self, x, rope, mask):
         batch, seq, _ = x.shape
         q = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)
-        q = q.view(batch, seq, self.num_heads, -1)  # [B, T, H*Dq] -> [B, T, H, Dq]
+        # -1 heads: a tensor-parallel rank holds only its heads
+        q = q.view(batch, seq, -1, self.nope_dim + self.rope_dim)  # [B, T, H*Dq] -> [B, T, H, Dq]
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_pe = apply_rotary(q_pe, *rope)
         kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        k_pe = apply_rotary(k_pe.unsqueeze(2), *rope)  # [B, T, 1, Dr]: one rope key for all heads
-        kv = self.wkv_b(self.kv_norm(kv)).view(batch, seq, self.num_heads, -1)
+        k_pe = self.rope_key(apply_rotary(k_pe.unsqueeze(2), *rope))  # [B, T, 1, Dr]: all heads
+        kv = self.wkv_b(self.kv_norm(kv)).view(batch, seq, -1, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
-        k = torch.cat([k_nope, k_pe.expand(-1, -1, self.num_heads, -1)], dim=-1)
+        k = torch.cat([k_nope, k_pe.expand(-1, -1, q.shape[2], -1)], dim=-1)
         return self.wo(_sdpa(q, k, v, mask, self.scale).flatten(2))
 
     @torch.no_grad()

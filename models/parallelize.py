@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from models.args import ModelArgs
+from models.attention import MLAttention
 from models.engram_table import init_table_rows
 from models.moe import GroupedExperts
 from parallel.data_parallel import all_reduce_grads_, apply_ddp, apply_fsdp
@@ -25,6 +27,7 @@ from parallel.distributed import cpu_group_for
 from parallel.engram_table_parallel import ShardedEngramTable
 from parallel.expert_parallel import AllToAllDispatcher
 from parallel.sharding import register_row_sharding
+from parallel.tensor_parallel import apply_tensor_parallel
 
 
 @dataclass
@@ -73,7 +76,9 @@ def parallelize_deepseek_engram(
     if dims.world_size == 1:
         apply_block_wrappers(model, activation_checkpoint, compile_blocks)
         return (model if dry_run else materialize(model, device, seed)), model, plan
-    dp_group = dist.group.WORLD if dims.dp_group() is None else dims.dp_group()
+    dp_group = dims.dp_group(mesh) or dist.group.WORLD
+    if dims.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"], tensor_parallel_plan(model))
     sharded = []  # (modules, sum-norm cpu group, grad-sync group or None, grad divisor)
     if dims.ep > 1:
         ep_mesh = _ep_mesh(dims, device)
@@ -113,7 +118,7 @@ def parallelize_deepseek_engram(
         plan.sharded_groups.append((params, cpu_group))
         if divisor is not None:
             plan.rules.append(GradSyncRule(params, group, divisor))
-    if dims.dp_shard > 1:
+    if dims.dp_shard > 1 or dims.dp_degree == 1:  # FSDP already syncs; pure TP has no replicas
         return model, model, plan
     replicated_sparse = sparse_grad_params(model)
     if replicated_sparse:
@@ -122,6 +127,82 @@ def parallelize_deepseek_engram(
     managed_elsewhere |= {id(p) for params, _ in plan.sharded_groups for p in params}
     names = [n for n, p in model.named_parameters() if id(p) in managed_elsewhere]
     return apply_ddp(model, mesh, names), model, plan
+
+
+def tensor_parallel_plan(model: nn.Module) -> dict[str, str]:
+    """Which linears are column- and row-parallel. MoE routed experts, Engram, mHC, norms and the
+    embedding stay replicated over tp (their inputs are replicated, so their gradients agree)."""
+    plan = {"output": "colwise_vocab"}
+    for key, block in model.layers.items():
+        prefix = f"layers.{key}."
+        attention = block.attention
+        if isinstance(attention, MLAttention):
+            q = "wq_b" if hasattr(attention, "wq_b") else "wq"
+            names = {
+                q: "colwise",
+                "wkv_b": "colwise",
+                "wo": "rowwise",
+                "rope_key": "grad_allreduce",
+            }
+        else:
+            names = {"wq": "colwise", "wk": "colwise", "wv": "colwise", "wo": "rowwise"}
+        plan.update({f"{prefix}attention.{n}": kind for n, kind in names.items()})
+        if block.feed_forward is not None:
+            ffn_path = "feed_forward"
+        elif block.moe.shared_experts is not None:
+            ffn_path = "moe.shared_experts"
+        else:
+            continue
+        for n, kind in (("w1", "colwise"), ("w3", "colwise"), ("w2", "rowwise")):
+            plan[f"{prefix}{ffn_path}.{n}"] = kind
+    return plan
+
+
+def validate_parallelism(args: ModelArgs, dims: ParallelDims) -> None:
+    """Model-dependent checks, run before any process-group work (ValueError naming the field)."""
+    tp, ep = dims.tp, dims.ep
+    heads_ok = args.num_heads % tp == 0 and (args.attention == "mla" or args.num_kv_heads % tp == 0)
+    checks = [
+        (
+            heads_ok,
+            f"parallelism.tensor_parallel_degree={tp} must divide model.num_heads="
+            f"{args.num_heads} and model.num_kv_heads={args.num_kv_heads}",
+        ),
+        (
+            args.ffn_hidden_dim % tp == 0,
+            f"parallelism.tensor_parallel_degree={tp} must divide "
+            f"model.ffn_hidden_dim={args.ffn_hidden_dim}",
+        ),
+        (
+            args.vocab_size % tp == 0,
+            f"parallelism.tensor_parallel_degree={tp} must divide "
+            f"model.vocab_size={args.vocab_size}",
+        ),
+        (
+            not args.tie_embeddings or tp == 1,
+            "model.tie_embeddings is not supported with tensor parallelism",
+        ),
+        (
+            args.num_layers % dims.pp == 0,
+            f"parallelism.pipeline_parallel_degree={dims.pp} must divide model.num_layers="
+            f"{args.num_layers}",
+        ),
+    ]
+    if args.moe is not None:
+        checks.append(
+            (
+                args.moe.num_routed_experts % ep == 0,
+                f"parallelism.expert_parallel_degree={ep} must divide "
+                f"model.moe.num_routed_experts={args.moe.num_routed_experts}",
+            )
+        )
+    elif ep > 1:
+        checks.append((False, "parallelism.expert_parallel_degree > 1 needs an MoE flavor"))
+    if dims.etp > 1 and args.engram is None:
+        checks.append((False, "parallelism.engram_table_parallel_degree > 1 needs Engram layers"))
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
 
 
 def apply_block_wrappers(model: nn.Module, activation_checkpoint: str, compile_blocks: bool):
@@ -139,10 +220,11 @@ def apply_block_wrappers(model: nn.Module, activation_checkpoint: str, compile_b
 def _ep_mesh(dims: ParallelDims, device):
     from torch.distributed.device_mesh import init_device_mesh
 
+    # same rank layout as the main mesh (tp innermost): an ep group shares its tp rank
     return init_device_mesh(
         torch.device(device).type,
-        (dims.dp_degree // dims.ep, dims.ep),
-        mesh_dim_names=("ep_replicate", "ep"),
+        (dims.dp_degree // dims.ep, dims.ep, dims.tp),
+        mesh_dim_names=("ep_replicate", "ep", "tp"),
     )
 
 

@@ -81,7 +81,9 @@ def apply_fsdp(
     """
     from torch.distributed.fsdp import fully_shard
 
-    dp_mesh = mesh if mesh["dp_replicate"].size() > 1 else mesh["dp_shard"]
+    dp_mesh = (
+        mesh["dp_replicate", "dp_shard"] if mesh["dp_replicate"].size() > 1 else mesh["dp_shard"]
+    )
     kwargs = dict(
         mesh=dp_mesh,
         reshard_after_forward=reshard_after_forward,

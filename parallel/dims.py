@@ -81,8 +81,13 @@ class ParallelDims:
                 f"parallelism.engram_table_parallel_degree={self.etp}: the table group is the "
                 f"data-parallel ranks; set it to {self.dp_degree} (dp_replicate * dp_shard) or 1"
             )
+        if self.tp > 1 and self.dp_replicate > 1:
+            raise ValueError(
+                "parallelism.tensor_parallel_degree > 1 combines with FSDP, not DDP: use "
+                "data_parallel_shard_degree for the data-parallel ranks "
+                f"(data_parallel_replicate_degree={self.dp_replicate})"
+            )
         pending = {
-            "parallelism.tensor_parallel_degree": self.tp,
             "parallelism.pipeline_parallel_degree": self.pp,
             "parallelism.context_parallel_degree": self.cp,
         }
@@ -98,16 +103,18 @@ class ParallelDims:
     def dp_degree(self) -> int:
         return self.dp_replicate * self.dp_shard
 
-    def dp_group(self):
-        """The group of all data-parallel ranks: the whole world (None) while tp = pp = cp = 1."""
-        assert self.dp_degree == self.world_size, "tp/pp/cp > 1 are refused by validate()"
-        return None
+    def dp_group(self, mesh):
+        """The group of all data-parallel ranks (None: the whole world)."""
+        if self.dp_degree == self.world_size:
+            return None
+        return mesh["dp_replicate", "dp_shard"]._flatten("dp").get_group()
 
     def build_mesh(self, device_type: str):
+        """Axes (dp_replicate, dp_shard, tp), tensor parallel innermost (ranks of a node)."""
         from torch.distributed.device_mesh import init_device_mesh
 
         return init_device_mesh(
             device_type,
-            (self.dp_replicate, self.dp_shard),
-            mesh_dim_names=("dp_replicate", "dp_shard"),
+            (self.dp_replicate, self.dp_shard, self.tp),
+            mesh_dim_names=("dp_replicate", "dp_shard", "tp"),
         )

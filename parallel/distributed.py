@@ -26,6 +26,11 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
+def env_world_size() -> int:
+    """The world size torchrun or slurm announce (1 when launched as a plain process)."""
+    return _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+
+
 def init_distributed(device: str = "auto", timeout_seconds: int = 600) -> DistInfo:
     """Initialise the default process group when launched with several processes.
 

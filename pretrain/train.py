@@ -21,10 +21,12 @@ import torch.nn.functional as F
 
 from data.loader import StatefulLoader
 from models.accounting import account
-from models.parallelize import parallelize_deepseek_engram
+from models.flavors import apply_overrides, get_flavor
+from models.parallelize import parallelize_deepseek_engram, validate_parallelism
 from models.transformer import Transformer
 from parallel.dims import ParallelDims
-from parallel.distributed import all_reduce_sum_, destroy, init_distributed
+from parallel.distributed import all_reduce_sum_, destroy, env_world_size, init_distributed
+from parallel.tensor_parallel import vocab_parallel_loss
 from pretrain.builders import build_hasher, build_model_args, build_tokenizer, ensure_dataset
 from pretrain.checkpoint import CheckpointManager
 from pretrain.config import Config, load_config, to_toml
@@ -40,11 +42,15 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         t = cfg.training
+        # every layout check runs before any process-group work
+        self.dims = ParallelDims.from_config(cfg.parallelism, env_world_size())
+        flavor = apply_overrides(get_flavor(cfg.model.flavor), cfg.model.overrides)
+        flavor.vocab_size = cfg.model.vocab_size or flavor.vocab_size
+        validate_parallelism(flavor, self.dims)
         self.dist = init_distributed(t.device, cfg.parallelism.timeout_seconds)
         self.rank, self.device = self.dist.rank, self.dist.device
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
-        self.dims = ParallelDims.from_config(cfg.parallelism, self.dist.world_size)
         mesh = self.dims.build_mesh(self.device.type) if self.dist.world_size > 1 else None
         self.run_folder = Path(cfg.job.dump_folder)
         if self.rank == 0:
@@ -53,6 +59,7 @@ class Trainer:
         folder = ensure_dataset(cfg.data, self.rank)
         self.tokenizer = build_tokenizer(cfg.data, folder)
         self.args = build_model_args(cfg.model, self.tokenizer, cfg.data.seq_len)
+        validate_parallelism(self.args, self.dims)  # now with the tokenizer's vocabulary
         self.hasher = build_hasher(self.args, self.tokenizer)
         with torch.device("meta"):
             model = Transformer(self.args)
@@ -65,7 +72,7 @@ class Trainer:
             activation_checkpoint=cfg.activation_checkpoint.mode,
             compile_blocks=cfg.compile.enable,
         )
-        self.dp_group = self.dims.dp_group()
+        self.dp_group = self.dims.dp_group(mesh) if mesh is not None else None
         self.optimizers = Optimizers(self.model, cfg.optimizer)
         dp_rank = self.rank // (self.dist.world_size // self.dims.dp_degree)
         self.stream_kwargs = dict(
@@ -139,7 +146,10 @@ class Trainer:
                 batch["doc_ids"],
                 batch.get("engram_plans"),
             )
-        ce = F.cross_entropy(out.logits.float().flatten(0, 1), batch["labels"].flatten())
+        with vocab_parallel_loss(self.dims.tp > 1):
+            ce = F.cross_entropy(out.logits.float().flatten(0, 1), batch["labels"].flatten())
+        if hasattr(ce, "to_local"):  # a replicated DTensor from the vocab-parallel loss
+            ce = ce.to_local()
         return ce, out.aux_losses
 
     def train_step(self) -> dict:
@@ -153,7 +163,8 @@ class Trainer:
             with contextlib.nullcontext() if sync else self.model.no_sync():
                 ce, aux = self._forward_loss(batch)
                 loss = ce + sum(aux.values()) if aux else ce
-                (loss / accum).backward()
+                with vocab_parallel_loss(self.dims.tp > 1):
+                    (loss / accum).backward()
             ce_sum += ce.detach() / accum
             for k, v in aux.items():
                 aux_sum[k] = aux_sum.get(k, 0.0) + v.detach() / accum

@@ -14,6 +14,7 @@ from models.parallelize import ParallelPlan, parallelize_deepseek_engram
 from models.transformer import Transformer
 from parallel.dims import ParallelDims
 from parallel.distributed import all_reduce_sum_
+from parallel.tensor_parallel import vocab_parallel_loss
 from pretrain.config import OptimizerConfig, ParallelismConfig
 from pretrain.optimizer import Optimizers, clip_grad_norm
 from tests.test_models import tiny
@@ -29,9 +30,10 @@ def _batch(step: int):
     return tokens, hash_ids
 
 
-def _args(sparse: bool):
-    args = tiny("mla", hc=2)
+def _args(sparse: bool, attention: str = "mla", vocab: int = 97):
+    args = tiny(attention, hc=2)
     args.engram.sparse_grad = sparse
+    args.vocab_size = vocab  # batches draw ids below 97
     return args
 
 
@@ -43,8 +45,10 @@ def _train(model, inner, opts, rows: slice, plan=None, group=None):
         tokens, hash_ids = _batch(step)
         tokens, hash_ids = tokens[rows], {k: v[rows] for k, v in hash_ids.items()}
         out = model(tokens[:, :-1], hash_ids)
-        loss = F.cross_entropy(out.logits.flatten(0, 1), tokens[:, 1:].flatten())
-        loss.backward()
+        with vocab_parallel_loss(hasattr(out.logits, "to_local")):
+            loss = F.cross_entropy(out.logits.flatten(0, 1), tokens[:, 1:].flatten())
+            loss.backward()
+        loss = loss.to_local() if hasattr(loss, "to_local") else loss
         plan.sync_grads()
         if step == 0:
             first_grads = _grads(inner)
@@ -77,15 +81,15 @@ def _full_state(inner) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in state.items()}
 
 
-def _initial_state(sparse: bool) -> Transformer:
-    model = Transformer(_args(sparse))
+def _initial_state(sparse: bool, **kw) -> Transformer:
+    model = Transformer(_args(sparse, **kw))
     torch.manual_seed(0)
     model.init_weights()
     return model
 
 
-def _reference(sparse: bool):
-    model = _initial_state(sparse)
+def _reference(sparse: bool, **kw):
+    model = _initial_state(sparse, **kw)
     opts = Optimizers(model, OptimizerConfig(lr=1e-2))
     losses, grads = _train(model, model, opts, slice(0, 4))
     return [x.item() for x in losses], grads, _full_state(model)

@@ -1,0 +1,61 @@
+"""Tensor parallelism (Megatron-style, on DTensor): column-parallel in, row-parallel out.
+
+The model family gives a plan ``{module path: "colwise" | "rowwise" | "colwise_vocab"}``; this
+module turns it into DTensor ``ParallelStyle``s. ``colwise_vocab`` shards the LM head's output over
+the vocabulary and keeps the logits a DTensor, for the vocab-parallel loss (``loss_parallel``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh, plan: dict[str, str]) -> None:
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    styles = {
+        "colwise": lambda: ColwiseParallel(),
+        "rowwise": lambda: RowwiseParallel(),
+        "colwise_vocab": lambda: ColwiseParallel(output_layouts=Shard(-1), use_local_output=False),
+    }
+    group = tp_mesh.get_group()
+    for path, kind in plan.items():
+        if kind == "grad_allreduce":  # replicated output consumed by sharded heads
+            model.get_submodule(path).register_forward_hook(
+                lambda module, inputs, output: _AllReduceGrad.apply(output, group)
+            )
+    parallelize_module(
+        model, tp_mesh, {path: styles[kind]() for path, kind in plan.items() if kind in styles}
+    )
+
+
+class _AllReduceGrad(torch.autograd.Function):
+    """Identity forward; sums the gradient over the tensor-parallel group (Megatron's ``f``)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def vocab_parallel_loss(enabled: bool):
+    """Context for the cross-entropy (and its backward) on vocab-sharded logits."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    return loss_parallel()
