@@ -18,7 +18,8 @@ import torch.distributed as dist
 from models.accounting import account
 from models.flavors import apply_overrides, get_flavor
 from models.memory import RankCounts, estimate_memory
-from models.parallelize import parallelize_deepseek_engram, validate_parallelism
+from models.parallel_plans import validate_parallelism
+from models.parallelize import parallelize_deepseek_engram
 from models.transformer import Transformer
 from parallel.dims import ParallelDims
 from pretrain.config import load_config

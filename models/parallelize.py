@@ -17,10 +17,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from models.args import ModelArgs
-from models.attention import MLAttention
 from models.engram_table import init_table_rows
 from models.moe import GroupedExperts
+from models.parallel_plans import apply_block_wrappers, split_pipeline, tensor_parallel_plan
 from parallel.data_parallel import all_reduce_grads_, apply_ddp, apply_fsdp
 from parallel.dims import ParallelDims
 from parallel.distributed import cpu_group_for
@@ -44,6 +43,12 @@ class ParallelPlan:
     rules: list[GradSyncRule] = field(default_factory=list)
     # (params whose local gradients are disjoint pieces of one gradient, CPU group for the norm)
     sharded_groups: list[tuple[list[nn.Parameter], object]] = field(default_factory=list)
+    # pipeline parallelism: this rank's stage models and ids, the stage count, the pp groups
+    stages: list[nn.Module] = field(default_factory=list)
+    stage_ids: list[int] = field(default_factory=list)
+    num_stages: int = 1
+    pp_group: object = None
+    pp_cpu_group: object = None
 
     def sync_grads(self) -> None:
         for rule in self.rules:
@@ -65,10 +70,13 @@ def parallelize_deepseek_engram(
     seed: int,
     activation_checkpoint: str = "none",
     compile_blocks: bool = False,
+    stages_per_rank: int = 1,
     dry_run: bool = False,
 ):
     """Returns ``(model to call, the plain Transformer underneath, ParallelPlan)``.
 
+    Order: pipeline split, TP, EP, Engram tables, activation checkpointing / compile, then data
+    parallelism (FSDP, DDP, or an explicit gradient all-reduce when DDP cannot wrap the model).
     ``dry_run``: apply the plan on the meta device (with a fake process group) and stop before
     materialising, to count what a rank would hold.
     """
@@ -76,40 +84,32 @@ def parallelize_deepseek_engram(
     if dims.world_size == 1:
         apply_block_wrappers(model, activation_checkpoint, compile_blocks)
         return (model if dry_run else materialize(model, device, seed)), model, plan
+    if dims.pp > 1:
+        pp_mesh = mesh["pp"]
+        model, plan.stages, plan.stage_ids, plan.num_stages = split_pipeline(
+            model, pp_mesh.get_local_rank(), dims.pp, stages_per_rank
+        )
+        plan.pp_group = pp_mesh.get_group()
+        plan.pp_cpu_group = cpu_group_for(plan.pp_group)
     dp_group = dims.dp_group(mesh) or dist.group.WORLD
     if dims.tp > 1:
         apply_tensor_parallel(model, mesh["tp"], tensor_parallel_plan(model))
-    sharded = []  # (modules, sum-norm cpu group, grad-sync group or None, grad divisor)
-    if dims.ep > 1:
-        ep_mesh = _ep_mesh(dims, device)
-        ep_group, rest = ep_mesh["ep"].get_group(), ep_mesh["ep_replicate"].get_group()
-        experts = apply_expert_parallel(model, ep_group, ep_mesh["ep"].get_local_rank())
-        sharded.append(
-            (
-                experts,
-                cpu_group_for(ep_group),
-                rest if dims.dp_degree > dims.ep else None,
-                dims.dp_degree,
-            )
-        )
-    if dims.etp > 1:
-        cpu_group = cpu_group_for(dp_group)
-        tables = apply_engram_table_parallel(model, dp_group, cpu_group, dims.dp_degree)
-        sharded.append((tables, cpu_group, None, None))  # owners already hold the scaled sum
+    sharded = _apply_sharded_tables_and_experts(model, dims, device, dp_group)
     apply_block_wrappers(model, activation_checkpoint, compile_blocks)
     if dims.dp_shard > 1:
-        if any(
-            e.table.sparse and not isinstance(e.table, ShardedEngramTable)
-            for e in model.engram_layers()
-        ):
-            raise ValueError(
-                "FSDP (parallelism.data_parallel_shard_degree > 1) cannot shard sparse gradients "
-                "of "
-                "replicated Engram tables: set parallelism.engram_table_parallel_degree to the "
-                "data-parallel degree, or --model.overrides.engram.sparse_grad=false"
-            )
+        _check_no_replicated_sparse(model)
         ignored = {p for modules, *_ in sharded for module in modules for p in module.parameters()}
-        apply_fsdp(model, mesh, list(model.layers.values()), ignored_params=ignored)
+        apply_fsdp(
+            model,
+            mesh,
+            list(model.layers.values()),
+            ignored_params=ignored,
+            extra_units=[
+                m
+                for m in (model.tok_embeddings, model.merge, model.norm, model.output)
+                if m is not None and dims.pp > 1
+            ],
+        )
     if dry_run:
         return model, model, plan
     materialize(model, device, seed)  # replaces plain Parameters: collect them only now
@@ -118,113 +118,59 @@ def parallelize_deepseek_engram(
         plan.sharded_groups.append((params, cpu_group))
         if divisor is not None:
             plan.rules.append(GradSyncRule(params, group, divisor))
-    if dims.dp_shard > 1 or dims.dp_degree == 1:  # FSDP already syncs; pure TP has no replicas
+    if dims.dp_shard > 1 or dims.dp_degree == 1:  # FSDP already syncs; no replicas otherwise
         return model, model, plan
     replicated_sparse = sparse_grad_params(model)
     if replicated_sparse:
         plan.rules.append(GradSyncRule(replicated_sparse, dp_group, dims.dp_degree))
-    managed_elsewhere = {id(p) for rule in plan.rules for p in rule.params}
-    managed_elsewhere |= {id(p) for params, _ in plan.sharded_groups for p in params}
-    names = [n for n, p in model.named_parameters() if id(p) in managed_elsewhere]
+    managed = {id(p) for rule in plan.rules for p in rule.params}
+    managed |= {id(p) for params, _ in plan.sharded_groups for p in params}
+    if dims.tp > 1 or dims.pp > 1:
+        # DDP cannot wrap DTensor parameters or pipeline stages: average the rest explicitly
+        rest = [p for p in model.parameters() if id(p) not in managed]
+        plan.rules.append(GradSyncRule(rest, dp_group, dims.dp_degree))
+        return model, model, plan
+    names = [n for n, p in model.named_parameters() if id(p) in managed]
     return apply_ddp(model, mesh, names), model, plan
 
 
-def tensor_parallel_plan(model: nn.Module) -> dict[str, str]:
-    """Which linears are column- and row-parallel. MoE routed experts, Engram, mHC, norms and the
-    embedding stay replicated over tp (their inputs are replicated, so their gradients agree)."""
-    plan = {"output": "colwise_vocab"}
-    for key, block in model.layers.items():
-        prefix = f"layers.{key}."
-        attention = block.attention
-        if isinstance(attention, MLAttention):
-            q = "wq_b" if hasattr(attention, "wq_b") else "wq"
-            names = {
-                q: "colwise",
-                "wkv_b": "colwise",
-                "wo": "rowwise",
-                "rope_key": "grad_allreduce",
-            }
-        else:
-            names = {"wq": "colwise", "wk": "colwise", "wv": "colwise", "wo": "rowwise"}
-        plan.update({f"{prefix}attention.{n}": kind for n, kind in names.items()})
-        if block.feed_forward is not None:
-            ffn_path = "feed_forward"
-        elif block.moe.shared_experts is not None:
-            ffn_path = "moe.shared_experts"
-        else:
-            continue
-        for n, kind in (("w1", "colwise"), ("w3", "colwise"), ("w2", "rowwise")):
-            plan[f"{prefix}{ffn_path}.{n}"] = kind
-    return plan
+def _apply_sharded_tables_and_experts(model, dims: ParallelDims, device, dp_group) -> list:
+    """Expert and Engram-table sharding; returns ``(modules, norm group, sync group, divisor)``."""
+    sharded = []
+    if dims.ep > 1:
+        ep_mesh = _ep_mesh(dims, device)
+        ep_group, rest = ep_mesh["ep"].get_group(), ep_mesh["ep_replicate"].get_group()
+        experts = apply_expert_parallel(model, ep_group, ep_mesh["ep"].get_local_rank())
+        sync = rest if dims.dp_degree > dims.ep else None
+        sharded.append((experts, cpu_group_for(ep_group), sync, dims.dp_degree))
+    if dims.etp > 1:
+        cpu_group = cpu_group_for(dp_group)
+        tables = apply_engram_table_parallel(model, dp_group, cpu_group, dims.dp_degree)
+        sharded.append((tables, cpu_group, None, None))  # owners already hold the scaled sum
+    return sharded
 
 
-def validate_parallelism(args: ModelArgs, dims: ParallelDims) -> None:
-    """Model-dependent checks, run before any process-group work (ValueError naming the field)."""
-    tp, ep = dims.tp, dims.ep
-    heads_ok = args.num_heads % tp == 0 and (args.attention == "mla" or args.num_kv_heads % tp == 0)
-    checks = [
-        (
-            heads_ok,
-            f"parallelism.tensor_parallel_degree={tp} must divide model.num_heads="
-            f"{args.num_heads} and model.num_kv_heads={args.num_kv_heads}",
-        ),
-        (
-            args.ffn_hidden_dim % tp == 0,
-            f"parallelism.tensor_parallel_degree={tp} must divide "
-            f"model.ffn_hidden_dim={args.ffn_hidden_dim}",
-        ),
-        (
-            args.vocab_size % tp == 0,
-            f"parallelism.tensor_parallel_degree={tp} must divide "
-            f"model.vocab_size={args.vocab_size}",
-        ),
-        (
-            not args.tie_embeddings or tp == 1,
-            "model.tie_embeddings is not supported with tensor parallelism",
-        ),
-        (
-            args.num_layers % dims.pp == 0,
-            f"parallelism.pipeline_parallel_degree={dims.pp} must divide model.num_layers="
-            f"{args.num_layers}",
-        ),
-    ]
-    if args.moe is not None:
-        checks.append(
-            (
-                args.moe.num_routed_experts % ep == 0,
-                f"parallelism.expert_parallel_degree={ep} must divide "
-                f"model.moe.num_routed_experts={args.moe.num_routed_experts}",
-            )
+def _check_no_replicated_sparse(model) -> None:
+    if any(
+        e.table.sparse and not isinstance(e.table, ShardedEngramTable)
+        for e in model.engram_layers()
+    ):
+        raise ValueError(
+            "FSDP (parallelism.data_parallel_shard_degree > 1) cannot shard sparse gradients of "
+            "replicated Engram tables: set parallelism.engram_table_parallel_degree to the "
+            "data-parallel degree, or --model.overrides.engram.sparse_grad=false"
         )
-    elif ep > 1:
-        checks.append((False, "parallelism.expert_parallel_degree > 1 needs an MoE flavor"))
-    if dims.etp > 1 and args.engram is None:
-        checks.append((False, "parallelism.engram_table_parallel_degree > 1 needs Engram layers"))
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-
-
-def apply_block_wrappers(model: nn.Module, activation_checkpoint: str, compile_blocks: bool):
-    """Activation checkpointing (recompute each block in backward), then torch.compile per block."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-    for key, block in list(model.layers.items()):
-        if activation_checkpoint == "full":
-            block = checkpoint_wrapper(block, preserve_rng_state=False)
-        if compile_blocks:
-            block.compile()  # in place: parameter names and state-dict keys stay the same
-        model.layers[key] = block
 
 
 def _ep_mesh(dims: ParallelDims, device):
     from torch.distributed.device_mesh import init_device_mesh
 
-    # same rank layout as the main mesh (tp innermost): an ep group shares its tp rank
+    # same rank layout as the main mesh (pp outermost, tp innermost): an ep group shares its pp
+    # and tp ranks
     return init_device_mesh(
         torch.device(device).type,
-        (dims.dp_degree // dims.ep, dims.ep, dims.tp),
-        mesh_dim_names=("ep_replicate", "ep", "tp"),
+        (dims.pp, dims.dp_degree // dims.ep, dims.ep, dims.tp),
+        mesh_dim_names=("pp", "ep_replicate", "ep", "tp"),
     )
 
 

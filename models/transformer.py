@@ -144,20 +144,34 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Deterministic init after ``to_empty()`` (../STYLE rule 2)."""
-        if self.tok_embeddings is not None:
-            nn.init.normal_(self.tok_embeddings.weight)
+        """Deterministic init after ``to_empty()`` (../STYLE rule 2).
+
+        One draw from the global RNG gives a base seed; the embedding, every block and the head are
+        then initialised from their own seeds, so a pipeline stage holding only some blocks gets the
+        same weights as the whole model.
+        """
+        base = int(torch.randint(0, 2**31 - 1, ()).item())
+
+        def seeded(index: int):
+            torch.manual_seed(base + 7919 * index)
+
         self.rope.init_weights()
-        for layer in self.layers.values():
-            layer.init_weights()
-        if self.norm is not None:
-            self.merge.init_weights()
-            self.norm.reset_parameters()
-            if not self.args.tie_embeddings:
-                cutoff = 3 * self.args.dim**-0.5
-                nn.init.trunc_normal_(
-                    self.output.weight, std=self.args.dim**-0.5, a=-cutoff, b=cutoff
-                )
+        with torch.random.fork_rng(devices=[]):
+            if self.tok_embeddings is not None:
+                seeded(0)
+                nn.init.normal_(self.tok_embeddings.weight)
+            for layer in self.layers.values():
+                seeded(1 + layer.layer_id)
+                layer.init_weights()
+            if self.norm is not None:
+                seeded(1 + self.args.num_layers)
+                self.merge.init_weights()
+                self.norm.reset_parameters()
+                if not self.args.tie_embeddings:
+                    cutoff = 3 * self.args.dim**-0.5
+                    nn.init.trunc_normal_(
+                        self.output.weight, std=self.args.dim**-0.5, a=-cutoff, b=cutoff
+                    )
 
     def moe_layers(self) -> list[MoE]:
         return [layer.moe for layer in self.layers.values() if layer.moe is not None]

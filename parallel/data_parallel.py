@@ -46,8 +46,9 @@ def all_reduce_grads_(params: list[nn.Parameter], group=None, divisor: float | N
             grad = grad.coalesce()
             param.grad = _all_gather_sparse(grad, group).coalesce() / world
         else:
-            dist.all_reduce(grad, group=group)
-            grad.div_(world)
+            local = grad.to_local() if hasattr(grad, "to_local") else grad  # DTensor: its shard
+            dist.all_reduce(local, group=group)
+            local.div_(world)
 
 
 def _all_gather_sparse(grad: torch.Tensor, group) -> torch.Tensor:
@@ -74,10 +75,13 @@ def apply_fsdp(
     blocks: list[nn.Module],
     reshard_after_forward: bool = True,
     ignored_params: set[nn.Parameter] | None = None,
+    extra_units: list[nn.Module] = (),
 ):
-    """FSDP2 per block, then the root; HSDP when the mesh has a replicate axis of size > 1.
+    """FSDP2 per block (and per ``extra_units`` module), then the root; HSDP when the mesh has a
+    replicate axis of size > 1.
 
     ``ignored_params`` stay local (row-sharded tables, expert shards: sharded by their own plan).
+    ``extra_units``: modules a pipeline stage calls without going through the root's forward.
     """
     from torch.distributed.fsdp import fully_shard
 
@@ -89,7 +93,7 @@ def apply_fsdp(
         reshard_after_forward=reshard_after_forward,
         ignored_params=ignored_params or None,
     )
-    for block in blocks:
+    for block in [*blocks, *extra_units]:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     return model

@@ -81,16 +81,7 @@ class ParallelDims:
                 f"parallelism.engram_table_parallel_degree={self.etp}: the table group is the "
                 f"data-parallel ranks; set it to {self.dp_degree} (dp_replicate * dp_shard) or 1"
             )
-        if self.tp > 1 and self.dp_replicate > 1:
-            raise ValueError(
-                "parallelism.tensor_parallel_degree > 1 combines with FSDP, not DDP: use "
-                "data_parallel_shard_degree for the data-parallel ranks "
-                f"(data_parallel_replicate_degree={self.dp_replicate})"
-            )
-        pending = {
-            "parallelism.pipeline_parallel_degree": self.pp,
-            "parallelism.context_parallel_degree": self.cp,
-        }
+        pending = {"parallelism.context_parallel_degree": self.cp}
         pending = {k: v for k, v in pending.items() if v > 1}
         if pending:
             raise ValueError(
@@ -110,11 +101,12 @@ class ParallelDims:
         return mesh["dp_replicate", "dp_shard"]._flatten("dp").get_group()
 
     def build_mesh(self, device_type: str):
-        """Axes (dp_replicate, dp_shard, tp), tensor parallel innermost (ranks of a node)."""
+        """Axes (pp, dp_replicate, dp_shard, tp): pipeline outermost, tensor parallel innermost
+        (the ranks of one node)."""
         from torch.distributed.device_mesh import init_device_mesh
 
         return init_device_mesh(
             device_type,
-            (self.dp_replicate, self.dp_shard, self.tp),
-            mesh_dim_names=("dp_replicate", "dp_shard", "tp"),
+            (self.pp, self.dp_replicate, self.dp_shard, self.tp),
+            mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"),
         )

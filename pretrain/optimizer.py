@@ -100,9 +100,10 @@ class Optimizers:
             opt.zero_grad(set_to_none=True)
 
 
-def clip_grad_norm(params, max_norm: float, sharded_groups=()) -> torch.Tensor:
+def clip_grad_norm(params, max_norm: float, sharded_groups=(), stage_group=None) -> torch.Tensor:
     """Global L2 norm over dense, DTensor and sparse gradients; scales them when ``max_norm > 0``.
 
+    ``stage_group``: the (CPU) pipeline group, over which the totals of the stages are summed.
     ``sharded_groups``: ``(params, cpu_group)`` pairs whose local gradients are disjoint pieces of
     one gradient over the group (row-sharded tables, expert shards): their squares are summed
     over it.
@@ -114,7 +115,10 @@ def clip_grad_norm(params, max_norm: float, sharded_groups=()) -> torch.Tensor:
             squares[owner.get(id(p), len(sharded_groups))] += _grad_square(p.grad).double().cpu()
     for i, (_, group) in enumerate(sharded_groups):
         torch.distributed.all_reduce(squares[i : i + 1], group=group)
-    total = squares.sum().sqrt().float()
+    total_square = squares.sum()
+    if stage_group is not None:  # pipeline stages hold disjoint parameters
+        torch.distributed.all_reduce(total_square, group=stage_group)
+    total = total_square.sqrt().float()
     if max_norm > 0:
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for p in params:

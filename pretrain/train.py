@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from data.loader import StatefulLoader
 from models.accounting import account
 from models.flavors import apply_overrides, get_flavor
-from models.parallelize import parallelize_deepseek_engram, validate_parallelism
+from models.parallel_plans import validate_parallelism
+from models.parallelize import parallelize_deepseek_engram
 from models.transformer import Transformer
 from parallel.dims import ParallelDims
 from parallel.distributed import all_reduce_sum_, destroy, env_world_size, init_distributed
@@ -32,6 +33,7 @@ from pretrain.checkpoint import CheckpointManager
 from pretrain.config import Config, load_config, to_toml
 from pretrain.metrics import MetricsLogger
 from pretrain.optimizer import Optimizers, clip_grad_norm, lr_factor
+from pretrain.pipeline_runner import PipelineRunner
 
 log = logging.getLogger("pretrain")
 
@@ -71,9 +73,15 @@ class Trainer:
             t.seed,
             activation_checkpoint=cfg.activation_checkpoint.mode,
             compile_blocks=cfg.compile.enable,
+            stages_per_rank=cfg.parallelism.pipeline_stages_per_rank,
         )
         self.dp_group = self.dims.dp_group(mesh) if mesh is not None else None
         self.optimizers = Optimizers(self.model, cfg.optimizer)
+        self.pipeline = None
+        if self.dims.pp > 1:
+            self.pipeline = PipelineRunner(
+                self.plan, cfg.parallelism, self.device, t.grad_accum_steps, self.dims.tp > 1
+            )
         dp_rank = self.rank // (self.dist.world_size // self.dims.dp_degree)
         self.stream_kwargs = dict(
             folder=str(folder),
@@ -138,6 +146,9 @@ class Trainer:
         return moved
 
     def _forward_loss(self, batch: dict):
+        if self.pipeline is not None:  # evaluation through the schedule
+            with self.autocast:
+                return self.pipeline.evaluate(batch), {}
         with self.autocast:
             out = self.model(
                 batch["tokens"],
@@ -159,6 +170,10 @@ class Trainer:
         ce_sum, aux_sum = torch.zeros((), device=self.device), {}
         for micro in range(accum):
             batch = self._to_device(next(self.loader))
+            if self.pipeline is not None:
+                with self.autocast:
+                    ce_sum += self.pipeline.train(batch).to(self.device) / accum
+                continue
             sync = micro == accum - 1 or not hasattr(self.model, "no_sync")
             with contextlib.nullcontext() if sync else self.model.no_sync():
                 ce, aux = self._forward_loss(batch)
@@ -178,7 +193,10 @@ class Trainer:
             )
         self.plan.sync_grads()
         grad_norm = clip_grad_norm(
-            list(self.model.parameters()), self.cfg.training.max_norm, self.plan.sharded_groups
+            list(self.model.parameters()),
+            self.cfg.training.max_norm,
+            self.plan.sharded_groups,
+            self.plan.pp_cpu_group,
         )
         self.optimizers.step()
         self.optimizers.zero_grad()

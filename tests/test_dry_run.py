@@ -46,7 +46,7 @@ def test_cli_json_and_exit_code_when_it_does_not_fit():
         (["--parallelism.engram_table_parallel_degree=8"], 32, "engram_table_parallel_degree=8"),
         (
             [
-                "--parallelism.pipeline_parallel_degree=2",
+                "--parallelism.context_parallel_degree=2",
                 "--parallelism.data_parallel_shard_degree=16",
                 "--parallelism.engram_table_parallel_degree=16",
             ],

@@ -134,7 +134,8 @@ def test_seq_aux_loss_is_added():
 
 
 def test_sinkhorn_doubly_stochastic():
-    m = sinkhorn(torch.randn(3, 4, 4) * 3, num_iters=30)
+    torch.manual_seed(0)
+    m = sinkhorn(torch.randn(3, 4, 4) * 3, num_iters=100)
     torch.testing.assert_close(m.sum(-1), torch.ones(3, 4), atol=1e-4, rtol=0)
     torch.testing.assert_close(m.sum(-2), torch.ones(3, 4), atol=1e-4, rtol=0)
     assert (m >= 0).all()
@@ -240,7 +241,7 @@ def test_yarn_changes_low_frequencies_only():
 
 
 def test_activation_checkpointing_matches_plain():
-    from models.parallelize import apply_block_wrappers
+    from models.parallel_plans import apply_block_wrappers
 
     args = tiny("mla", hc=2)
     tokens, hash_ids = torch.randint(0, 97, (2, 12)), _hash_ids(2, 12)

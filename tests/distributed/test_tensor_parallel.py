@@ -9,7 +9,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-from models.parallelize import parallelize_deepseek_engram, validate_parallelism
+from models.parallel_plans import validate_parallelism
+from models.parallelize import parallelize_deepseek_engram
 from models.transformer import Transformer
 from parallel.dims import ParallelDims
 from pretrain.config import OptimizerConfig, ParallelismConfig

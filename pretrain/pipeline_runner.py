@@ -1,0 +1,83 @@
+"""Training and evaluation steps through a pipeline schedule (pipeline parallelism).
+
+Every rank of a pipeline runs the schedule with the same batch: the first stage feeds the tokens,
+the last stage computes the loss, and hash ids / positions / document ids are chunked into
+microbatches for every stage (each stage keeps only the hash ids of its own Engram layers). The
+mean loss is shared over the pipeline group so every rank logs it and stops on NaN together.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from parallel.pipeline import build_schedule
+from parallel.tensor_parallel import vocab_parallel_loss
+
+
+class PipelineRunner:
+    def __init__(self, plan, cfg, device, grad_accum_steps: int, tensor_parallel: bool):
+        stages = cfg.pipeline_stages_per_rank
+        self.plan, self.tp = plan, tensor_parallel
+        self.has_first = 0 in plan.stage_ids
+        self.has_last = plan.num_stages - 1 in plan.stage_ids
+        self.engram_layers = {e.layer_id for s in plan.stages for e in s.engram_layers()}
+        self.scale = 1.0 / grad_accum_steps
+        microbatches = cfg.pipeline_microbatches or len(plan.stage_ids) * (
+            plan.num_stages // stages
+        )
+        self.microbatches = microbatches
+        self.schedule = build_schedule(
+            plan.stages,
+            plan.stage_ids,
+            plan.num_stages,
+            plan.pp_group,
+            device,
+            cfg.pipeline_schedule,
+            microbatches,
+            self._loss,
+        )
+
+    def _loss(self, logits, labels):
+        with vocab_parallel_loss(self.tp):
+            ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+        ce = ce.to_local() if hasattr(ce, "to_local") else ce
+        return ce * self.scale
+
+    def _inputs(self, batch: dict):
+        if batch["tokens"].shape[0] % self.microbatches:
+            raise ValueError(
+                f"training.batch_size={batch['tokens'].shape[0]} must be divisible by "
+                f"the {self.microbatches} pipeline microbatches"
+            )
+        kwargs = {"positions": batch["positions"], "doc_ids": batch["doc_ids"]}
+        hash_ids = {k: v for k, v in batch.get("hash_ids", {}).items() if k in self.engram_layers}
+        if hash_ids:
+            kwargs["hash_ids"] = hash_ids
+        args = (batch["tokens"],) if self.has_first else ()
+        target = batch["labels"] if self.has_last else None
+        return args, target, kwargs
+
+    def train(self, batch: dict) -> torch.Tensor:
+        """Forward and backward of one batch; returns the mean loss (same on every stage)."""
+        args, target, kwargs = self._inputs(batch)
+        losses: list[torch.Tensor] = []
+        with vocab_parallel_loss(self.tp):
+            self.schedule.step(*args, target=target, losses=losses, **kwargs)
+        return self._share(losses, self.scale)
+
+    @torch.no_grad()
+    def evaluate(self, batch: dict) -> torch.Tensor:
+        args, target, kwargs = self._inputs(batch)
+        losses: list[torch.Tensor] = []
+        with vocab_parallel_loss(self.tp):
+            self.schedule.eval(*args, target=target, losses=losses, **kwargs)
+        return self._share(losses, self.scale)
+
+    def _share(self, losses, scale: float) -> torch.Tensor:
+        value = torch.zeros((), dtype=torch.float64)
+        if self.has_last:
+            value += torch.stack([loss.detach().float().cpu() for loss in losses]).mean() / scale
+        dist.all_reduce(value, group=self.plan.pp_cpu_group)  # only the last stage is non-zero
+        return value.float()
