@@ -13,10 +13,14 @@ from parallel.dims import ParallelDims
 from parallel.pipeline import stage_layer_ranges, stages_of_rank
 
 
-def tensor_parallel_plan(model: nn.Module) -> dict[str, str]:
+def tensor_parallel_plan(model: nn.Module, vocab_parallel_loss: bool = True) -> dict[str, str]:
     """Which linears are column- and row-parallel. MoE routed experts, Engram, mHC, norms and the
     embedding stay replicated over tp (their inputs are replicated, so their gradients agree)."""
-    plan = {"output": "colwise_vocab"}
+    # the head is vocab-sharded; under pipeline parallelism the last stage gathers its logits
+    # (the schedule computes the loss on plain tensors)
+    plan = {"output": "colwise_vocab" if vocab_parallel_loss else "colwise_gather"}
+    if model.output is None:
+        plan = {}
     for key, block in model.layers.items():
         prefix = f"layers.{key}."
         attention = block.attention

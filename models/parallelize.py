@@ -93,7 +93,7 @@ def parallelize_deepseek_engram(
         plan.pp_cpu_group = cpu_group_for(plan.pp_group)
     dp_group = dims.dp_group(mesh) or dist.group.WORLD
     if dims.tp > 1:
-        apply_tensor_parallel(model, mesh["tp"], tensor_parallel_plan(model))
+        apply_tensor_parallel(model, mesh["tp"], tensor_parallel_plan(model, dims.pp == 1))
     sharded = _apply_sharded_tables_and_experts(model, dims, device, dp_group)
     apply_block_wrappers(model, activation_checkpoint, compile_blocks)
     if dims.dp_shard > 1:

@@ -115,7 +115,7 @@ class Transformer(nn.Module):
     def forward(
         self, tokens, hash_ids=None, positions=None, doc_ids=None, engram_plans=None
     ) -> ModelOutput:
-        batch, seq = tokens.shape
+        batch, seq = tokens.shape[:2]  # token ids [B, T], or streams [B, T, G, D] on later stages
         if seq > self.args.max_seq_len:
             raise ValueError(
                 f"sequence length {seq} exceeds model.max_seq_len={self.args.max_seq_len}"

@@ -1,6 +1,6 @@
 """Tensor parallelism (Megatron-style, on DTensor): column-parallel in, row-parallel out.
 
-The model family gives a plan ``{module path: "colwise" | "rowwise" | "colwise_vocab"}``; this
+The model family gives a plan ``{module path: "colwise" | "rowwise" | "colwise_vocab" | ...}``; this
 module turns it into DTensor ``ParallelStyle``s. ``colwise_vocab`` shards the LM head's output over
 the vocabulary and keeps the logits a DTensor, for the vocab-parallel loss (``loss_parallel``).
 """
@@ -14,7 +14,7 @@ from torch import nn
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh, plan: dict[str, str]) -> None:
-    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         RowwiseParallel,
@@ -25,6 +25,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, plan: dict[str, str]) -> No
         "colwise": lambda: ColwiseParallel(),
         "rowwise": lambda: RowwiseParallel(),
         "colwise_vocab": lambda: ColwiseParallel(output_layouts=Shard(-1), use_local_output=False),
+        "colwise_gather": lambda: ColwiseParallel(output_layouts=Replicate()),
     }
     group = tp_mesh.get_group()
     for path, kind in plan.items():

@@ -13,13 +13,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from parallel.pipeline import build_schedule
-from parallel.tensor_parallel import vocab_parallel_loss
 
 
 class PipelineRunner:
-    def __init__(self, plan, cfg, device, grad_accum_steps: int, tensor_parallel: bool):
+    def __init__(self, plan, cfg, device, grad_accum_steps: int, model):
         stages = cfg.pipeline_stages_per_rank
-        self.plan, self.tp = plan, tensor_parallel
+        # the last stage gathers tensor-parallel logits, so the loss is a plain cross-entropy
+        self.plan, self.model = plan, model
+        self.warmed_up = False
         self.has_first = 0 in plan.stage_ids
         self.has_last = plan.num_stages - 1 in plan.stage_ids
         self.engram_layers = {e.layer_id for s in plan.stages for e in s.engram_layers()}
@@ -40,10 +41,7 @@ class PipelineRunner:
         )
 
     def _loss(self, logits, labels):
-        with vocab_parallel_loss(self.tp):
-            ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
-        ce = ce.to_local() if hasattr(ce, "to_local") else ce
-        return ce * self.scale
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten()) * self.scale
 
     def _inputs(self, batch: dict):
         if batch["tokens"].shape[0] % self.microbatches:
@@ -59,20 +57,35 @@ class PipelineRunner:
         target = batch["labels"] if self.has_last else None
         return args, target, kwargs
 
+    def warm_up(self, batch: dict) -> None:
+        """The schedule's first step infers shapes with an extra forward on real or empty inputs;
+        run it once and discard what it leaves behind (gradients, MoE load counts), so training
+        state depends only on the training batches (and resumes bit-identically)."""
+        args, target, kwargs = self._inputs(batch)
+        self.schedule.step(*args, target=target, losses=[], **kwargs)
+        for param in self.model.parameters():
+            param.grad = None
+        for moe in self.model.moe_layers():
+            moe.router.tokens_per_expert.zero_()
+        self.warmed_up = True
+
     def train(self, batch: dict) -> torch.Tensor:
         """Forward and backward of one batch; returns the mean loss (same on every stage)."""
+        if not self.warmed_up:
+            self.warm_up(batch)
         args, target, kwargs = self._inputs(batch)
         losses: list[torch.Tensor] = []
-        with vocab_parallel_loss(self.tp):
-            self.schedule.step(*args, target=target, losses=losses, **kwargs)
+        self.schedule.step(*args, target=target, losses=losses, **kwargs)
         return self._share(losses, self.scale)
 
     @torch.no_grad()
     def evaluate(self, batch: dict) -> torch.Tensor:
+        if not self.warmed_up:
+            with torch.enable_grad():
+                self.warm_up(batch)
         args, target, kwargs = self._inputs(batch)
         losses: list[torch.Tensor] = []
-        with vocab_parallel_loss(self.tp):
-            self.schedule.eval(*args, target=target, losses=losses, **kwargs)
+        self.schedule.eval(*args, target=target, losses=losses, **kwargs)
         return self._share(losses, self.scale)
 
     def _share(self, losses, scale: float) -> torch.Tensor:

@@ -80,9 +80,10 @@ class Trainer:
         self.pipeline = None
         if self.dims.pp > 1:
             self.pipeline = PipelineRunner(
-                self.plan, cfg.parallelism, self.device, t.grad_accum_steps, self.dims.tp > 1
+                self.plan, cfg.parallelism, self.device, t.grad_accum_steps, self.inner
             )
-        dp_rank = self.rank // (self.dist.world_size // self.dims.dp_degree)
+        # mesh layout (pp, dp_replicate, dp_shard, tp): all tp and pp peers share a dp rank
+        dp_rank = (self.rank // self.dims.tp) % self.dims.dp_degree
         self.stream_kwargs = dict(
             folder=str(folder),
             batch_size=t.batch_size,

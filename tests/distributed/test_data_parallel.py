@@ -122,11 +122,12 @@ def test_data_parallel_matches_single_process(mode):
 
 
 def check_parity(reference, results) -> None:
-    """Losses and first-step gradients to float32 rounding; parameters after three Adam steps
+    """Losses (to 1e-5 after Adam steps) and first-step gradients (1e-5) to float32 rounding;
+    parameters after three Adam steps
     (Adam and the gate's signed sqrt amplify rounding) to 3e-4."""
     want_losses, want_grads, want_state = reference
     for rank, (losses, grads, state) in results.items():
-        assert losses == pytest.approx(want_losses, rel=1e-6), rank
+        assert losses == pytest.approx(want_losses, rel=1e-5), rank
         assert grads.keys() == want_grads.keys()
         for name, value in want_grads.items():
             torch.testing.assert_close(grads[name], value, rtol=1e-5, atol=1e-7, msg=name)
