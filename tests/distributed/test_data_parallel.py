@@ -1,6 +1,7 @@
-"""DDP and FSDP2 against the single-process run: same losses and parameters to float32 rounding.
+"""DDP, FSDP2 and HSDP (2 replicas x 2 shards) against the single-process run: same losses,
+first-step gradients and parameters to float32 rounding.
 
-Two gloo ranks each take half of a batch; the single-process reference takes the whole batch.
+The gloo ranks split a batch; the single-process reference takes the whole batch.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ def _reference(sparse: bool, **kw):
 
 def _rank_fn(rank: int, world: int, mode: str):
     sparse = mode == "ddp"
-    cfg = ParallelismConfig(data_parallel_replicate_degree=2 if mode == "ddp" else 1)
+    replicas = {"ddp": world, "fsdp": 1, "hsdp": 2}[mode]
+    cfg = ParallelismConfig(data_parallel_replicate_degree=replicas)
     dims = ParallelDims.from_config(cfg, world)
     mesh = dims.build_mesh("cpu")
     with torch.device("meta"):
@@ -108,17 +110,18 @@ def _rank_fn(rank: int, world: int, mode: str):
         inner, _initial_state(sparse).state_dict(), options=StateDictOptions(full_state_dict=True)
     )
     opts = Optimizers(model, OptimizerConfig(lr=1e-2))
-    rows = slice(2 * rank, 2 * rank + 2)
+    per = 4 // world
+    rows = slice(per * rank, per * rank + per)
     losses, grads = _train(model, inner, opts, rows, plan)
     mean = [all_reduce_sum_(x.clone()).item() / world for x in losses]
     return mean, grads, _full_state(inner)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_data_parallel_matches_single_process(mode):
+@pytest.mark.parametrize("mode, world", [("ddp", 2), ("fsdp", 2), ("hsdp", 4)])
+def test_data_parallel_matches_single_process(mode, world):
     from tests.distributed.helpers import run_ranks
 
-    check_parity(_reference(sparse=mode == "ddp"), run_ranks(_rank_fn, 2, mode))
+    check_parity(_reference(sparse=mode == "ddp"), run_ranks(_rank_fn, world, mode))
 
 
 def check_parity(reference, results) -> None:
