@@ -13,42 +13,81 @@ from parallel.dims import ParallelDims
 from parallel.pipeline import stage_layer_ranges, stages_of_rank
 
 
-def tensor_parallel_plan(model: nn.Module, vocab_parallel_loss: bool = True) -> dict[str, str]:
+def tensor_parallel_plan(
+    model: nn.Module, vocab_parallel_loss: bool = True, sequence_parallel: bool = False
+) -> dict[str, str]:
     """Which linears are column- and row-parallel. MoE routed experts, Engram, mHC, norms and the
-    embedding stay replicated over tp (their inputs are replicated, so their gradients agree)."""
-    # the head is vocab-sharded; under pipeline parallelism the last stage gathers its logits
-    # (the schedule computes the loss on plain tensors)
-    plan = {"output": "colwise_vocab" if vocab_parallel_loss else "colwise_gather"}
-    if model.output is None:
-        plan = {}
+    embedding stay replicated over tp.
+
+    With ``sequence_parallel`` the residual streams between blocks are sharded on the sequence:
+    attention, dense FFN and Engram (whose conv needs the whole sequence) gather it at their input
+    and hand back sequence shards; norms, mHC and MoE work on the local tokens, and their gradients
+    are summed over tp (``sequence_local_params``).
+    """
+    sp = sequence_parallel
+    plan = {}
+    if model.output is not None:
+        # the head is vocab-sharded; under pipeline parallelism the last stage gathers its logits
+        if vocab_parallel_loss:
+            plan["output"] = "colwise_vocab_from_seq" if sp else "colwise_vocab"
+        else:
+            plan["output"] = "colwise_gather"
+    if sp and model.tok_embeddings is not None:
+        plan["tok_embeddings"] = "seq_output"
     for key, block in model.layers.items():
         prefix = f"layers.{key}."
         attention = block.attention
         if isinstance(attention, MLAttention):
             q = "wq_b" if hasattr(attention, "wq_b") else "wq"
-            names = {
-                q: "colwise",
-                "wkv_b": "colwise",
-                "wo": "rowwise",
-                "rope_key": "grad_allreduce",
-            }
+            names = {q: "colwise", "wkv_b": "colwise", "rope_key": "grad_allreduce"}
         else:
-            names = {"wq": "colwise", "wk": "colwise", "wv": "colwise", "wo": "rowwise"}
+            names = {"wq": "colwise", "wk": "colwise", "wv": "colwise"}
+        names["wo"] = "rowwise_to_seq" if sp else "rowwise"
         plan.update({f"{prefix}attention.{n}": kind for n, kind in names.items()})
+        if sp:
+            plan[f"{prefix}attention"] = "seq_gather_input"
+            if block.engram is not None:
+                plan[f"{prefix}engram"] = "seq_gather_input_shard_output"
         if block.feed_forward is not None:
             ffn_path = "feed_forward"
-        elif block.moe.shared_experts is not None:
+        elif block.moe.shared_experts is not None and not sp:  # under sp: local tokens
             ffn_path = "moe.shared_experts"
         else:
             continue
-        for n, kind in (("w1", "colwise"), ("w3", "colwise"), ("w2", "rowwise")):
+        if sp:
+            plan[f"{prefix}{ffn_path}"] = "seq_gather_input1"
+        for n, kind in (
+            ("w1", "colwise"),
+            ("w3", "colwise"),
+            ("w2", "rowwise_to_seq" if sp else "rowwise"),
+        ):
             plan[f"{prefix}{ffn_path}.{n}"] = kind
     return plan
 
 
-def validate_parallelism(args: ModelArgs, dims: ParallelDims) -> None:
+def sequence_local_params(model: nn.Module) -> list[nn.Parameter]:
+    """Replicated parameters that see only this rank's sequence shard under sequence parallelism
+    (norms, mHC, MoE, the final merge and norm): their gradients are summed over tp."""
+    modules = []
+    for block in model.layers.values():
+        modules += [block.attention_norm, block.ffn_norm, block.attn_hc, block.ffn_hc]
+        if block.moe is not None:
+            modules.append(block.moe)
+    modules += [m for m in (model.merge, model.norm) if m is not None]
+    return [p for m in modules for p in m.parameters()]
+
+
+def validate_parallelism(
+    args: ModelArgs, dims: ParallelDims, sequence_parallel: bool = False, seq_len: int = 0
+) -> None:
     """Model-dependent checks, run before any process-group work (ValueError naming the field)."""
     tp, ep = dims.tp, dims.ep
+    if sequence_parallel and (tp == 1 or dims.pp > 1 or (seq_len and seq_len % tp)):
+        raise ValueError(
+            "parallelism.sequence_parallel needs tensor_parallel_degree > 1, "
+            "pipeline_parallel_degree = 1 and data.seq_len divisible by the tp degree "
+            f"(tp={tp}, pp={dims.pp}, seq_len={seq_len})"
+        )
     heads_ok = args.num_heads % tp == 0 and (args.attention == "mla" or args.num_kv_heads % tp == 0)
     checks = [
         (

@@ -19,7 +19,12 @@ from torch import nn
 
 from models.engram_table import init_table_rows
 from models.moe import GroupedExperts
-from models.parallel_plans import apply_block_wrappers, split_pipeline, tensor_parallel_plan
+from models.parallel_plans import (
+    apply_block_wrappers,
+    sequence_local_params,
+    split_pipeline,
+    tensor_parallel_plan,
+)
 from parallel.data_parallel import all_reduce_grads_, apply_ddp, apply_fsdp
 from parallel.dims import ParallelDims
 from parallel.distributed import cpu_group_for
@@ -49,6 +54,8 @@ class ParallelPlan:
     num_stages: int = 1
     pp_group: object = None
     pp_cpu_group: object = None
+    # groups over which MoE load counts are summed besides data parallel (sequence parallel: tp)
+    token_groups: list = field(default_factory=list)
 
     def sync_grads(self) -> None:
         for rule in self.rules:
@@ -71,6 +78,7 @@ def parallelize_deepseek_engram(
     activation_checkpoint: str = "none",
     compile_blocks: bool = False,
     stages_per_rank: int = 1,
+    sequence_parallel: bool = False,
     dry_run: bool = False,
 ):
     """Returns ``(model to call, the plain Transformer underneath, ParallelPlan)``.
@@ -93,7 +101,9 @@ def parallelize_deepseek_engram(
         plan.pp_cpu_group = cpu_group_for(plan.pp_group)
     dp_group = dims.dp_group(mesh) or dist.group.WORLD
     if dims.tp > 1:
-        apply_tensor_parallel(model, mesh["tp"], tensor_parallel_plan(model, dims.pp == 1))
+        apply_tensor_parallel(
+            model, mesh["tp"], tensor_parallel_plan(model, dims.pp == 1, sequence_parallel)
+        )
     sharded = _apply_sharded_tables_and_experts(model, dims, device, dp_group)
     apply_block_wrappers(model, activation_checkpoint, compile_blocks)
     if dims.dp_shard > 1:
@@ -113,6 +123,9 @@ def parallelize_deepseek_engram(
     if dry_run:
         return model, model, plan
     materialize(model, device, seed)  # replaces plain Parameters: collect them only now
+    if sequence_parallel:
+        plan.rules.append(GradSyncRule(sequence_local_params(model), mesh["tp"].get_group(), 1))
+        plan.token_groups.append(mesh["tp"].get_group())
     for modules, cpu_group, group, divisor in sharded:
         params = [p for module in modules for p in module.parameters()]
         plan.sharded_groups.append((params, cpu_group))

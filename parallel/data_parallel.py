@@ -32,15 +32,11 @@ def all_reduce_grads_(params: list[nn.Parameter], group=None, divisor: float | N
             if param.grad is not None and divisor:
                 param.grad = param.grad / divisor
         return
-    world = divisor or dist.get_world_size(group)
+    world = dist.get_world_size(group) if divisor is None else divisor
     for param in params:
+        if param.grad is None:  # every rank must join the collective
+            param.grad = torch.zeros_like(param)
         grad = param.grad
-        if grad is None:
-            grad = torch.sparse_coo_tensor(
-                torch.empty(1, 0, dtype=torch.long, device=param.device),
-                torch.empty(0, *param.shape[1:], dtype=param.dtype, device=param.device),
-                param.shape,
-            )
         if grad.is_sparse:
             # gather every rank's touched rows (gloo/NCCL need equal sizes: pad to the maximum)
             grad = grad.coalesce()

@@ -17,15 +17,43 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, plan: dict[str, str]) -> No
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
+        PrepareModuleInput,
+        PrepareModuleInputOutput,
+        PrepareModuleOutput,
         RowwiseParallel,
         parallelize_module,
     )
 
+    seq, rep = Shard(1), Replicate()
     styles = {
         "colwise": lambda: ColwiseParallel(),
         "rowwise": lambda: RowwiseParallel(),
         "colwise_vocab": lambda: ColwiseParallel(output_layouts=Shard(-1), use_local_output=False),
-        "colwise_gather": lambda: ColwiseParallel(output_layouts=Replicate()),
+        "colwise_gather": lambda: ColwiseParallel(output_layouts=rep),
+        # sequence parallel: activations between blocks are sharded on the sequence dim (dim 1)
+        "rowwise_to_seq": lambda: RowwiseParallel(output_layouts=seq),
+        "colwise_vocab_from_seq": lambda: ColwiseParallel(
+            input_layouts=seq, output_layouts=Shard(-1), use_local_output=False
+        ),
+        "seq_output": lambda: PrepareModuleOutput(
+            output_layouts=rep, desired_output_layouts=seq, use_local_output=True
+        ),
+        "seq_gather_input": lambda: PrepareModuleInput(  # attention(x, rope, mask)
+            input_layouts=(seq, None, None),
+            desired_input_layouts=(rep, None, None),
+            use_local_output=True,
+        ),
+        "seq_gather_input1": lambda: PrepareModuleInput(  # ffn(x)
+            input_layouts=(seq,), desired_input_layouts=(rep,), use_local_output=True
+        ),
+        "seq_gather_input_shard_output": lambda: PrepareModuleInputOutput(
+            input_layouts=(seq, None, None),
+            desired_input_layouts=(rep, None, None),
+            use_local_input=True,
+            output_layouts=rep,
+            desired_output_layouts=seq,
+            use_local_output=True,
+        ),
     }
     group = tp_mesh.get_group()
     for path, kind in plan.items():

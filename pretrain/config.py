@@ -82,6 +82,7 @@ class ParallelismConfig:
     expert_parallel_degree: int = 1
     context_parallel_degree: int = 1
     engram_table_parallel_degree: int = 1
+    sequence_parallel: bool = False  # with tensor parallelism: shard activations on the sequence
     pipeline_schedule: str = "1f1b"  # "gpipe", "1f1b" or "interleaved_1f1b"
     pipeline_stages_per_rank: int = 1  # > 1 with interleaved_1f1b
     pipeline_microbatches: int = 0  # 0: pipeline_parallel_degree * stages per rank

@@ -48,7 +48,7 @@ class Trainer:
         self.dims = ParallelDims.from_config(cfg.parallelism, env_world_size())
         flavor = apply_overrides(get_flavor(cfg.model.flavor), cfg.model.overrides)
         flavor.vocab_size = cfg.model.vocab_size or flavor.vocab_size
-        validate_parallelism(flavor, self.dims)
+        validate_parallelism(flavor, self.dims, cfg.parallelism.sequence_parallel, cfg.data.seq_len)
         self.dist = init_distributed(t.device, cfg.parallelism.timeout_seconds)
         self.rank, self.device = self.dist.rank, self.dist.device
         if t.num_threads:
@@ -61,7 +61,9 @@ class Trainer:
         folder = ensure_dataset(cfg.data, self.rank)
         self.tokenizer = build_tokenizer(cfg.data, folder)
         self.args = build_model_args(cfg.model, self.tokenizer, cfg.data.seq_len)
-        validate_parallelism(self.args, self.dims)  # now with the tokenizer's vocabulary
+        validate_parallelism(  # now with the tokenizer's vocabulary
+            self.args, self.dims, cfg.parallelism.sequence_parallel, cfg.data.seq_len
+        )
         self.hasher = build_hasher(self.args, self.tokenizer)
         with torch.device("meta"):
             model = Transformer(self.args)
@@ -74,6 +76,7 @@ class Trainer:
             activation_checkpoint=cfg.activation_checkpoint.mode,
             compile_blocks=cfg.compile.enable,
             stages_per_rank=cfg.parallelism.pipeline_stages_per_rank,
+            sequence_parallel=cfg.parallelism.sequence_parallel,
         )
         self.dp_group = self.dims.dp_group(mesh) if mesh is not None else None
         self.optimizers = Optimizers(self.model, cfg.optimizer)
@@ -214,6 +217,8 @@ class Trainer:
     def _update_moe_biases(self) -> None:
         for moe in self.inner.moe_layers():
             all_reduce_sum_(moe.router.tokens_per_expert, self.dp_group)
+            for group in self.plan.token_groups:  # sequence parallel: each tp rank saw a shard
+                all_reduce_sum_(moe.router.tokens_per_expert, group)
             moe.router.update_bias()
 
     # ----- evaluation, metrics -----

@@ -38,7 +38,7 @@ def _args(sparse: bool, attention: str = "mla", vocab: int = 97):
     return args
 
 
-def _train(model, inner, opts, rows: slice, plan=None, group=None):
+def _train(model, inner, opts, rows: slice, plan=None, group=None, token_groups=()):
     """Returns (losses, first-step gradients by name)."""
     plan = plan or ParallelPlan()
     losses, first_grads = [], {}
@@ -58,6 +58,8 @@ def _train(model, inner, opts, rows: slice, plan=None, group=None):
         opts.zero_grad()
         for moe in inner.moe_layers():
             all_reduce_sum_(moe.router.tokens_per_expert, group)
+            for token_group in token_groups:
+                all_reduce_sum_(moe.router.tokens_per_expert, token_group)
             moe.router.update_bias()
         losses.append(loss.detach())
     return losses, first_grads

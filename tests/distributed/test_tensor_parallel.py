@@ -1,6 +1,6 @@
 """Tensor parallelism against the single-process run: TP2 for GQA and MLA (column/row-parallel
 attention and FFN, vocab-parallel LM head and loss), and TP2 x FSDP2 with EP2 and Engram-table
-parallelism on 4 ranks."""
+parallelism on 4 ranks; each with and without sequence parallelism."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ pytestmark = pytest.mark.distributed
 VOCAB = 98  # divisible by the tensor-parallel degree
 
 
-def _rank_fn(rank: int, world: int, attention: str, tp: int, ep: int, etp: int, ckpt: str):
+def _rank_fn(
+    rank: int, world: int, attention: str, tp: int, ep: int, etp: int, sp: bool, ckpt: str
+):
     cfg = ParallelismConfig(
         data_parallel_shard_degree=world // tp,
         tensor_parallel_degree=tp,
@@ -30,10 +32,13 @@ def _rank_fn(rank: int, world: int, attention: str, tp: int, ep: int, etp: int, 
         engram_table_parallel_degree=etp,
     )
     dims = ParallelDims.from_config(cfg, world)
-    validate_parallelism(_args(True, attention, VOCAB), dims)
+    validate_parallelism(_args(True, attention, VOCAB), dims, sp, seq_len=16)
     with torch.device("meta"):
         model = Transformer(_args(True, attention, VOCAB))
-    model, inner, plan = parallelize_deepseek_engram(model, dims, dims.build_mesh("cpu"), "cpu", 0)
+    mesh = dims.build_mesh("cpu")
+    model, inner, plan = parallelize_deepseek_engram(
+        model, dims, mesh, "cpu", 0, sequence_parallel=sp
+    )
     # the single-process weights, resharded by DCP onto this layout (FSDP x TP, EP, table shards)
     state = get_model_state_dict(inner)
     dcp.load(state, checkpoint_id=ckpt)
@@ -47,7 +52,8 @@ def _rank_fn(rank: int, world: int, attention: str, tp: int, ep: int, etp: int, 
         opts,
         slice(per * dp_rank, per * dp_rank + per),
         plan,
-        group=dims.dp_group(dims.build_mesh("cpu")),
+        group=dims.dp_group(mesh),
+        token_groups=plan.token_groups,
     )
     mean = [t.item() / world for t in (_sum(x) for x in losses)]
     state = _full_state(inner)
@@ -58,10 +64,11 @@ def _rank_fn(rank: int, world: int, attention: str, tp: int, ep: int, etp: int, 
     return mean, grads, state
 
 
+@pytest.mark.parametrize("sp", [False, True], ids=["tp", "tp_sp"])
 @pytest.mark.parametrize(
     "world, attention, tp, ep, etp", [(2, "gqa", 2, 1, 1), (2, "mla", 2, 1, 1), (4, "mla", 2, 2, 2)]
 )
-def test_tensor_parallel_matches_single_process(world, attention, tp, ep, etp, tmp_path):
+def test_tensor_parallel_matches_single_process(world, attention, tp, ep, etp, sp, tmp_path):
     from tests.distributed.helpers import run_ranks
     from tests.distributed.test_data_parallel import _reference, check_parity
 
@@ -71,5 +78,5 @@ def test_tensor_parallel_matches_single_process(world, attention, tp, ep, etp, t
     )
     check_parity(
         _reference(True, attention=attention, vocab=VOCAB),
-        run_ranks(_rank_fn, world, attention, tp, ep, etp, ckpt),
+        run_ranks(_rank_fn, world, attention, tp, ep, etp, sp, ckpt),
     )
