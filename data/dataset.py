@@ -1,17 +1,13 @@
 """Streaming, packed, hashed, exactly resumable token dataset.
 
 Order: each epoch shuffles the shard order with a seeded RNG (the same on every rank), deals the
-shards to
-DP ranks and then to loader workers, and permutes the documents inside each shard with a seeded RNG
-(a
-shuffle buffer bounded by one shard). Documents (EOS-terminated) are packed back to back into rows
-of
-``seq_len + 1`` tokens. Each worker ("role") yields whole batches and the N-gram hash ids of every
-Engram layer, so hashing never runs on the training step.
+shards to DP ranks and then to loader workers, and permutes the documents inside each shard with a
+seeded RNG (a shuffle buffer bounded by one shard). Documents (EOS-terminated) are packed back to
+back into rows of ``seq_len + 1`` tokens. Each worker ("role") yields whole batches and the N-gram
+hash ids of every Engram layer, so hashing never runs on the training step.
 
 The state of a role is five integers (epoch, shard cursor, document cursor, token offset, batches),
-so
-resuming reads one shard and seeks; nothing is replayed.
+so resuming reads one shard and seeks; nothing is replayed.
 
 Legend: B batch, T seq_len, K Engram heads of a layer.
 """

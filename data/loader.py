@@ -2,11 +2,9 @@
 state.
 
 Worker ``i`` plays role ``(i + role_offset) % num_roles``. The torch DataLoader takes batches from
-its
-workers round-robin, so after ``k`` batches the next one belongs to role ``k % num_roles``; on
-resume the
-offset is set so that the same role comes next. Each batch carries its role's state after it, so the
-main process records the state of what it has *consumed* (not what workers prefetched).
+its workers round-robin, so after ``k`` batches the next one belongs to role ``k % num_roles``; on
+resume the offset is set so that the same role comes next. Each batch carries its role's state after
+it, so the main process records the state of what it has *consumed* (not what workers prefetched).
 """
 
 from __future__ import annotations
@@ -104,9 +102,8 @@ class StatefulLoader:
         if int(state["num_roles"]) != self.num_roles:
             raise ValueError(
                 f"the checkpoint's data loader ran {state['num_roles']} worker roles but "
-                "data.num_workers "
-                f"gives {self.num_roles}; resume with data.num_workers={state['num_roles']} (or 0 "
-                "if it was 1)"
+                f"data.num_workers gives {self.num_roles}; resume with "
+                f"data.num_workers={state['num_roles']} (or 0 if it was 1)"
             )
         self.consumed = int(state["consumed"])
         self.role_states = {int(k): v for k, v in state["role_states"].items()}

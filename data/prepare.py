@@ -1,10 +1,9 @@
 """``python -m data.prepare --out DIR``: build a real corpus offline, its tokenizer and its shards.
 
 With no options it builds the demo corpus (CPython stdlib source + the Python docs when apt can
-fetch
-them), trains a ~16k sentencepiece BPE on the train split, writes webdataset shards for the train
-and
-validation splits, and a ``manifest.json`` with file hashes, document counts and token counts.
+fetch them), trains a ~16k sentencepiece BPE on the train split, writes webdataset shards for the
+train and validation splits, and a ``manifest.json`` with file hashes, document counts and token
+counts.
 """
 
 from __future__ import annotations

@@ -6,8 +6,7 @@
 - user paths: plain-text files, JSONL files (``text`` field), or folders of them.
 
 A document is ``Document(key, text, source)``; ``key`` is stable across machines (a relative path),
-so
-the train/validation split, which hashes it, is stable too.
+so the train/validation split, which hashes it, is stable too.
 """
 
 from __future__ import annotations

@@ -2,10 +2,9 @@
 
 Follows DeepSeek's "mHC: Manifold-Constrained Hyper-Connections" (2025), built on Zhu et al.,
 "Hyper-Connections" (2024): each sublayer reads a weighted mix of the streams (pre), writes its
-output
-back with per-stream weights (post), and the streams are mixed by a doubly stochastic matrix (res),
-projected with Sinkhorn-Knopp. Weights are static plus a small input-dependent part. With G = 1 the
-module is exactly a plain residual, ``x + f(x)``.
+output back with per-stream weights (post), and the streams are mixed by a doubly stochastic matrix
+(res), projected with Sinkhorn-Knopp. Weights are static plus a small input-dependent part. With G =
+1 the module is exactly a plain residual, ``x + f(x)``.
 
 Legend: B batch, T sequence, G streams (hc_mult), D dim.
 """

@@ -2,11 +2,9 @@
 6).
 
 Routing and auxiliary-loss-free balancing follow DeepSeek-V3 ("DeepSeek-V3 Technical Report", 2024):
-sigmoid affinities, a per-expert bias that only affects selection and is nudged toward balanced
-load after
-every step, and an optional sequence-level balance loss. The dispatcher is an interface; the local
-one
-lives here, the all-to-all one in ``parallel/``.
+sigmoid affinities, a per-expert bias that only affects selection and is nudged toward balanced load
+after every step, and an optional sequence-level balance loss. The dispatcher is an interface; the
+local one lives here, the all-to-all one in ``parallel/``.
 
 Legend: N tokens, E routed experts, K top-k, D dim, F expert hidden dim, M = N*K routed token
 copies.

@@ -73,8 +73,7 @@ class ParallelDims:
         if self.ep > 1 and self.dp_degree % self.ep:
             raise ValueError(
                 f"parallelism.expert_parallel_degree={self.ep} must divide the data-parallel "
-                f"degree "
-                f"{self.dp_degree} (experts are sharded over data-parallel ranks)"
+                f"degree {self.dp_degree} (experts are sharded over data-parallel ranks)"
             )
         if self.etp > 1 and self.etp != self.dp_degree:
             raise ValueError(
@@ -85,9 +84,9 @@ class ParallelDims:
         pending = {k: v for k, v in pending.items() if v > 1}
         if pending:
             raise ValueError(
-                f"{', '.join(f'{k}={v}' for k, v in pending.items())}: this parallelism is not in "
-                "the trainer yet (tracked in issue 5); use data, expert and Engram-table "
-                "parallelism"
+                f"{', '.join(f'{k}={v}' for k, v in pending.items())}: context parallelism is not "
+                "in the trainer yet (reserved for long-context extension); use the data, tensor, "
+                "pipeline, expert and Engram-table degrees"
             )
 
     @property

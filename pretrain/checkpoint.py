@@ -141,10 +141,8 @@ class CheckpointManager:
         if meta.get("tokenizer_identity") != self.identity["tokenizer_identity"]:
             raise HashConfigMismatch(
                 f"checkpoint {path} was trained with tokenizer {meta.get('tokenizer_identity')} "
-                "but this job "
-                f"uses {self.identity['tokenizer_identity']}; resume with the original tokenizer "
-                "or start a "
-                "new job.dump_folder"
+                f"but this job uses {self.identity['tokenizer_identity']}; resume with the "
+                "original tokenizer or start a new job.dump_folder"
             )
         saved, current = meta.get("engram_hash"), self.identity["engram_hash"]
         if (saved is None) != (current is None) or (
@@ -153,10 +151,9 @@ class CheckpointManager:
             fields = hash_config_mismatches(saved or {}, current or {})
             raise HashConfigMismatch(
                 f"checkpoint {path} was trained with a different Engram hash configuration "
-                "(differs in: "
-                f"{', '.join(fields)}); its tables would be read with the wrong ids. Resume with "
-                "the "
-                "original engram/tokenizer settings or start a new job.dump_folder"
+                f"(differs in: {', '.join(fields)}); its tables would be read with the wrong ids. "
+                "Resume with the original engram/tokenizer settings or start a new "
+                "job.dump_folder"
             )
 
     def _train_state(self, path: Path) -> dict:

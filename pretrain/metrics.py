@@ -88,9 +88,8 @@ class MetricsLogger:
         mem = memory_gib(self.device)
         line = (
             f"step: {step}  loss: {values['loss']:.4f}  grad_norm: {values['grad_norm']:.3f}  "
-            f"lr: {values['lr']:.2e}  memory: {mem:.2f} GiB  tps: {tps:,.0f}  tflops: {tflops:.3f} "
-            " "
-            f"mfu: {mfu:.2f}%  data_wait: {values['data_wait_pct']:.1f}%"
+            f"lr: {values['lr']:.2e}  memory: {mem:.2f} GiB  tps: {tps:,.0f}  "
+            f"tflops: {tflops:.3f}  mfu: {mfu:.2f}%  data_wait: {values['data_wait_pct']:.1f}%"
         )
         for name, value in values.get("aux", {}).items():
             line += f"  {name}: {value:.4f}"

@@ -1,12 +1,10 @@
 """Row-wise Adam for Engram tables: updates only the rows a step touched.
 
 Semantics follow ``torch.optim.SparseAdam`` (lazy Adam): the moments of untouched rows are left
-alone,
-bias correction uses the optimizer's step count. The step's cost is O(touched rows x Dh),
-independent
-of the table's size (the moment buffers are allocated once). Weight decay is 0 by design (the
-paper).
-A row-sharded table passes its local shard and local-row gradients; nothing here is global.
+alone, bias correction uses the optimizer's step count. The step's cost is O(touched rows x Dh),
+independent of the table's size (the moment buffers are allocated once). Weight decay is 0 by design
+(the paper). A row-sharded table passes its local shard and local-row gradients; nothing here is
+global.
 """
 
 from __future__ import annotations

@@ -2,8 +2,7 @@
 
 Runs as one process or under torchrun / slurm. Builds the model on meta, applies the parallel plan,
 initialises, resumes the newest complete checkpoint in ``job.dump_folder``, then trains with
-gradient
-accumulation, optional bf16 autocast, clipping, periodic evaluation and checkpoints.
+gradient accumulation, optional bf16 autocast, clipping, periodic evaluation and checkpoints.
 """
 
 from __future__ import annotations
@@ -190,10 +189,9 @@ class Trainer:
         loss_value = ce_sum.item()
         if not math.isfinite(loss_value):
             raise FloatingPointError(
-                f"loss is {loss_value} at step {self.step + 1}; stopping without saving. The last "
-                "good "
-                f"checkpoint is {self.last_checkpoint or '(none yet)'}; lower optimizer.lr or "
-                "check the data"
+                f"loss is {loss_value} at step {self.step + 1}; stopping without saving. The "
+                f"last good checkpoint is {self.last_checkpoint or '(none yet)'}; lower "
+                "optimizer.lr or check the data"
             )
         self.plan.sync_grads()
         grad_norm = clip_grad_norm(
