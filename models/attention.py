@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import sharded_init
 from models.args import ModelArgs
 from models.layers import RMSNorm, apply_rotary, yarn_mscale
 
@@ -56,8 +57,8 @@ class GQAttention(nn.Module):
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float) -> None:
         for linear in (self.wq, self.wk, self.wv):
-            nn.init.trunc_normal_(linear.weight, std=std)
-        nn.init.trunc_normal_(self.wo.weight, std=out_std)
+            sharded_init.trunc_normal_(linear.weight, std=std)
+        sharded_init.trunc_normal_(self.wo.weight, std=out_std)
 
 
 class MLAttention(nn.Module):
@@ -111,8 +112,8 @@ class MLAttention(nn.Module):
         linears = [self.wkv_a, self.wkv_b]
         linears += [self.wq_a, self.wq_b] if hasattr(self, "wq_a") else [self.wq]
         for linear in linears:
-            nn.init.trunc_normal_(linear.weight, std=std)
-        nn.init.trunc_normal_(self.wo.weight, std=out_std)
+            sharded_init.trunc_normal_(linear.weight, std=std)
+        sharded_init.trunc_normal_(self.wo.weight, std=out_std)
         self.kv_norm.reset_parameters()
         if hasattr(self, "q_norm"):
             self.q_norm.reset_parameters()

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import sharded_init
 from models.engram_table import EngramTable
 
 
@@ -124,7 +125,8 @@ class ShortConv(nn.Module):
         if self.init == "zero":
             nn.init.zeros_(self.conv.weight)
         else:
-            self.conv.reset_parameters()
+            # nn.Conv1d.reset_parameters, written so a sharded weight gets its slice
+            sharded_init.kaiming_uniform_(self.conv.weight, a=math.sqrt(5))
 
 
 class Engram(nn.Module):
@@ -198,7 +200,7 @@ class Engram(nn.Module):
             [self.value_proj, *self.key_projs] if self.cfg.variant == "paper" else [self.kv_proj]
         )
         for linear in linears:
-            nn.init.normal_(linear.weight, std=std)
+            sharded_init.normal_(linear.weight, std=std)
             if linear.bias is not None:
                 nn.init.zeros_(linear.bias)
         if self.cfg.variant == "paper":

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import sharded_init
+
 
 def sinkhorn(logits: torch.Tensor, num_iters: int) -> torch.Tensor:
     """Project ``exp(logits) [..., G, G]`` onto doubly stochastic matrices (log-space Sinkhorn)."""
@@ -68,7 +70,7 @@ class HyperConnection(nn.Module):
         if self.hc_mult == 1:
             return
         g = self.hc_mult
-        nn.init.normal_(self.proj.weight, std=0.02)
+        sharded_init.normal_(self.proj.weight, std=0.02)
         self.static_pre.fill_(-torch.log(torch.tensor(g - 1.0)).item())  # sigmoid = 1/G
         self.static_post.zero_()  # 2*sigmoid(0) = 1
         self.static_res.zero_()
@@ -98,6 +100,6 @@ class StreamMerge(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         if self.hc_mult > 1:
-            nn.init.normal_(self.proj.weight, std=0.02)
+            sharded_init.normal_(self.proj.weight, std=0.02)
             self.static.fill_(-torch.log(torch.tensor(self.hc_mult - 1.0)).item())
             self.alpha.fill_(0.01)

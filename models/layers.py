@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import sharded_init
 from models.args import YarnArgs
 
 RMSNorm = nn.RMSNorm
@@ -95,9 +96,9 @@ class FeedForward(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float) -> None:
-        nn.init.trunc_normal_(self.w1.weight, std=std)
-        nn.init.trunc_normal_(self.w3.weight, std=std)
-        nn.init.trunc_normal_(self.w2.weight, std=out_std)
+        sharded_init.trunc_normal_(self.w1.weight, std=std)
+        sharded_init.trunc_normal_(self.w3.weight, std=std)
+        sharded_init.trunc_normal_(self.w2.weight, std=out_std)
 
 
 def doc_ids_from_positions(positions: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import sharded_init
 from models.args import MoEArgs
 from models.layers import FeedForward
 from models.sharded_init import local_rows
@@ -58,7 +59,7 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float) -> None:
-        nn.init.trunc_normal_(self.gate.weight, std=std)
+        sharded_init.trunc_normal_(self.gate.weight, std=std)
         self.expert_bias.zero_()
         self.tokens_per_expert.zero_()
 

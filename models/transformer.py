@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from models import sharded_init
 from models.args import ModelArgs
 from models.attention import build_attention
 from models.engram import Engram
@@ -159,7 +160,7 @@ class Transformer(nn.Module):
         with torch.random.fork_rng(devices=[]):
             if self.tok_embeddings is not None:
                 seeded(0)
-                nn.init.normal_(self.tok_embeddings.weight)
+                sharded_init.normal_(self.tok_embeddings.weight)
             for layer in self.layers.values():
                 seeded(1 + layer.layer_id)
                 layer.init_weights()
@@ -169,7 +170,7 @@ class Transformer(nn.Module):
                 self.norm.reset_parameters()
                 if not self.args.tie_embeddings:
                     cutoff = 3 * self.args.dim**-0.5
-                    nn.init.trunc_normal_(
+                    sharded_init.trunc_normal_(
                         self.output.weight, std=self.args.dim**-0.5, a=-cutoff, b=cutoff
                     )
 
