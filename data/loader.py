@@ -33,10 +33,10 @@ class _RoleDataset(IterableDataset):
         stream = PackedShardStream(**self.stream_kwargs, role=role, num_roles=self.num_roles)
         saved = self.role_states.get(role)
         for batch, state in stream.batches(RoleState(**saved) if saved else None):
-            yield _to_torch(batch), role, asdict(state)
+            yield batch_to_torch(batch), role, asdict(state)
 
 
-def _to_torch(batch: dict) -> dict:
+def batch_to_torch(batch: dict) -> dict:
     out = {k: torch.from_numpy(v) for k, v in batch.items() if isinstance(v, np.ndarray)}
     if "hash_ids" in batch:
         out["hash_ids"] = {layer: torch.from_numpy(v) for layer, v in batch["hash_ids"].items()}

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data.loader import StatefulLoader
+from data.dataset import PackedShardStream
+from data.loader import StatefulLoader, batch_to_torch
 from models.accounting import account
 from models.flavors import apply_overrides, get_flavor
 from models.parallel_plans import validate_parallelism
@@ -222,9 +223,6 @@ class Trainer:
     # ----- evaluation, metrics -----
     @torch.no_grad()
     def evaluate(self) -> tuple[float, int]:
-        from data.dataset import PackedShardStream
-        from data.loader import _to_torch
-
         # the same global batches whatever the layout: batch i goes to DP rank i % dp_degree
         self.model.eval()
         kwargs = {
@@ -248,7 +246,7 @@ class Trainer:
             # every rank runs the same number of forwards (sharded tables exchange rows in each);
             # a rank past the end repeats a batch and does not count it
             batch = batches[min(index, len(batches) - 1)]
-            ce, _ = self._forward_loss(self._to_device(_to_torch(batch)))
+            ce, _ = self._forward_loss(self._to_device(batch_to_torch(batch)))
             if index < len(batches):
                 tokens = batch["labels"].size
                 total += torch.tensor(

@@ -23,11 +23,21 @@ def _rank_fn(rank: int, world: int, layout: dict):
     return _full_state(inner)
 
 
-@pytest.mark.parametrize("world, layout", [
-    (2, dict(tensor_parallel_degree=2, data_parallel_shard_degree=1)),
-    (4, dict(tensor_parallel_degree=2, data_parallel_shard_degree=2, expert_parallel_degree=2,
-             engram_table_parallel_degree=2)),
-])
+@pytest.mark.parametrize(
+    "world, layout",
+    [
+        (2, dict(tensor_parallel_degree=2, data_parallel_shard_degree=1)),
+        (
+            4,
+            dict(
+                tensor_parallel_degree=2,
+                data_parallel_shard_degree=2,
+                expert_parallel_degree=2,
+                engram_table_parallel_degree=2,
+            ),
+        ),
+    ],
+)
 def test_init_is_layout_independent(world, layout):
     from tests.distributed.helpers import run_ranks
 
