@@ -57,24 +57,22 @@ class EngramTable(nn.Module):
         # non-persistent buffer: recompute after a meta-device build + to_empty()
         self.offsets.copy_(self._offsets())
         weight, first_row = local_rows(self.weight)
-        init_table_rows(weight, first_row, draw_table_seed())
+        init_table_rows(weight, first_row)
 
 
 INIT_BLOCK_ROWS = 1 << 16
 
 
-def draw_table_seed() -> int:
-    """One draw from the global RNG, so model init stays deterministic under ``manual_seed``."""
-    return int(torch.randint(0, 2**31 - 1, ()).item())
-
-
 @torch.no_grad()
-def init_table_rows(weight: torch.Tensor, first_row: int, seed: int, std: float = 1.0) -> None:
+def init_table_rows(weight: torch.Tensor, first_row: int, std: float = 1.0) -> None:
     """N(0, std) rows (nn.Embedding's default, as in the reference), block by block.
 
     Every block of ``INIT_BLOCK_ROWS`` global rows comes from its own generator seeded by
-    ``(seed, block)``, so a row's initial value does not depend on how the table is sharded.
+    ``(seed, block)``, so a row's initial value does not depend on how the table is sharded. The
+    seed is one draw from the global RNG (deterministic under ``manual_seed``), made here so every
+    table, whole or sharded, draws it the same way.
     """
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
     rows, dim = weight.shape
     done = 0
     while done < rows:

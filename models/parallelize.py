@@ -164,10 +164,7 @@ def _apply_sharded_tables_and_experts(model, dims: ParallelDims, device, dp_grou
 
 
 def _check_no_replicated_sparse(model) -> None:
-    if any(
-        e.table.sparse and not isinstance(e.table, ShardedEngramTable)
-        for e in model.engram_layers()
-    ):
+    if sparse_grad_params(model):
         raise ValueError(
             "FSDP (parallelism.data_parallel_shard_degree > 1) cannot shard sparse gradients of "
             "replicated Engram tables: set parallelism.engram_table_parallel_degree to the "

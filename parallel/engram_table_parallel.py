@@ -77,7 +77,7 @@ class ShardedEngramTable(nn.Module):
         cpu_group: a gloo group over the same ranks, for the host-side count exchange.
         grad_scale: multiplies the gradient that reaches the owners (1 / data-parallel degree, so a
             table update equals the data-parallel average).
-        init_rows: ``fn(weight, first_row, seed)`` that initialises rows deterministically and
+        init_rows: ``fn(weight, first_row)`` that initialises rows deterministically and
             independently of the sharding (``models.engram_table.init_table_rows``).
     """
 
@@ -144,6 +144,4 @@ class ShardedEngramTable(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         self.offsets.copy_(torch.from_numpy(self.offsets_np))
-        # one draw from the global RNG, exactly as the unsharded table does
-        seed = int(torch.randint(0, 2**31 - 1, ()).item())
-        self.init_rows(self.weight, self.row_start, seed)
+        self.init_rows(self.weight, self.row_start)

@@ -223,13 +223,12 @@ def _state(model, optimizers) -> dict:
 def _set_state(model, optimizers, state: dict) -> None:
     set_model_state_dict(model, state["model"])
     flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    sharded = _sharded_modules(model)
     for i, opt in enumerate(optimizers.optimizers):
         optim_state = {
             k: (
                 v.to_local()
-                if k.startswith("state.")
-                and hasattr(v, "to_local")
-                and _owner_of_state(k, _sharded_modules(model)) is not None
+                if hasattr(v, "to_local") and _owner_of_state(k, sharded) is not None
                 else v
             )
             for k, v in state[f"optim{i}"].items()

@@ -109,10 +109,16 @@ def clip_grad_norm(params, max_norm: float, sharded_groups=(), stage_group=None)
     over it.
     """
     owner = {id(p): i for i, (group_params, _) in enumerate(sharded_groups) for p in group_params}
-    squares = torch.zeros(len(sharded_groups) + 1, dtype=torch.float64)
+    parts: list[list[torch.Tensor]] = [[] for _ in range(len(sharded_groups) + 1)]
     for p in params:
         if p.grad is not None:
-            squares[owner.get(id(p), len(sharded_groups))] += _grad_square(p.grad).double().cpu()
+            parts[owner.get(id(p), len(sharded_groups))].append(_grad_square(p.grad).double())
+    # one device-to-host copy per step (the groups' sums go over CPU process groups)
+    sums = [
+        torch.stack(group).sum() if group else torch.zeros((), dtype=torch.float64)
+        for group in parts
+    ]
+    squares = torch.stack([s.to(sums[0].device) for s in sums]).cpu()
     for i, (_, group) in enumerate(sharded_groups):
         torch.distributed.all_reduce(squares[i : i + 1], group=group)
     total_square = squares.sum()

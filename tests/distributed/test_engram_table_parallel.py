@@ -15,6 +15,7 @@ from parallel.engram_table_parallel import build_shard_plan, row_bounds
 from pretrain.config import OptimizerConfig, ParallelismConfig
 from pretrain.optimizer import Optimizers
 from tests.distributed.test_data_parallel import _args, _full_state, _initial_state, _train
+from tests.distributed.test_expert_parallel import _gather
 
 pytestmark = pytest.mark.distributed
 
@@ -55,17 +56,10 @@ def _rank_fn(rank: int, world: int):
     per = 4 // world
     losses, grads = _train(model, inner, opts, slice(per * rank, per * rank + per), plan)
     mean = [t.item() for t in (dist.all_reduce(x) or x / world for x in losses)]
-    state = _full_state(inner)
+    # the table checkpoints as a global DTensor, so the state is whole; its gradient is per shard
     name = "layers.0.engram.table.weight"
-    state[name] = _gather_rows(table.weight.detach())
-    grads[name] = _gather_rows(grads[name])
-    return mean, grads, state
-
-
-def _gather_rows(local: torch.Tensor) -> torch.Tensor:
-    shards = [None] * dist.get_world_size()
-    dist.all_gather_object(shards, local.clone())
-    return torch.cat(shards)
+    grads[name] = torch.cat(_gather(grads[name]))
+    return mean, grads, _full_state(inner)
 
 
 @pytest.mark.parametrize("world", [2, 4])
