@@ -44,8 +44,8 @@ def traffic_rows(data: str, batches: int) -> list[list]:
     for owners in (2, 4, 8):
         totals = np.zeros(4)
         for batch in samples:
-            for layer, ids in batch["hash_ids"].items():
-                flat = ids.numpy() + hasher.head_offsets(layer)
+            for layer, inputs in batch.engram.items():
+                flat = inputs.hash_ids.numpy() + hasher.head_offsets(layer)
                 bounds = row_bounds(hasher.num_rows(layer), owners)
                 plan = build_shard_plan(flat, bounds)
                 lookups, unique = flat.size, plan.unique_ids.size
@@ -107,7 +107,7 @@ def layout_rows(data: str, steps: int) -> list[list]:
                 tensor_parallel_degree=2,
                 data_parallel_shard_degree=2,
                 expert_parallel_degree=2,
-                engram_table_parallel_degree=2,
+                engram_shard_degree=2,
             ),
         ),
     }

@@ -13,19 +13,16 @@ import argparse
 import torch
 
 from benchmarks.common import print_table, time_calls
+from data.ngram_hash import EngramHashSpec
 from models.engram import Engram, EngramConfig
 from pretrain.rowwise_adam import RowwiseAdam
 
 
 def build(rows_per_head: int, sparse: bool):
-    cfg = EngramConfig(
-        layer_ids=[0],
-        engram_vocab_size=[rows_per_head] * 2,
-        max_ngram_size=3,
-        n_embed_per_ngram=128,
-        n_head_per_ngram=4,
-        sparse_grad=sparse,
+    spec = EngramHashSpec(
+        layer_ids=[0], engram_vocab_size=[rows_per_head] * 2, max_ngram_size=3, n_head_per_ngram=4
     )
+    cfg = EngramConfig(hash=spec, n_embed_per_ngram=128, sparse_grad=sparse)
     module = Engram(cfg, 0, dim=128, hc_mult=4, table_sizes=cfg.table_sizes()[0])
     torch.manual_seed(0)
     module.init_weights()

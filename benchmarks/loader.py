@@ -51,8 +51,10 @@ def main() -> None:
     batch = next(StatefulLoader(kwargs, num_workers=0))
 
     def step():
-        out = model(batch["tokens"], batch["hash_ids"], batch["positions"], batch["doc_ids"])
-        F.cross_entropy(out.logits.flatten(0, 1), batch["labels"].flatten()).backward()
+        out = model(
+            batch.tokens, positions=batch.positions, doc_ids=batch.doc_ids, engram=batch.engram
+        )
+        F.cross_entropy(out.logits.flatten(0, 1), batch.labels.flatten()).backward()
 
     step()
     start = time.perf_counter()

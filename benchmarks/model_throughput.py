@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import print_table, time_calls
+from data.batch import EngramInputs
 from models.args import MoEArgs
 from models.flavors import get_flavor
 from models.moe import MoE
@@ -22,15 +23,17 @@ def flavor_row(name: str, batch: int, seq: int) -> list:
     model = build_model(args)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 16000, (batch, seq), generator=g)
-    hash_ids = None
+    engram = None
     if args.engram is not None:
-        hash_ids = {
-            layer: torch.randint(0, 2000, (batch, seq, args.engram.num_heads), generator=g)
+        engram = {
+            layer: EngramInputs(
+                torch.randint(0, 2000, (batch, seq, args.engram.num_heads), generator=g)
+            )
             for layer in args.engram.layer_ids
         }
 
     def step():
-        out = model(tokens, hash_ids)
+        out = model(tokens, engram=engram)
         F.cross_entropy(out.logits.flatten(0, 1), tokens.flatten()).backward()
 
     seconds = time_calls(step, repeats=5, warmup=1)

@@ -15,7 +15,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 from benchmarks.common import print_table, time_calls  # noqa: E402
-from data.ngram_hash import CompressedTokenizer, NgramHasher  # noqa: E402
+from data.ngram_hash import CompressedTokenizer, EngramHashSpec, NgramHasher  # noqa: E402
 from data.tokenizer import deepseek_v3_tokenizer_path  # noqa: E402
 
 
@@ -40,8 +40,7 @@ def reference_hash(hasher: NgramHasher, compressed: np.ndarray, layer: int) -> n
 
 def main() -> None:
     compressed_tok = CompressedTokenizer.from_file(deepseek_v3_tokenizer_path())
-    hasher = NgramHasher(
-        compressed_tok,
+    spec = EngramHashSpec(
         engram_vocab_size=[129280 * 5] * 2,
         max_ngram_size=3,
         n_head_per_ngram=8,
@@ -49,6 +48,7 @@ def main() -> None:
         pad_id=2,
         seed=0,
     )
+    hasher = NgramHasher(spec, compressed_tok)
     rng = np.random.default_rng(0)
     rows = []
     ratios = []

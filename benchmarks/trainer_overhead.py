@@ -3,8 +3,7 @@
 The trainer step includes everything it does per step (data loader with hashing workers, LR set, NaN
 check, clipping, MoE bias update, metrics bookkeeping). The bare loop reuses in-memory batches
 and only runs forward, backward and the optimizer steps. Rounds alternate to share the machine's
-noise.
-The last line is ``overhead_ratio: R`` (target <= 1.05).
+noise. The last line is ``overhead_ratio: R`` (target <= 1.05).
 Run: .venv/bin/python -m benchmarks.trainer_overhead [--config pretrain/configs/demo.toml]
 """
 
@@ -46,12 +45,14 @@ def main() -> None:
     trainer = Trainer(cfg)
     model = trainer.inner
     bare_opt = Optimizers(model, cfg.optimizer)
-    batches = [trainer._to_device(next(trainer.loader)) for _ in range(4)]
+    batches = [next(trainer.loader).to(trainer.device) for _ in range(4)]
 
     def bare_step(i: int) -> None:
         batch = batches[i % len(batches)]
-        out = model(batch["tokens"], batch.get("hash_ids"), batch["positions"], batch["doc_ids"])
-        loss = F.cross_entropy(out.logits.float().flatten(0, 1), batch["labels"].flatten())
+        out = model(
+            batch.tokens, positions=batch.positions, doc_ids=batch.doc_ids, engram=batch.engram
+        )
+        loss = F.cross_entropy(out.logits.float().flatten(0, 1), batch.labels.flatten())
         loss = loss + sum(out.aux_losses.values()) if out.aux_losses else loss
         loss.backward()
         bare_opt.step()

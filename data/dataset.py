@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import logging
 import math
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from data.batch import Batch, EngramInputs, plan_lookups
 from data.shards import CorruptShardError, load_index, read_shard
 
 log = logging.getLogger(__name__)
@@ -55,11 +57,11 @@ class PackedShardStream:
         dp_rank, dp_degree: this rank's DP replica and the number of replicas (TP/PP/EP peers of one
             replica pass the same dp_rank and get identical batches).
         role, num_roles: this worker's role and the number of loader workers (at least 1).
-        hasher: an ``NgramHasher`` or None (no Engram).
-        document_reset: pass document ids to the hasher (n-grams never cross a document start).
+        hasher: an ``NgramHasher`` or None (no Engram); its spec decides document reset.
         strict: a corrupt shard raises instead of being skipped with a warning.
-        table_layout: ``{layer: (head offsets, shard bounds)}`` of row-sharded Engram tables; the
-            batch then carries their host-side all-to-all plans (``engram_plans``).
+        planners: ``{layer: planner}`` of the Engram tables that plan their lookups on the host
+            (``data.batch`` describes the protocol); applied after hashing.
+        plan_chunks: plan each of this many row chunks on its own (pipeline microbatches).
     """
 
     def __init__(
@@ -76,11 +78,11 @@ class PackedShardStream:
         role=0,
         num_roles=1,
         hasher=None,
-        document_reset=False,
         strict=False,
         shuffle=True,
         url_prefix: str | None = None,
-        table_layout: dict | None = None,
+        planners: dict | None = None,
+        plan_chunks: int = 1,
     ):
         self.folder, self.split = Path(folder), split
         self.index = load_index(self.folder, split)
@@ -93,8 +95,8 @@ class PackedShardStream:
             role,
             num_roles,
         )
-        self.hasher, self.document_reset, self.strict = hasher, document_reset, strict
-        self.table_layout = table_layout or {}
+        self.hasher, self.strict = hasher, strict
+        self.planners, self.plan_chunks = planners or {}, plan_chunks
         self.corrupt_shards: list[str] = []
         consumers = dp_degree * num_roles
         names = [s["name"] for s in self.index["shards"]]
@@ -164,32 +166,29 @@ class PackedShardStream:
                     f"documents in the {self.split} split; every shard it owns is corrupt"
                 )
 
-    def _make_batch(self, flat: np.ndarray, flat_docs: np.ndarray) -> dict:
+    def _make_batch(self, flat: np.ndarray, flat_docs: np.ndarray) -> Batch:
+        return self._engram_stage(self._pack(flat, flat_docs))
+
+    def _pack(self, flat: np.ndarray, flat_docs: np.ndarray) -> Batch:
         rows = flat.reshape(self.batch_size, self.seq_len + 1)
         docs = flat_docs.reshape(self.batch_size, self.seq_len + 1)[:, :-1]
-        tokens = rows[:, :-1].copy()
         # local document index per row: 0, 1, 2, ... (a document cut by the row start is document 0)
         starts = np.ones_like(docs, dtype=bool)
         starts[:, 1:] = docs[:, 1:] != docs[:, :-1]
-        doc_ids = np.cumsum(starts, axis=1) - 1
-        positions = _positions_from_starts(starts)
-        batch = {
-            "tokens": tokens,
-            "labels": rows[:, 1:].copy(),
-            "positions": positions,
-            "doc_ids": doc_ids,
-        }
-        if self.hasher is not None:
-            hashed = self.hasher.hash(tokens, doc_ids if self.document_reset else None)
-            batch["hash_ids"] = hashed
-            if self.table_layout:
-                from parallel.engram_table_parallel import build_shard_plan
+        return Batch(
+            tokens=rows[:, :-1].copy(),
+            labels=rows[:, 1:].copy(),
+            positions=_positions_from_starts(starts),
+            doc_ids=np.cumsum(starts, axis=1) - 1,
+        )
 
-                batch["engram_plans"] = {
-                    layer: build_shard_plan(hashed[layer] + offsets, bounds)
-                    for layer, (offsets, bounds) in self.table_layout.items()
-                }
-        return batch
+    def _engram_stage(self, batch: Batch) -> Batch:
+        """Hash ids of every Engram layer, then the tables' lookup plans."""
+        if self.hasher is None:
+            return batch
+        hashed = self.hasher.hash(batch.tokens, batch.doc_ids)
+        batch.engram = {layer: EngramInputs(ids) for layer, ids in hashed.items()}
+        return plan_lookups(batch, self.planners, self.plan_chunks)
 
 
 def _positions_from_starts(starts: np.ndarray) -> np.ndarray:
@@ -200,6 +199,4 @@ def _positions_from_starts(starts: np.ndarray) -> np.ndarray:
 
 
 def hash_name(name: str) -> int:
-    import zlib
-
     return zlib.crc32(name.encode())

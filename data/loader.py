@@ -12,10 +12,9 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 
-import numpy as np
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data.batch import Batch
 from data.dataset import PackedShardStream, RoleState
 from data.shards import load_index
 
@@ -33,21 +32,7 @@ class _RoleDataset(IterableDataset):
         stream = PackedShardStream(**self.stream_kwargs, role=role, num_roles=self.num_roles)
         saved = self.role_states.get(role)
         for batch, state in stream.batches(RoleState(**saved) if saved else None):
-            yield batch_to_torch(batch), role, asdict(state)
-
-
-def batch_to_torch(batch: dict) -> dict:
-    out = {k: torch.from_numpy(v) for k, v in batch.items() if isinstance(v, np.ndarray)}
-    if "hash_ids" in batch:
-        out["hash_ids"] = {layer: torch.from_numpy(v) for layer, v in batch["hash_ids"].items()}
-    if "engram_plans" in batch:
-        out["engram_plans"] = {
-            layer: type(plan)(
-                *(torch.from_numpy(f) for f in (plan.unique_ids, plan.send_counts, plan.inverse))
-            )
-            for layer, plan in batch["engram_plans"].items()
-        }
-    return out
+            yield batch.to_torch(), role, asdict(state)
 
 
 class StatefulLoader:
@@ -81,7 +66,7 @@ class StatefulLoader:
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict:
+    def __next__(self) -> Batch:
         if self._iter is None:
             self._iter = self._make_iter()
         started = time.perf_counter()

@@ -1,11 +1,9 @@
 """Engram compressed tokenizer and N-gram hashing, exact against the public reference.
 
 Implements the hashing of "Conditional Memory via Scalable Lookup: A New Axis of Sparsity for Large
-Language
-Models" (DeepSeek, 2026), as in the reference demo (deepseek-ai/Engram ``engram_demo_v1.py``). It
-is pure
-numpy and picklable, so it runs in data-loader workers and the model receives hash ids (../STYLE
-rule 7).
+Language Models" (DeepSeek, 2026), as in the reference demo (deepseek-ai/Engram
+``engram_demo_v1.py``). It is pure numpy and picklable, so it runs in data-loader workers and the
+model receives hash ids (../STYLE rule 7). ``EngramHashSpec`` is the one definition of the hash.
 
 Legend: B batch, T sequence, N max n-gram order, H heads per order, V raw vocab, C compressed vocab.
 
@@ -20,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -52,8 +51,7 @@ def build_compressed_lookup(tokenizer: Tokenizer) -> np.ndarray:
     """Raw id -> compressed id, keys interned in first-seen order.
 
     A decoded token containing U+FFFD is keyed by its raw token string; otherwise by its normalized
-    text,
-    or the decoded text when normalization leaves nothing.
+    text, or the decoded text when normalization leaves nothing.
     """
     normalizer = _reference_normalizer()
     key_to_new: dict[str, int] = {}
@@ -165,10 +163,8 @@ def engram_head_primes(
     """Prime table size of every head: ``{layer: [[prime per head] per order 2..N]}``.
 
     One seen-set is shared by all layers and walked in layer, order, head order (as the reference
-    does),
-    so no two heads anywhere share a modulus.
+    does), so no two heads anywhere share a modulus.
     """
-    validate_hash_fields(engram_vocab_size, max_ngram_size, n_head_per_ngram, layer_ids)
     seen: set[int] = set()
     primes: dict[int, list[list[int]]] = {}
     for layer_id in layer_ids:
@@ -186,25 +182,102 @@ def engram_head_primes(
     return primes
 
 
-def validate_hash_fields(engram_vocab_size, max_ngram_size, n_head_per_ngram, layer_ids) -> None:
-    """Raise ``ValueError`` naming the field and the fix."""
-    if max_ngram_size < 2:
-        raise ValueError(f"engram.max_ngram_size={max_ngram_size}: must be >= 2 (orders 2..N)")
-    if len(engram_vocab_size) != max_ngram_size - 1:
-        raise ValueError(
-            f"engram.engram_vocab_size has {len(engram_vocab_size)} entries but max_ngram_size="
-            f"{max_ngram_size} needs one vocab base per n-gram order ({max_ngram_size - 1})"
+def head_offsets(table_sizes: Sequence[int]) -> np.ndarray:
+    """Offset of every head inside a layer's flat table, ``[K]`` (the one place it is computed)."""
+    sizes = np.asarray(table_sizes, dtype=np.int64)
+    return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+
+
+@dataclass
+class EngramHashSpec:
+    """Everything that decides an Engram hash id, in the reference ``EngramConfig``'s names.
+
+    The one definition of the hash: ``EngramConfig`` holds it, ``NgramHasher`` takes it, tables
+    take their sizes and head offsets from it, and checkpoints pin it (with the compressed map).
+    """
+
+    layer_ids: list[int] = field(default_factory=lambda: [1, 15])  # 0-indexed Engram layers
+    engram_vocab_size: list[int] = field(
+        default_factory=lambda: [129280 * 5, 129280 * 5]
+    )  # per n-gram order: where the prime search starts
+    max_ngram_size: int = 3  # N: orders 2..N are hashed
+    n_head_per_ngram: int = 8  # hash heads (prime-sized tables) per order
+    pad_id: int = 2  # raw tokenizer id of the left padding (compressed before use)
+    seed: int = 0  # multiplier seed (layer L draws with seed + 10007 * L)
+    document_reset: bool = False  # n-grams never reach back across a document start (ours)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field and the fix."""
+        if self.max_ngram_size < 2:
+            raise ValueError(f"engram.hash.max_ngram_size={self.max_ngram_size}: must be >= 2")
+        if len(self.engram_vocab_size) != self.max_ngram_size - 1:
+            raise ValueError(
+                f"engram.hash.engram_vocab_size has {len(self.engram_vocab_size)} entries but "
+                f"max_ngram_size={self.max_ngram_size} needs one vocab base per n-gram order "
+                f"({self.max_ngram_size - 1})"
+            )
+        if any(int(v) < 2 for v in self.engram_vocab_size):
+            raise ValueError(
+                f"engram.hash.engram_vocab_size={list(self.engram_vocab_size)}: every base "
+                "must be >= 2"
+            )
+        if self.n_head_per_ngram < 1:
+            raise ValueError(f"engram.hash.n_head_per_ngram={self.n_head_per_ngram}: must be >= 1")
+        if len(self.layer_ids) == 0 or len(set(self.layer_ids)) != len(self.layer_ids):
+            raise ValueError(
+                f"engram.hash.layer_ids={list(self.layer_ids)}: must be non-empty, no repeats"
+            )
+
+    @property
+    def num_heads(self) -> int:
+        """K = (N - 1) * H heads per layer."""
+        return (self.max_ngram_size - 1) * self.n_head_per_ngram
+
+    def primes(self) -> dict[int, list[list[int]]]:
+        """``{layer: [[prime per head] per order]}`` (cached: the search is the slow part)."""
+        key = (
+            tuple(self.engram_vocab_size),
+            self.max_ngram_size,
+            self.n_head_per_ngram,
+            tuple(self.layer_ids),
         )
-    if any(int(v) < 2 for v in engram_vocab_size):
-        raise ValueError(
-            f"engram.engram_vocab_size={list(engram_vocab_size)}: every base must be >= 2"
-        )
-    if n_head_per_ngram < 1:
-        raise ValueError(f"engram.n_head_per_ngram={n_head_per_ngram}: must be >= 1")
-    if len(layer_ids) == 0 or len(set(layer_ids)) != len(layer_ids):
-        raise ValueError(
-            f"engram.layer_ids={list(layer_ids)}: must be non-empty and without repeats"
-        )
+        if getattr(self, "_primes_key", None) != key:
+            self.validate()
+            self._primes = engram_head_primes(*key)
+            self._primes_key = key
+        return self._primes
+
+    def table_sizes(self, layer_id: int) -> list[int]:
+        """Prime size of every head of a layer, order-major: ``[K]``."""
+        return [p for order in self.primes()[int(layer_id)] for p in order]
+
+    def head_offsets(self, layer_id: int) -> np.ndarray:
+        return head_offsets(self.table_sizes(layer_id))
+
+    def num_rows(self, layer_id: int) -> int:
+        return sum(self.table_sizes(layer_id))
+
+    def to_dict(self) -> dict:
+        return {
+            "layer_ids": [int(i) for i in self.layer_ids],
+            "engram_vocab_size": [int(v) for v in self.engram_vocab_size],
+            "max_ngram_size": int(self.max_ngram_size),
+            "n_head_per_ngram": int(self.n_head_per_ngram),
+            "pad_id": int(self.pad_id),
+            "seed": int(self.seed),
+            "document_reset": bool(self.document_reset),
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict) -> EngramHashSpec:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def __getstate__(self) -> dict:  # pickle the fields only, not the cache
+        return self.to_dict()
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
 
 
 def layer_multipliers(
@@ -220,33 +293,24 @@ def layer_multipliers(
 class NgramHasher:
     """Hashes the last 2..N tokens at each position into prime-sized tables, per Engram layer.
 
-    Args mirror the reference ``EngramConfig``: ``engram_vocab_size`` is the per-order prime search
-    base,
-    ``pad_id`` a raw tokenizer id (compressed before use).
+    Args:
+        spec: the hash specification (``engram_vocab_size`` is the per-order prime search base,
+            ``pad_id`` a raw tokenizer id, compressed before use).
+        compressed_tokenizer: raw id -> compressed id; None only when rebuilt from an exported
+            configuration (``from_config_dict``), which can then hash compressed ids only.
     """
 
     def __init__(
         self,
+        spec: EngramHashSpec,
         compressed_tokenizer: CompressedTokenizer | None,
         *,
-        engram_vocab_size: Sequence[int],
-        max_ngram_size: int,
-        n_head_per_ngram: int,
-        layer_ids: Sequence[int],
-        pad_id: int,
-        seed: int,
         _state: dict | None = None,
     ):
-        self.engram_vocab_size = [int(v) for v in engram_vocab_size]
-        self.max_ngram_size = int(max_ngram_size)
-        self.n_head_per_ngram = int(n_head_per_ngram)
-        self.layer_ids = [int(i) for i in layer_ids]
-        self.pad_id = int(pad_id)
-        self.seed = int(seed)
+        spec.validate()
+        self.spec = spec
         self.compressed_tokenizer = compressed_tokenizer
-        if (
-            _state is not None
-        ):  # rebuilt from an exported configuration, maybe without the tokenizer
+        if _state is not None:  # rebuilt from an exported configuration, maybe without tokenizer
             self.compressed_vocab_size = int(_state["compressed_vocab_size"])
             self.compressed_pad_id = int(_state["compressed_pad_id"])
             self.compressed_map_sha256 = _state["compressed_map_sha256"]
@@ -257,47 +321,55 @@ class NgramHasher:
                     "NgramHasher needs a CompressedTokenizer (or use from_config_dict)"
                 )
             self.compressed_vocab_size = len(compressed_tokenizer)
-            self.compressed_pad_id = int(compressed_tokenizer.compress([self.pad_id])[0])
+            self.compressed_pad_id = int(compressed_tokenizer.compress([spec.pad_id])[0])
             self.compressed_map_sha256 = compressed_tokenizer.checksum
             self.tokenizer_identity = compressed_tokenizer.identity
-        self.primes = engram_head_primes(
-            self.engram_vocab_size, self.max_ngram_size, self.n_head_per_ngram, self.layer_ids
-        )
+        self.primes = spec.primes()
         self.multipliers = {
             layer: layer_multipliers(
-                self.seed, layer, self.max_ngram_size, self.compressed_vocab_size
+                spec.seed, layer, spec.max_ngram_size, self.compressed_vocab_size
             )
-            for layer in self.layer_ids
+            for layer in spec.layer_ids
         }
         if _state is not None:
             self._check_exported_state(_state)
         # [(N-1)*H] int64 moduli per layer, order-major (the output's last axis)
         self._moduli = {
-            layer: np.array([p for order in self.primes[layer] for p in order], dtype=np.int64)
-            for layer in self.layer_ids
+            layer: np.array(spec.table_sizes(layer), dtype=np.int64) for layer in spec.layer_ids
         }
 
-    # ----- table layout -----
+    @property
+    def layer_ids(self) -> list[int]:
+        return [int(i) for i in self.spec.layer_ids]
+
+    @property
+    def max_ngram_size(self) -> int:
+        return self.spec.max_ngram_size
+
+    @property
+    def n_head_per_ngram(self) -> int:
+        return self.spec.n_head_per_ngram
+
+    # ----- table layout (from the spec) -----
     def table_sizes(self, layer_id: int) -> list[int]:
         """Prime size of every head of a layer, order-major: ``[(N-1)*H]``."""
-        return self._moduli[layer_id].tolist()
+        return self.spec.table_sizes(layer_id)
 
     def head_offsets(self, layer_id: int) -> np.ndarray:
         """Offset of every head inside the layer's flat table: ``[(N-1)*H]``."""
-        sizes = self._moduli[layer_id]
-        return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        return self.spec.head_offsets(layer_id)
 
     def num_rows(self, layer_id: int) -> int:
-        return int(self._moduli[layer_id].sum())
+        return self.spec.num_rows(layer_id)
 
     # ----- hashing -----
     def hash(self, input_ids, doc_ids=None) -> dict[int, np.ndarray]:
         """Raw ids ``[B, T]`` -> ``{layer_id: int64 [B, T, (N-1)*H]}`` per-head ids (before
         offsets).
 
-        ``doc_ids`` ``[B, T]`` turns on document reset: an n-gram never reaches back across a
-        document
-        start; those look-back slots take the pad id. Without it the result equals the reference.
+        With ``spec.document_reset``, ``doc_ids`` ``[B, T]`` stop the look-back at document starts
+        (those slots take the pad id); otherwise they are ignored and the result equals the
+        reference.
         """
         if self.compressed_tokenizer is None:
             raise ValueError(
@@ -310,6 +382,8 @@ class NgramHasher:
         x = np.asarray(compressed_ids, dtype=np.int64)
         if x.ndim != 2:
             raise ValueError(f"input ids must be [B, T], got shape {x.shape}")
+        if not self.spec.document_reset:
+            doc_ids = None
         shifts = self._shifted(x, doc_ids)
         return {layer: self._layer_hash(shifts, layer) for layer in self.layer_ids}
 
@@ -347,12 +421,7 @@ class NgramHasher:
     def to_config_dict(self) -> dict:
         """Plain-dict hash configuration for checkpoints; ``from_config_dict`` rebuilds from it."""
         return {
-            "engram_vocab_size": list(self.engram_vocab_size),
-            "max_ngram_size": self.max_ngram_size,
-            "n_head_per_ngram": self.n_head_per_ngram,
-            "layer_ids": list(self.layer_ids),
-            "pad_id": self.pad_id,
-            "seed": self.seed,
+            **self.spec.to_dict(),
             "compressed_vocab_size": self.compressed_vocab_size,
             "compressed_pad_id": self.compressed_pad_id,
             "compressed_map_sha256": self.compressed_map_sha256,
@@ -374,16 +443,7 @@ class NgramHasher:
                 "the compressed tokenizer does not match the exported hash configuration "
                 "(compressed_map_sha256 differs): use the tokenizer the configuration was made with"
             )
-        return cls(
-            compressed_tokenizer,
-            engram_vocab_size=config["engram_vocab_size"],
-            max_ngram_size=config["max_ngram_size"],
-            n_head_per_ngram=config["n_head_per_ngram"],
-            layer_ids=config["layer_ids"],
-            pad_id=config["pad_id"],
-            seed=config["seed"],
-            _state=config,
-        )
+        return cls(EngramHashSpec.from_dict(config), compressed_tokenizer, _state=config)
 
     def _check_exported_state(self, state: dict) -> None:
         for layer in self.layer_ids:

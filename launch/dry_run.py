@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from models.accounting import account
-from models.flavors import apply_overrides, get_flavor
+from models.flavors import resolve_model_args
 from models.memory import RankCounts, estimate_memory
 from models.parallel_plans import validate_parallelism
 from models.parallelize import parallelize_deepseek_engram
@@ -50,9 +50,12 @@ def dry_run(
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     cfg = load_config(config_path, overrides)
-    args = apply_overrides(get_flavor(cfg.model.flavor), cfg.model.overrides)
-    args.vocab_size = cfg.model.vocab_size or args.vocab_size
-    args.validate()
+    args = resolve_model_args(
+        cfg.model.flavor,
+        cfg.model.overrides,
+        vocab_size=cfg.model.vocab_size,
+        seq_len=cfg.data.seq_len,
+    )
     dims = ParallelDims.from_config(cfg.parallelism, world_size)  # errors before any group work
     validate_parallelism(args, dims)
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
@@ -74,20 +77,13 @@ def dry_run(
     finally:
         dist.destroy_process_group()
     tokens = cfg.training.batch_size * cfg.data.seq_len
-    memory = estimate_memory(args, counts, tokens, dims.dp_degree, dims.etp > 1, ac)
+    memory = estimate_memory(args, counts, tokens, dims.dp_degree, dims.engram_shard > 1, ac)
     accounting = account(args, cfg.data.seq_len)
     return {
         "flavor": cfg.model.flavor,
         "world_size": world_size,
         "rank": rank,
-        "layout": {
-            "dp_replicate": dims.dp_replicate,
-            "dp_shard": dims.dp_shard,
-            "tp": dims.tp,
-            "pp": dims.pp,
-            "ep": dims.ep,
-            "etp": dims.etp,
-        },
+        "layout": dims.layout(),
         "total_params": accounting.total_params,
         "activated_params": accounting.activated_params,
         "flops_per_token": accounting.flops_per_token,

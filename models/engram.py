@@ -1,9 +1,8 @@
 """Engram conditional memory module (DeepSeek, "Conditional Memory via Scalable Lookup", 2026).
 
 Matches the public reference (deepseek-ai/Engram ``engram_demo_v1.py``) to float32 rounding, and
-adds the
-DeepSeek-V4.1 production variant behind ``EngramConfig.variant``. Hash ids come from the data loader
-(``data.ngram_hash.NgramHasher``); the module never hashes.
+adds the DeepSeek-V4.1 production variant behind ``EngramConfig.variant``. Hash ids come from the
+data loader (``data.ngram_hash.NgramHasher``); the module never hashes.
 
 Legend: B batch, T sequence, G hc_mult streams, D hidden, K = (N-1)*H heads, Dh head dim, E = K*Dh.
 """
@@ -12,54 +11,59 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data.batch import EngramInputs
+from data.ngram_hash import EngramHashSpec
 from models import sharded_init
 from models.engram_table import EngramTable
 
 
 @dataclass
 class EngramConfig:
-    """Engram hyper-parameters; the hash fields use the reference ``EngramConfig`` names."""
+    """Engram hyper-parameters: the hash specification plus the module's own fields."""
 
-    layer_ids: list[int] = field(default_factory=lambda: [1, 15])
-    engram_vocab_size: list[int] = field(default_factory=lambda: [129280 * 5, 129280 * 5])
-    max_ngram_size: int = 3
-    n_embed_per_ngram: int = 512
-    n_head_per_ngram: int = 8
-    kernel_size: int = 4
-    pad_id: int = 2
-    seed: int = 0
-    variant: str = "paper"  # "paper" (reference demo) or "v4.1" (no conv, fused kv, fp32 gate)
-    conv_init: str = "zero"  # "zero" (the paper) or "reference" (PyTorch default, as in the demo)
-    document_reset: bool = False  # our extension; False equals the reference
-    sparse_grad: bool = True  # table produces sparse (touched-row) gradients
+    hash: EngramHashSpec = field(default_factory=EngramHashSpec)
+    n_embed_per_ngram: int = 512  # width of one n-gram order's rows (split over its heads)
+    kernel_size: int = 4  # ShortConv kernel (dilation = max_ngram_size)
+    variant: Literal["paper", "v4.1"] = "paper"  # v4.1: no conv, fused kv, fp32 gate
+    conv_init: Literal["zero", "reference"] = "zero"  # zero: the paper; reference: the demo's
+    sparse_grad: bool = True  # the table produces sparse (touched-row) gradients
+
+    @property
+    def layer_ids(self) -> list[int]:
+        return [int(i) for i in self.hash.layer_ids]
+
+    @property
+    def max_ngram_size(self) -> int:
+        return self.hash.max_ngram_size
+
+    @property
+    def document_reset(self) -> bool:
+        return self.hash.document_reset
 
     @property
     def num_heads(self) -> int:
-        return (self.max_ngram_size - 1) * self.n_head_per_ngram
+        return self.hash.num_heads
 
     @property
     def head_dim(self) -> int:
-        return self.n_embed_per_ngram // self.n_head_per_ngram
+        return self.n_embed_per_ngram // self.hash.n_head_per_ngram
 
     @property
     def embed_dim(self) -> int:
         return (self.max_ngram_size - 1) * self.n_embed_per_ngram
 
     def validate(self, num_layers: int | None = None) -> None:
-        from data.ngram_hash import validate_hash_fields
-
-        validate_hash_fields(
-            self.engram_vocab_size, self.max_ngram_size, self.n_head_per_ngram, self.layer_ids
-        )
-        if self.n_embed_per_ngram % self.n_head_per_ngram:
+        self.hash.validate()
+        if self.n_embed_per_ngram % self.hash.n_head_per_ngram:
             raise ValueError(
                 f"engram.n_embed_per_ngram={self.n_embed_per_ngram} must be divisible by "
-                f"engram.n_head_per_ngram={self.n_head_per_ngram}"
+                f"engram.hash.n_head_per_ngram={self.hash.n_head_per_ngram}"
             )
         if self.variant not in ("paper", "v4.1"):
             raise ValueError(f"engram.variant={self.variant!r}: use 'paper' or 'v4.1'")
@@ -71,18 +75,13 @@ class EngramConfig:
             bad = [i for i in self.layer_ids if not 0 <= i < num_layers]
             if bad:
                 raise ValueError(
-                    f"engram.layer_ids={self.layer_ids}: ids {bad} are out of range for "
+                    f"engram.hash.layer_ids={self.layer_ids}: ids {bad} are out of range for "
                     f"{num_layers} layers (0-indexed)"
                 )
 
     def table_sizes(self) -> dict[int, list[int]]:
         """Flat per-head prime sizes for every Engram layer (order-major)."""
-        from data.ngram_hash import engram_head_primes
-
-        primes = engram_head_primes(
-            self.engram_vocab_size, self.max_ngram_size, self.n_head_per_ngram, self.layer_ids
-        )
-        return {layer: [p for order in per for p in order] for layer, per in primes.items()}
+        return {layer: self.hash.table_sizes(layer) for layer in self.layer_ids}
 
 
 def signed_sqrt(x: torch.Tensor) -> torch.Tensor:
@@ -132,8 +131,8 @@ class ShortConv(nn.Module):
 class Engram(nn.Module):
     """One Engram layer: table lookup, per-branch gate, value, optional ShortConv.
 
-    ``forward(hidden [B, T, G, D], hash_ids [B, T, K]) -> [B, T, G, D]``; the caller adds it to the
-    residual streams.
+    ``forward(hidden [B, T, G, D], inputs) -> [B, T, G, D]``; the caller adds it to the residual
+    streams.
     """
 
     def __init__(
@@ -153,10 +152,14 @@ class Engram(nn.Module):
             self.kv_proj = nn.Linear(embed, (hc_mult + 1) * dim, bias=False)
         self.key_norms = nn.ModuleList([nn.RMSNorm(dim) for _ in range(hc_mult)])
         self.query_norms = nn.ModuleList([nn.RMSNorm(dim) for _ in range(hc_mult)])
+        self.gate_probe = nn.Identity()  # no parameters: a hook point for gate statistics
 
-    def forward(self, hidden: torch.Tensor, hash_ids: torch.Tensor, plan=None) -> torch.Tensor:
-        """``plan``: optional host-side routing for a sharded table (see parallel/)."""
-        rows = self.table(hash_ids) if plan is None else self.table(hash_ids, plan)
+    def forward(self, hidden: torch.Tensor, inputs: EngramInputs | torch.Tensor) -> torch.Tensor:
+        """``inputs``: this layer's ``EngramInputs`` from the batch (hash ids and the lookup plan
+        of the table's planner), or bare hash ids ``[B, T, K]``."""
+        if torch.is_tensor(inputs):
+            inputs = EngramInputs(inputs)
+        rows = self.table(inputs.hash_ids, inputs.plan)
         rows = rows.flatten(start_dim=-2)  # [B, T, K, Dh] -> [B, T, E]
         return self.combine(hidden, rows)
 
@@ -173,7 +176,7 @@ class Engram(nn.Module):
             [self._gate(keys[i], hidden[:, :, i, :], i, gate_dtype) for i in range(self.hc_mult)],
             dim=2,
         )  # [B, T, G, 1]
-        self.last_gate_mean = gates.detach().mean()  # logged as engram/gate_mean/layer{L}
+        gates = self.gate_probe(gates)  # identity; ``GateMonitor`` hooks it
         out = gates.to(value.dtype) * value.unsqueeze(2)  # [B, T, G, D]
         if self.cfg.variant == "paper":
             out = out + self.short_conv(out)
@@ -232,3 +235,47 @@ def load_reference_state_dict(module: Engram, reference: dict[str, torch.Tensor]
         raise KeyError(f"reference weights with no counterpart here: {unknown}")
     ours = {mapping[name]: tensor for name, tensor in reference.items()}
     module.load_state_dict(ours, strict=True)
+
+
+class GateMonitor:
+    """Engram gate statistics from forward hooks (nothing is stored on the modules).
+
+    ``scalars()`` gives ``engram/gate_mean/layer{L}`` of the last forward of every Engram layer
+    found in ``model``; ``remove()`` detaches the hooks.
+    """
+
+    def __init__(self, model: nn.Module):
+        self._last: dict[int, torch.Tensor] = {}
+        self._handles = [
+            module.gate_probe.register_forward_hook(self._hook(module.layer_id))
+            for module in model.modules()
+            if isinstance(module, Engram)
+        ]
+
+    def _hook(self, layer_id: int):
+        def record(module, args, output):
+            self._last[layer_id] = output.detach()  # reduced only when asked for
+
+        return record
+
+    def scalars(self) -> dict[str, float]:
+        return {
+            f"engram/gate_mean/layer{layer}": gates.float().mean().item()
+            for layer, gates in sorted(self._last.items())
+        }
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._last = [], {}
+
+
+def unique_row_fraction(engram: dict[int, EngramInputs], spec: EngramHashSpec) -> float | None:
+    """``engram/unique_rows_frac``: distinct table rows over lookups, averaged over the layers of
+    a batch (what deduplicated table traffic saves)."""
+    fractions = []
+    for layer, inputs in engram.items():
+        offsets = torch.from_numpy(spec.head_offsets(layer)).to(inputs.hash_ids.device)
+        flat = inputs.hash_ids + offsets  # [B, T, K] per-head ids -> flat rows
+        fractions.append(flat.unique().numel() / flat.numel())
+    return sum(fractions) / len(fractions) if fractions else None

@@ -1,9 +1,9 @@
 """Engram table access behind one interface.
 
 ``EngramTable`` is the in-memory flat table (one per Engram layer, per-head offsets). Host-resident,
-tiered (hot-row cache / NVMe) and row-sharded tables implement the same two calls,
-``forward(hash_ids)``
-and ``lookup_flat(flat_ids)``, so the Engram module never knows where rows live.
+tiered (hot-row cache / NVMe) and row-sharded tables implement the same calls,
+``forward(hash_ids, plan)`` and ``planner()`` (a picklable callable the loader runs to make
+``plan``; None when the table needs no plan), so the Engram module never knows where rows live.
 
 Legend: B batch, T sequence, K heads, Dh head dim, R total rows.
 """
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data.ngram_hash import head_offsets
 from models.sharded_init import local_rows
 
 
@@ -31,12 +32,16 @@ class EngramTable(nn.Module):
         self.table_sizes = [int(s) for s in table_sizes]
         self.head_dim = head_dim
         self.sparse = sparse
+        self.offsets_np = head_offsets(self.table_sizes)
         self.register_buffer("offsets", self._offsets(), persistent=False)
         self.weight = nn.Parameter(torch.empty(sum(self.table_sizes), head_dim))
 
     def _offsets(self) -> torch.Tensor:
-        sizes = torch.tensor([0] + self.table_sizes[:-1], dtype=torch.long)
-        return sizes.cumsum(0)
+        return torch.from_numpy(self.offsets_np.copy())
+
+    def planner(self):
+        """In-memory lookups need no host plan."""
+        return None
 
     @property
     def num_rows(self) -> int:
@@ -49,7 +54,7 @@ class EngramTable(nn.Module):
     def lookup_flat(self, flat_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(flat_ids, self.weight, sparse=self.sparse)
 
-    def forward(self, hash_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, hash_ids: torch.Tensor, plan=None) -> torch.Tensor:
         return self.lookup_flat(self.flat_ids(hash_ids))  # [B, T, K] -> [B, T, K, Dh]
 
     @torch.no_grad()

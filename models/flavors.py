@@ -9,8 +9,10 @@ sizes, and ``dense-4b`` / ``moe-27b`` / ``engram-27b`` / ``engram-40b`` are the 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 
+from data.ngram_hash import EngramHashSpec
 from models.args import ModelArgs, MoEArgs
 from models.engram import EngramConfig
 
@@ -31,10 +33,8 @@ def _debug() -> ModelArgs:
         hc_mult=2,
         moe=MoEArgs(num_routed_experts=4, num_shared_experts=1, top_k=2, expert_hidden_dim=64),
         engram=EngramConfig(
-            layer_ids=[0],
-            engram_vocab_size=[2003, 2003],
+            hash=EngramHashSpec(layer_ids=[0], engram_vocab_size=[2003, 2003], n_head_per_ngram=2),
             n_embed_per_ngram=32,
-            n_head_per_ngram=2,
             kernel_size=4,
         ),
     )
@@ -58,10 +58,10 @@ def _demo() -> ModelArgs:
         hc_mult=2,
         moe=MoEArgs(num_routed_experts=8, num_shared_experts=1, top_k=2, expert_hidden_dim=256),
         engram=EngramConfig(
-            layer_ids=[0, 2],
-            engram_vocab_size=[30011, 30011],
+            hash=EngramHashSpec(
+                layer_ids=[0, 2], engram_vocab_size=[30011, 30011], n_head_per_ngram=4
+            ),
             n_embed_per_ngram=128,
-            n_head_per_ngram=4,
             kernel_size=4,
         ),
     )
@@ -88,10 +88,10 @@ def _ladder(dim: int, layers: int, experts: int, engram: bool) -> Callable[[], M
                 num_routed_experts=experts, num_shared_experts=1, top_k=2, expert_hidden_dim=dim
             ),
             engram=EngramConfig(
-                layer_ids=[1, layers // 2],
-                engram_vocab_size=[50021, 50021],
+                hash=EngramHashSpec(
+                    layer_ids=[1, layers // 2], engram_vocab_size=[50021, 50021], n_head_per_ngram=4
+                ),
                 n_embed_per_ngram=dim // 2,
-                n_head_per_ngram=4,
             )
             if engram
             else None,
@@ -126,11 +126,13 @@ def _paper_backbone(**overrides) -> ModelArgs:
 def _paper_engram(rows_per_head: int) -> EngramConfig:
     # layers 2 and 15 (1-indexed), N=3, 8 heads, 1280 dims per n-gram order (160 per head)
     return EngramConfig(
-        layer_ids=[1, 14],
-        engram_vocab_size=[rows_per_head, rows_per_head],
-        max_ngram_size=3,
+        hash=EngramHashSpec(
+            layer_ids=[1, 14],
+            engram_vocab_size=[rows_per_head, rows_per_head],
+            max_ngram_size=3,
+            n_head_per_ngram=8,
+        ),
         n_embed_per_ngram=1280,
-        n_head_per_ngram=8,
         kernel_size=4,
     )
 
@@ -176,16 +178,62 @@ def get_flavor(name: str) -> ModelArgs:
 
 
 def apply_overrides(args: ModelArgs, overrides: dict) -> ModelArgs:
-    """Set ``ModelArgs`` fields from ``{"dim": 128, "moe.top_k": 4, "engram.seed": 1}``."""
+    """Set ``ModelArgs`` fields from ``{"dim": 128, "moe.top_k": 4, "engram.hash.seed": 1}``."""
     for dotted, value in overrides.items():
         target, parts = args, dotted.split(".")
         for part in parts[:-1]:
             target = getattr(target, part, None)
             if target is None:
                 raise ValueError(f"model.overrides.{dotted}: {part!r} is not set in this flavor")
-        if not hasattr(target, parts[-1]):
+        derived = isinstance(getattr(type(target), parts[-1], None), property)
+        if derived or not hasattr(target, parts[-1]):
+            hint = ""
+            for child in dataclasses.fields(target) if dataclasses.is_dataclass(target) else ():
+                if dataclasses.is_dataclass(getattr(target, child.name)) and hasattr(
+                    getattr(target, child.name), parts[-1]
+                ):
+                    hint = f"; did you mean model.overrides.{'.'.join(parts[:-1] + [child.name])}"
+                    hint += f".{parts[-1]}?"
             raise ValueError(
-                f"model.overrides.{dotted}: unknown field {parts[-1]!r} of {type(target).__name__}"
+                f"model.overrides.{dotted}: unknown field {parts[-1]!r} of "
+                f"{type(target).__name__}{hint}"
             )
         setattr(target, parts[-1], value)
+    return args
+
+
+def resolve_model_args(
+    flavor: str,
+    overrides: dict | None = None,
+    *,
+    vocab_size: int = 0,
+    tokenizer_vocab_size: int | None = None,
+    pad_id: int | None = None,
+    seq_len: int | None = None,
+) -> ModelArgs:
+    """The one way a job turns ``[model]`` into ``ModelArgs`` (train, dry run, summary).
+
+    Args:
+        flavor, overrides: ``model.flavor`` and ``model.overrides``.
+        vocab_size: ``model.vocab_size`` (0: the tokenizer's, else the flavor's).
+        tokenizer_vocab_size, pad_id: the job's tokenizer, when there is one: the embedding must
+            cover it, and Engram pads with its pad id unless ``engram.hash.pad_id`` is overridden.
+        seq_len: ``data.seq_len``, checked against ``max_seq_len``.
+    """
+    overrides = overrides or {}
+    args = apply_overrides(get_flavor(flavor), overrides)
+    args.vocab_size = vocab_size or tokenizer_vocab_size or args.vocab_size
+    if tokenizer_vocab_size is not None and args.vocab_size < tokenizer_vocab_size:
+        raise ValueError(
+            f"model.vocab_size={args.vocab_size} is below the tokenizer's "
+            f"{tokenizer_vocab_size}; raise it or set 0 (use the tokenizer's)"
+        )
+    if args.engram is not None and pad_id is not None and "engram.hash.pad_id" not in overrides:
+        args.engram.hash.pad_id = pad_id
+    if seq_len is not None and seq_len > args.max_seq_len:
+        raise ValueError(
+            f"data.seq_len={seq_len} exceeds the flavor's max_seq_len={args.max_seq_len}; "
+            f"lower data.seq_len or set --model.overrides.max_seq_len={seq_len}"
+        )
+    args.validate()
     return args

@@ -133,8 +133,8 @@ def validate_parallelism(
                 "parallelism (use the auxiliary-loss-free balancing)",
             )
         )
-    if dims.etp > 1 and args.engram is None:
-        checks.append((False, "parallelism.engram_table_parallel_degree > 1 needs Engram layers"))
+    if dims.engram_shard > 1 and args.engram is None:
+        checks.append((False, "parallelism.engram_shard_degree > 1 needs Engram layers"))
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
@@ -170,15 +170,3 @@ def split_pipeline(model: nn.Module, pp_rank: int, pp_degree: int, stages_per_ra
             shell.merge = shell.norm = shell.output = None
         shells.append(shell)
     return model, shells, stage_ids, num_stages
-
-
-def apply_block_wrappers(model: nn.Module, activation_checkpoint: str, compile_blocks: bool):
-    """Activation checkpointing (recompute each block in backward), then torch.compile per block."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-    for key, block in list(model.layers.items()):
-        if activation_checkpoint == "full":
-            block = checkpoint_wrapper(block, preserve_rng_state=False)
-        if compile_blocks:
-            block.compile()  # in place: parameter names and state-dict keys stay the same
-        model.layers[key] = block

@@ -11,55 +11,22 @@ global norm from ``ParallelPlan.sharded_groups``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from models.engram_table import init_table_rows
 from models.moe import GroupedExperts
-from models.parallel_plans import (
-    apply_block_wrappers,
-    sequence_local_params,
-    split_pipeline,
-    tensor_parallel_plan,
-)
-from parallel.data_parallel import all_reduce_grads_, apply_ddp, apply_fsdp
+from models.parallel_plans import sequence_local_params, split_pipeline, tensor_parallel_plan
+from parallel.data_parallel import apply_ddp, apply_fsdp
 from parallel.dims import ParallelDims
 from parallel.distributed import cpu_group_for
 from parallel.engram_table_parallel import ShardedEngramTable
 from parallel.expert_parallel import AllToAllDispatcher
+from parallel.plan import GradSyncRule, ParallelPlan
 from parallel.sharding import register_row_sharding
 from parallel.tensor_parallel import apply_tensor_parallel
-
-
-@dataclass
-class GradSyncRule:
-    """After backward: sum the gradients over ``group`` (None: no communication), then divide."""
-
-    params: list[nn.Parameter]
-    group: object
-    divisor: float
-
-
-@dataclass
-class ParallelPlan:
-    rules: list[GradSyncRule] = field(default_factory=list)
-    # (params whose local gradients are disjoint pieces of one gradient, CPU group for the norm)
-    sharded_groups: list[tuple[list[nn.Parameter], object]] = field(default_factory=list)
-    # pipeline parallelism: this rank's stage models and ids, the stage count, the pp groups
-    stages: list[nn.Module] = field(default_factory=list)
-    stage_ids: list[int] = field(default_factory=list)
-    num_stages: int = 1
-    pp_group: object = None
-    pp_cpu_group: object = None
-    # groups over which MoE load counts are summed besides data parallel (sequence parallel: tp)
-    token_groups: list = field(default_factory=list)
-
-    def sync_grads(self) -> None:
-        for rule in self.rules:
-            all_reduce_grads_(rule.params, rule.group, rule.divisor)
+from parallel.wrappers import apply_block_wrappers
 
 
 def materialize(model: nn.Module, device: torch.device, seed: int) -> nn.Module:
@@ -90,7 +57,7 @@ def parallelize_deepseek_engram(
     """
     plan = ParallelPlan()
     if dims.world_size == 1:
-        apply_block_wrappers(model, activation_checkpoint, compile_blocks)
+        apply_block_wrappers(model.layers, activation_checkpoint, compile_blocks)
         return (model if dry_run else materialize(model, device, seed)), model, plan
     if dims.pp > 1:
         pp_mesh = mesh["pp"]
@@ -99,13 +66,15 @@ def parallelize_deepseek_engram(
         )
         plan.pp_group = pp_mesh.get_group()
         plan.pp_cpu_group = cpu_group_for(plan.pp_group)
-    dp_group = dims.dp_group(mesh) or dist.group.WORLD
+    plan.dp_group = dims.dp_group(mesh)
+    plan.vocab_parallel = dims.tp > 1 and dims.pp == 1
+    dp_group = plan.dp_group or dist.group.WORLD
     if dims.tp > 1:
         apply_tensor_parallel(
             model, mesh["tp"], tensor_parallel_plan(model, dims.pp == 1, sequence_parallel)
         )
     sharded = _apply_sharded_tables_and_experts(model, dims, device, dp_group)
-    apply_block_wrappers(model, activation_checkpoint, compile_blocks)
+    apply_block_wrappers(model.layers, activation_checkpoint, compile_blocks)
     if dims.dp_shard > 1:
         _check_no_replicated_sparse(model)
         ignored = {p for modules, *_ in sharded for module in modules for p in module.parameters()}
@@ -151,12 +120,12 @@ def _apply_sharded_tables_and_experts(model, dims: ParallelDims, device, dp_grou
     """Expert and Engram-table sharding; returns ``(modules, norm group, sync group, divisor)``."""
     sharded = []
     if dims.ep > 1:
-        ep_mesh = _ep_mesh(dims, device)
+        ep_mesh = dims.build_ep_mesh(torch.device(device).type)
         ep_group, rest = ep_mesh["ep"].get_group(), ep_mesh["ep_replicate"].get_group()
         experts = apply_expert_parallel(model, ep_group, ep_mesh["ep"].get_local_rank())
         sync = rest if dims.dp_degree > dims.ep else None
         sharded.append((experts, cpu_group_for(ep_group), sync, dims.dp_degree))
-    if dims.etp > 1:
+    if dims.engram_shard > 1:
         cpu_group = cpu_group_for(dp_group)
         tables = apply_engram_table_parallel(model, dp_group, cpu_group, dims.dp_degree)
         sharded.append((tables, cpu_group, None, None))  # owners already hold the scaled sum
@@ -167,21 +136,9 @@ def _check_no_replicated_sparse(model) -> None:
     if sparse_grad_params(model):
         raise ValueError(
             "FSDP (parallelism.data_parallel_shard_degree > 1) cannot shard sparse gradients of "
-            "replicated Engram tables: set parallelism.engram_table_parallel_degree to the "
+            "replicated Engram tables: set parallelism.engram_shard_degree to the "
             "data-parallel degree, or --model.overrides.engram.sparse_grad=false"
         )
-
-
-def _ep_mesh(dims: ParallelDims, device):
-    from torch.distributed.device_mesh import init_device_mesh
-
-    # same rank layout as the main mesh (pp outermost, tp innermost): an ep group shares its pp
-    # and tp ranks
-    return init_device_mesh(
-        torch.device(device).type,
-        (dims.pp, dims.dp_degree // dims.ep, dims.ep, dims.tp),
-        mesh_dim_names=("pp", "ep_replicate", "ep", "tp"),
-    )
 
 
 def sparse_grad_params(model: nn.Module) -> list[nn.Parameter]:
@@ -204,6 +161,7 @@ def apply_engram_table_parallel(model: nn.Module, group, cpu_group, dp_degree: i
         table = engram.table
         engram.table = ShardedEngramTable(
             table.table_sizes,
+            table.offsets_np,
             table.head_dim,
             group,
             cpu_group,

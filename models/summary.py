@@ -12,12 +12,12 @@ import json
 import torch
 
 from models.accounting import account, count_meta_params
-from models.flavors import FLAVORS, get_flavor
+from models.flavors import FLAVORS, resolve_model_args
 from models.transformer import Transformer
 
 
 def summarize(flavor: str, seq_len: int | None = None) -> dict:
-    args = get_flavor(flavor)
+    args = resolve_model_args(flavor)
     result = account(args, seq_len).as_dict()
     with torch.device("meta"):
         meta = count_meta_params(Transformer(args))

@@ -1,6 +1,5 @@
 """The DeepSeek-style decoder: embedding, blocks (Engram -> attention -> FFN/MoE, all on mHC
-streams),
-final norm, LM head. Plain PyTorch; parallelism is applied from outside (../STYLE rule 1).
+streams), final norm, LM head. Plain PyTorch; parallelism is applied from outside (../STYLE rule 1).
 
 Legend: B batch, T sequence, G hc_mult streams, D dim, V vocab, K Engram heads.
 """
@@ -13,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from data.batch import EngramInputs
 from models import sharded_init
 from models.args import ModelArgs
 from models.attention import build_attention
@@ -31,9 +31,7 @@ from models.moe import MoE
 @dataclass
 class ModelOutput:
     logits: torch.Tensor  # [B, T, V]
-    aux_losses: dict[str, torch.Tensor] = field(
-        default_factory=dict
-    )  # added to the loss by the trainer
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # added to the loss
 
 
 class TransformerBlock(nn.Module):
@@ -57,14 +55,14 @@ class TransformerBlock(nn.Module):
         self.init_std = 0.02
         self.out_std = 0.02 / math.sqrt(2 * args.num_layers)
 
-    def forward(self, x, rope, mask, hash_ids=None, plan=None):
+    def forward(self, x, rope, mask, engram: EngramInputs | None = None):
         """``x [B, T, G, D]`` -> ``(x [B, T, G, D], seq_aux_loss or None)``."""
         if self.engram is not None:
-            if hash_ids is None:
+            if engram is None:
                 raise ValueError(
-                    f"layer {self.layer_id} has Engram but the batch has no hash ids for it"
+                    f"layer {self.layer_id} has Engram but the batch has no Engram inputs for it"
                 )
-            x = x + self.engram(x, hash_ids, plan)
+            x = x + self.engram(x, engram)
         h, ctx = self.attn_hc.pre(x)
         x = self.attn_hc.post(x, self.attention(self.attention_norm(h), rope, mask), ctx)
         h, ctx = self.ffn_hc.pre(x)
@@ -89,11 +87,11 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """``forward(tokens, hash_ids, positions, doc_ids) -> ModelOutput``.
+    """``forward(tokens, *, positions, doc_ids, engram) -> ModelOutput``.
 
-    ``hash_ids`` maps an Engram layer id to its per-head ids ``[B, T, K]`` (from the loader).
-    Layers live
-    in a ``ModuleDict`` keyed by layer id so pipeline stages can drop the ones they do not own.
+    ``engram`` maps an Engram layer id to its ``EngramInputs`` (hash ids and lookup plan, from the
+    loader; bare ``[B, T, K]`` hash ids are accepted too). Layers live in a ``ModuleDict`` keyed by
+    layer id so pipeline stages can drop the ones they do not own.
     """
 
     def __init__(self, args: ModelArgs):
@@ -114,7 +112,12 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
 
     def forward(
-        self, tokens, hash_ids=None, positions=None, doc_ids=None, engram_plans=None
+        self,
+        tokens: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        engram: dict[int, EngramInputs | torch.Tensor] | None = None,
     ) -> ModelOutput:
         batch, seq = tokens.shape[:2]  # token ids [B, T], or streams [B, T, G, D] on later stages
         if seq > self.args.max_seq_len:
@@ -132,9 +135,8 @@ class Transformer(nn.Module):
             x = x.unsqueeze(2).expand(-1, -1, self.args.hc_mult, -1)
         aux_total = None
         for layer in self.layers.values():
-            layer_hash = None if hash_ids is None else hash_ids.get(layer.layer_id)
-            plan = None if engram_plans is None else engram_plans.get(layer.layer_id)
-            x, aux = layer(x, rope, mask, layer_hash, plan)
+            inputs = None if engram is None else engram.get(layer.layer_id)
+            x, aux = layer(x, rope, mask, inputs)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
         if self.norm is None:  # a pipeline stage without the head passes the streams on

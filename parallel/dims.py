@@ -1,9 +1,14 @@
 """Parallel degrees -> one named DeviceMesh (torchtitan's ParallelDims idea).
 
-Axis names: ``dp_replicate``, ``dp_shard``, ``tp``, ``pp``, ``ep``, ``cp``, ``etp`` (Engram tables).
+Every axis is built here: the main mesh ``(pp, dp_replicate, dp_shard, cp, tp)`` (pipeline
+outermost, tensor parallel innermost: the ranks of one node), the expert mesh
+``(pp, ep_replicate, ep, cp, tp)`` over the same ranks, and the data-parallel group, which is also
+the group the Engram tables are row-sharded over (``engram_shard``; ``etp`` is expert *tensor*
+parallelism in torchtitan, so that name is not used). ``cp`` is a real axis of size 1 until
+context parallelism lands.
+
 This module knows nothing of models (../STYLE rule 1): model-dependent checks (heads, experts,
-layers)
-live in the model family's parallelize function.
+layers) live in the model family's parallel plan.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ class ParallelDims:
     pp: int
     ep: int
     cp: int
-    etp: int
+    engram_shard: int
     world_size: int
 
     @classmethod
@@ -33,7 +38,7 @@ class ParallelDims:
             cfg.pipeline_parallel_degree,
             cfg.expert_parallel_degree,
             cfg.context_parallel_degree,
-            cfg.engram_table_parallel_degree,
+            cfg.engram_shard_degree,
             world_size,
         )
         dims.validate()
@@ -46,7 +51,7 @@ class ParallelDims:
             "parallelism.pipeline_parallel_degree": self.pp,
             "parallelism.expert_parallel_degree": self.ep,
             "parallelism.context_parallel_degree": self.cp,
-            "parallelism.engram_table_parallel_degree": self.etp,
+            "parallelism.engram_shard_degree": self.engram_shard,
         }
         for name, value in named.items():
             if value < 1:
@@ -75,10 +80,11 @@ class ParallelDims:
                 f"parallelism.expert_parallel_degree={self.ep} must divide the data-parallel "
                 f"degree {self.dp_degree} (experts are sharded over data-parallel ranks)"
             )
-        if self.etp > 1 and self.etp != self.dp_degree:
+        if self.engram_shard > 1 and self.engram_shard != self.dp_degree:
             raise ValueError(
-                f"parallelism.engram_table_parallel_degree={self.etp}: the table group is the "
-                f"data-parallel ranks; set it to {self.dp_degree} (dp_replicate * dp_shard) or 1"
+                f"parallelism.engram_shard_degree={self.engram_shard}: the tables are sharded over "
+                f"the data-parallel ranks; set it to {self.dp_degree} (dp_replicate * dp_shard) "
+                "or 1"
             )
         pending = {"parallelism.context_parallel_degree": self.cp}
         pending = {k: v for k, v in pending.items() if v > 1}
@@ -93,19 +99,45 @@ class ParallelDims:
     def dp_degree(self) -> int:
         return self.dp_replicate * self.dp_shard
 
+    def dp_rank(self, rank: int) -> int:
+        """The data-parallel index of global ``rank`` (its loader shard): tp and cp peers, and the
+        stages of one pipeline, share it."""
+        return (rank // (self.tp * self.cp)) % self.dp_degree
+
+    def build_mesh(self, device_type: str):
+        """The main mesh ``(pp, dp_replicate, dp_shard, cp, tp)``."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        return init_device_mesh(
+            device_type,
+            (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp),
+            mesh_dim_names=("pp", "dp_replicate", "dp_shard", "cp", "tp"),
+        )
+
+    def build_ep_mesh(self, device_type: str):
+        """``(pp, ep_replicate, ep, cp, tp)``: the data-parallel ranks of the main mesh split into
+        expert groups, with the same rank layout (an ep group shares its pp, cp and tp ranks)."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        return init_device_mesh(
+            device_type,
+            (self.pp, self.dp_degree // self.ep, self.ep, self.cp, self.tp),
+            mesh_dim_names=("pp", "ep_replicate", "ep", "cp", "tp"),
+        )
+
     def dp_group(self, mesh):
         """The group of all data-parallel ranks (None: the whole world)."""
         if self.dp_degree == self.world_size:
             return None
         return mesh["dp_replicate", "dp_shard"]._flatten("dp").get_group()
 
-    def build_mesh(self, device_type: str):
-        """Axes (pp, dp_replicate, dp_shard, tp): pipeline outermost, tensor parallel innermost
-        (the ranks of one node)."""
-        from torch.distributed.device_mesh import init_device_mesh
-
-        return init_device_mesh(
-            device_type,
-            (self.pp, self.dp_replicate, self.dp_shard, self.tp),
-            mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"),
-        )
+    def layout(self) -> dict[str, int]:
+        return {
+            "dp_replicate": self.dp_replicate,
+            "dp_shard": self.dp_shard,
+            "tp": self.tp,
+            "pp": self.pp,
+            "cp": self.cp,
+            "ep": self.ep,
+            "engram_shard": self.engram_shard,
+        }

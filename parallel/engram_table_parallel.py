@@ -4,10 +4,10 @@ Lookup: every rank deduplicates the rows its batch touches, sends the ids to the
 all-to-all, and the owners send the rows back; gradients return to the owners the same way (the
 all-to-all is autograd-aware), where they arrive as sparse row gradients for the row-wise optimizer.
 
-Split sizes come from the host: ``build_shard_plan`` runs on numpy hash ids (in the loader's
-workers),
-and the per-owner counts are exchanged over a CPU (gloo) group, so the device never has to be
-synchronised to learn them (the public Megatron-based port pays a device-to-host sync here).
+Split sizes come from the host: the table's ``ShardPlanner`` runs on numpy hash ids in the
+loader's workers (``data.batch`` injects it), and the per-owner counts are exchanged over a CPU
+(gloo) group, so the device never has to be synchronised to learn them (the public Megatron-based
+port pays a device-to-host sync here).
 
 Rows are partitioned in contiguous blocks with ``torch.chunk`` semantics (``ceil(R / P)`` rows per
 shard, the last ones possibly shorter), the same as a ``Shard(0)`` DTensor, so checkpoints reshard
@@ -19,12 +19,14 @@ Legend: B batch, T sequence, K heads, Dh head dim, U unique rows of the local ba
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from parallel.sharding import register_row_sharding
 
@@ -37,23 +39,63 @@ def row_bounds(num_rows: int, num_shards: int) -> list[int]:
 
 @dataclass
 class ShardPlan:
-    """Host-side routing of one layer's lookups for one batch."""
+    """Host-side routing of one layer's lookups for one batch, per row chunk (``data.batch``).
 
-    unique_ids: np.ndarray  # [U] sorted flat row ids (sorted ids are grouped by owner)
-    send_counts: np.ndarray  # [P] ids sent to each owner
-    inverse: np.ndarray  # [B, T, K] position of every lookup in unique_ids
+    The batch's rows are planned in ``C`` equal chunks (C = 1, or the pipeline microbatches), each
+    deduplicated on its own; every field has the chunks (or the rows) on dim 0, so chunking the
+    batch on dim 0 chunks the plan with it.
+    """
+
+    unique_ids: Any  # [C, U] sorted flat row ids per chunk (grouped by owner), 0-padded
+    send_counts: Any  # [C, P] ids each chunk sends to each owner; stays on the host
+    inverse: Any  # [B, T, K] position of every lookup in its chunk's unique_ids
+
+    def to_torch(self) -> ShardPlan:
+        return ShardPlan(
+            *(torch.as_tensor(f) for f in (self.unique_ids, self.send_counts, self.inverse))
+        )
+
+    def to(self, device, non_blocking: bool = False) -> ShardPlan:
+        return ShardPlan(
+            self.unique_ids.to(device, non_blocking=non_blocking),
+            self.send_counts,  # read on the host: no device synchronisation to learn the splits
+            self.inverse.to(device, non_blocking=non_blocking),
+        )
 
 
-def build_shard_plan(flat_ids: np.ndarray, bounds: list[int]) -> ShardPlan:
-    """Deduplicate the batch's flat row ids and count them per owner (pure numpy)."""
-    unique, inverse = np.unique(flat_ids, return_inverse=True)
-    owners = np.searchsorted(np.asarray(bounds[1:]), unique, side="right")
-    counts = np.bincount(owners, minlength=len(bounds) - 1)
+# the pipeline schedule chunks plans into microbatches like any tensor argument
+pytree.register_dataclass(ShardPlan)
+
+
+def build_shard_plan(flat_ids: np.ndarray, bounds: list[int], num_chunks: int = 1) -> ShardPlan:
+    """Deduplicate each row chunk's flat row ids and count them per owner (pure numpy)."""
+    chunks = np.split(np.asarray(flat_ids), num_chunks, axis=0)
+    uniques, counts, inverses = [], [], []
+    for chunk in chunks:
+        unique, inverse = np.unique(chunk, return_inverse=True)
+        owners = np.searchsorted(np.asarray(bounds[1:]), unique, side="right")
+        uniques.append(unique)
+        counts.append(np.bincount(owners, minlength=len(bounds) - 1))
+        inverses.append(inverse.reshape(chunk.shape))
+    padded = np.zeros((num_chunks, max(len(u) for u in uniques)), dtype=np.int64)
+    for i, unique in enumerate(uniques):
+        padded[i, : len(unique)] = unique
     return ShardPlan(
-        unique.astype(np.int64),
-        counts.astype(np.int64),
-        inverse.reshape(flat_ids.shape).astype(np.int64),
+        padded,
+        np.stack(counts).astype(np.int64),
+        np.concatenate(inverses).astype(np.int64),
     )
+
+
+@dataclass
+class ShardPlanner:
+    """The loader-side planner of a row-sharded table: picklable, pure numpy."""
+
+    offsets: np.ndarray  # [K] head offsets of the layer's flat table
+    bounds: list[int]  # [P + 1] shard boundaries
+
+    def __call__(self, hash_ids: np.ndarray, num_chunks: int = 1) -> ShardPlan:
+        return build_shard_plan(hash_ids + self.offsets, self.bounds, num_chunks)
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -72,6 +114,7 @@ class ShardedEngramTable(nn.Module):
 
     Args:
         table_sizes: prime size of every head (order-major), as ``EngramTable``.
+        offsets: head offsets in the flat table (``data.ngram_hash.head_offsets``).
         head_dim: Dh.
         group: the table-parallel process group (any backend).
         cpu_group: a gloo group over the same ranks, for the host-side count exchange.
@@ -84,6 +127,7 @@ class ShardedEngramTable(nn.Module):
     def __init__(
         self,
         table_sizes: list[int],
+        offsets: np.ndarray,
         head_dim: int,
         group,
         cpu_group,
@@ -101,43 +145,47 @@ class ShardedEngramTable(nn.Module):
         self.bounds = row_bounds(self.num_rows, self.world)
         self.row_start = self.bounds[self.rank]
         local = self.bounds[self.rank + 1] - self.row_start
-        offsets = np.concatenate([[0], np.cumsum(self.table_sizes)[:-1]]).astype(np.int64)
-        self.offsets_np = offsets
-        self.register_buffer("offsets", torch.from_numpy(offsets).to(device), persistent=False)
+        self.offsets_np = np.asarray(offsets, dtype=np.int64)
+        self.register_buffer(
+            "offsets", torch.from_numpy(self.offsets_np).to(device), persistent=False
+        )
         self.weight = nn.Parameter(torch.empty(local, head_dim, device=device))
         self.sharded = True
         register_row_sharding(self, ["weight"], group, self.num_rows, self.row_start)
 
-    def table_layout(self) -> tuple[np.ndarray, list[int]]:
-        """(head offsets, shard bounds): what the loader needs to build ``ShardPlan``s."""
-        return self.offsets_np, self.bounds
+    def planner(self) -> ShardPlanner:
+        """What the loader runs to plan this table's lookups (``data.batch``)."""
+        return ShardPlanner(self.offsets_np, self.bounds)
 
     def flat_ids(self, hash_ids: torch.Tensor) -> torch.Tensor:
         return hash_ids + self.offsets
 
-    def plan_for(self, hash_ids: torch.Tensor) -> ShardPlan:
-        """Host plan from device ids (costs a device-to-host copy: the loader's plan avoids it)."""
-        flat = hash_ids.detach().cpu().numpy() + self.offsets_np
-        return build_shard_plan(flat, self.bounds)
-
     def forward(self, hash_ids: torch.Tensor, plan: ShardPlan | None = None) -> torch.Tensor:
-        """``hash_ids [B, T, K]`` -> rows ``[B, T, K, Dh]``."""
+        """``hash_ids [B, T, K]`` -> rows ``[B, T, K, Dh]``, routed by the loader's ``plan``."""
         from torch.distributed.nn.functional import all_to_all_single
 
-        plan = plan if plan is not None else self.plan_for(hash_ids)
+        if plan is None:
+            raise ValueError(
+                "a row-sharded Engram table needs the lookup plan of its planner: build the "
+                "loader with planners={layer: table.planner()} (data.batch.plan_lookups)"
+            )
+        if plan.unique_ids.shape[0] != 1:
+            raise ValueError(
+                f"the lookup plan covers {plan.unique_ids.shape[0]} row chunks but reached one "
+                "lookup: plan with num_chunks equal to the pipeline microbatches"
+            )
         device = self.weight.device
-        send = [int(c) for c in plan.send_counts]
+        counts = torch.as_tensor(plan.send_counts[0], dtype=torch.int64)
+        send = counts.tolist()  # a host tensor: no device synchronisation
         recv_t = torch.empty(self.world, dtype=torch.int64)
-        dist.all_to_all_single(
-            recv_t, torch.as_tensor(plan.send_counts, dtype=torch.int64), group=self.cpu_group
-        )
-        recv = recv_t.tolist()  # a CPU tensor: no device synchronisation
-        unique = torch.as_tensor(plan.unique_ids, device=device)
+        dist.all_to_all_single(recv_t, counts, group=self.cpu_group)
+        recv = recv_t.tolist()
+        unique = torch.as_tensor(plan.unique_ids[0, : sum(send)], device=device)
         requested = unique.new_empty(sum(recv))
         dist.all_to_all_single(requested, unique, recv, send, group=self.group)
         local_rows = F.embedding(requested - self.row_start, self.weight, sparse=True)
         local_rows = _ScaleGrad.apply(local_rows, self.grad_scale)
-        rows = local_rows.new_empty(len(plan.unique_ids), self.head_dim)
+        rows = local_rows.new_empty(sum(send), self.head_dim)
         rows = all_to_all_single(rows, local_rows, send, recv, group=self.group)
         return rows[torch.as_tensor(plan.inverse, device=device)]
 

@@ -46,9 +46,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, plan: dict[str, str]) -> No
         "seq_gather_input1": lambda: PrepareModuleInput(  # ffn(x)
             input_layouts=(seq,), desired_input_layouts=(rep,), use_local_output=True
         ),
-        "seq_gather_input_shard_output": lambda: PrepareModuleInputOutput(
-            input_layouts=(seq, None, None),
-            desired_input_layouts=(rep, None, None),
+        "seq_gather_input_shard_output": lambda: PrepareModuleInputOutput(  # engram(x, inputs)
+            input_layouts=(seq, None),
+            desired_input_layouts=(rep, None),
             use_local_input=True,
             output_layouts=rep,
             desired_output_layouts=seq,

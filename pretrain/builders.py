@@ -1,5 +1,5 @@
 """Builds the job's components from their own config sections: data, tokenizer, hasher, model
-args."""
+args, loader."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from data.ngram_hash import CompressedTokenizer, NgramHasher
 from data.tokenizer import Tokenizer, load_tokenizer
 from models.args import ModelArgs
-from models.flavors import apply_overrides, get_flavor
+from models.flavors import resolve_model_args
 from parallel.distributed import barrier
 from pretrain.config import DataConfig, ModelConfig
 
@@ -47,34 +47,17 @@ def build_tokenizer(cfg: DataConfig, folder: Path) -> Tokenizer:
 
 
 def build_model_args(cfg: ModelConfig, tokenizer: Tokenizer, seq_len: int) -> ModelArgs:
-    args = apply_overrides(get_flavor(cfg.flavor), cfg.overrides)
-    args.vocab_size = cfg.vocab_size or tokenizer.vocab_size
-    if args.vocab_size < tokenizer.vocab_size:
-        raise ValueError(
-            f"model.vocab_size={args.vocab_size} is below the tokenizer's "
-            f"{tokenizer.vocab_size}; raise it or set 0 (use the tokenizer's)"
-        )
-    if args.engram is not None and "engram.pad_id" not in cfg.overrides:
-        args.engram.pad_id = tokenizer.pad_id
-    if seq_len > args.max_seq_len:
-        raise ValueError(
-            f"data.seq_len={seq_len} exceeds the flavor's max_seq_len={args.max_seq_len}; "
-            f"lower data.seq_len or set --model.overrides.max_seq_len={seq_len}"
-        )
-    args.validate()
-    return args
+    return resolve_model_args(
+        cfg.flavor,
+        cfg.overrides,
+        vocab_size=cfg.vocab_size,
+        tokenizer_vocab_size=tokenizer.vocab_size,
+        pad_id=tokenizer.pad_id,
+        seq_len=seq_len,
+    )
 
 
 def build_hasher(args: ModelArgs, tokenizer: Tokenizer) -> NgramHasher | None:
     if args.engram is None:
         return None
-    e = args.engram
-    return NgramHasher(
-        CompressedTokenizer.from_tokenizer(tokenizer),
-        engram_vocab_size=e.engram_vocab_size,
-        max_ngram_size=e.max_ngram_size,
-        n_head_per_ngram=e.n_head_per_ngram,
-        layer_ids=e.layer_ids,
-        pad_id=e.pad_id,
-        seed=e.seed,
-    )
+    return NgramHasher(args.engram.hash, CompressedTokenizer.from_tokenizer(tokenizer))

@@ -2,13 +2,10 @@
 
 Layout: ``<dump>/<folder>/step-00000100/`` holds the DCP shards of the model and optimizer states,
 ``train_state_rank{r}.pt`` (RNG states, data-loader state, LR step) for every rank, and
-``meta.json``
-(step, Engram hash configuration, tokenizer identity), which is written last. Everything is written
-to a
-``.tmp`` folder first and renamed, so a kill at any moment leaves either a complete checkpoint or a
-``.tmp`` folder that is ignored. The newest complete checkpoint that loads is resumed; a corrupt
-one is
-reported and skipped.
+``meta.json`` (step, Engram hash configuration, tokenizer identity), which is written last.
+Everything is written to a ``.tmp`` folder first and renamed, so a kill at any moment leaves either
+a complete checkpoint or a ``.tmp`` folder that is ignored. The newest complete checkpoint that
+loads is resumed; a corrupt one is reported and skipped.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import resource
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -40,7 +41,12 @@ def memory_gib(device: torch.device) -> float:
 
 
 class MetricsLogger:
-    """Rank 0 writes; other ranks only keep the progress bar off."""
+    """Rank 0 writes; other ranks only keep the progress bar off.
+
+    It owns the timing window: ``step_done(tokens, data_wait)`` after every step, ``should_log``
+    says when to log, and ``log_train`` turns the window into tokens/s, MFU and the data-wait
+    share, then opens a new window.
+    """
 
     def __init__(
         self,
@@ -50,8 +56,11 @@ class MetricsLogger:
         total_steps: int,
         start_step: int,
         device: torch.device,
+        flops_per_token: float = 0.0,
     ):
         self.cfg, self.rank, self.device = cfg, rank, device
+        self.total_steps, self.flops_per_token = total_steps, flops_per_token
+        self._window_start, self._window_tokens, self._window_wait = time.perf_counter(), 0, 0.0
         self.enabled = rank == 0
         self.peak_flops = (cfg.peak_tflops or default_peak_tflops(device)) * 1e12
         self.jsonl = run_folder / "metrics.jsonl"
@@ -75,16 +84,31 @@ class MetricsLogger:
                 disable=None,
             )
 
-    def advance(self) -> None:
+    def step_done(self, tokens: int, data_wait_seconds: float) -> None:
+        """Count one finished step (its tokens over all data-parallel ranks, its data wait)."""
+        self._window_tokens += tokens
+        self._window_wait += data_wait_seconds
         if self.bar is not None:
             self.bar.update(1)
 
+    def should_log(self, step: int) -> bool:
+        return step % self.cfg.log_freq == 0 or step == self.total_steps
+
+    def _close_window(self) -> tuple[float, float]:
+        """(tokens/s, data-wait %) of the window, then a new window starts."""
+        elapsed = max(time.perf_counter() - self._window_start, 1e-9)
+        tps, wait = self._window_tokens / elapsed, 100 * self._window_wait / elapsed
+        self._window_start, self._window_tokens, self._window_wait = time.perf_counter(), 0, 0.0
+        return tps, wait
+
     def log_train(self, step: int, values: dict, engram: dict[str, float]) -> None:
+        """``values``: loss, grad_norm, lr and optional aux losses of the step just done."""
+        tps, data_wait = self._close_window()
         if not self.enabled:
             return
-        tps = values["tps"]
-        tflops = values["flops_per_token"] * tps / 1e12
-        mfu = 100 * values["flops_per_token"] * tps / self.peak_flops
+        values = {**values, "tps": tps, "data_wait_pct": data_wait}
+        tflops = self.flops_per_token * tps / 1e12
+        mfu = 100 * self.flops_per_token * tps / self.peak_flops
         mem = memory_gib(self.device)
         line = (
             f"step: {step}  loss: {values['loss']:.4f}  grad_norm: {values['grad_norm']:.3f}  "

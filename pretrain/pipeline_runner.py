@@ -1,9 +1,11 @@
 """Training and evaluation steps through a pipeline schedule (pipeline parallelism).
 
 Every rank of a pipeline runs the schedule with the same batch: the first stage feeds the tokens,
-the last stage computes the loss, and hash ids / positions / document ids are chunked into
-microbatches for every stage (each stage keeps only the hash ids of its own Engram layers). The
-mean loss is shared over the pipeline group so every rank logs it and stops on NaN together.
+the last stage computes the loss, and positions, document ids and the ``EngramInputs`` are chunked
+into microbatches for every stage (each stage keeps only the inputs of its own Engram layers). The
+loader plans Engram lookups per microbatch (``plan_chunks = microbatches``), so a row-sharded table
+gets its host-side plan under pipelining too. The mean loss is shared over the pipeline group so
+every rank logs it and stops on NaN together.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from data.batch import Batch
 from parallel.pipeline import build_schedule
 
 
@@ -43,21 +46,21 @@ class PipelineRunner:
     def _loss(self, logits, labels):
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten()) * self.scale
 
-    def _inputs(self, batch: dict):
-        if batch["tokens"].shape[0] % self.microbatches:
+    def _inputs(self, batch: Batch):
+        if batch.batch_size % self.microbatches:
             raise ValueError(
-                f"training.batch_size={batch['tokens'].shape[0]} must be divisible by "
+                f"training.batch_size={batch.batch_size} must be divisible by "
                 f"the {self.microbatches} pipeline microbatches"
             )
-        kwargs = {"positions": batch["positions"], "doc_ids": batch["doc_ids"]}
-        hash_ids = {k: v for k, v in batch.get("hash_ids", {}).items() if k in self.engram_layers}
-        if hash_ids:
-            kwargs["hash_ids"] = hash_ids
-        args = (batch["tokens"],) if self.has_first else ()
-        target = batch["labels"] if self.has_last else None
+        kwargs = {"positions": batch.positions, "doc_ids": batch.doc_ids}
+        engram = batch.only_layers(self.engram_layers).engram
+        if engram:
+            kwargs["engram"] = engram
+        args = (batch.tokens,) if self.has_first else ()
+        target = batch.labels if self.has_last else None
         return args, target, kwargs
 
-    def warm_up(self, batch: dict) -> None:
+    def warm_up(self, batch: Batch) -> None:
         """The schedule's first step infers shapes with an extra forward on real or empty inputs;
         run it once and discard what it leaves behind (gradients, MoE load counts), so training
         state depends only on the training batches (and resumes bit-identically)."""
@@ -69,7 +72,7 @@ class PipelineRunner:
             moe.router.tokens_per_expert.zero_()
         self.warmed_up = True
 
-    def train(self, batch: dict) -> torch.Tensor:
+    def train(self, batch: Batch) -> torch.Tensor:
         """Forward and backward of one batch; returns the mean loss (same on every stage)."""
         if not self.warmed_up:
             self.warm_up(batch)
@@ -79,7 +82,7 @@ class PipelineRunner:
         return self._share(losses, self.scale)
 
     @torch.no_grad()
-    def evaluate(self, batch: dict) -> torch.Tensor:
+    def evaluate(self, batch: Batch) -> torch.Tensor:
         if not self.warmed_up:
             with torch.enable_grad():
                 self.warm_up(batch)

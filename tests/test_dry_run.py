@@ -43,12 +43,12 @@ def test_cli_json_and_exit_code_when_it_does_not_fit():
     [
         ([], 30, "is not divisible|!= world size"),
         (["--parallelism.expert_parallel_degree=5"], 32, "expert_parallel_degree=5 must divide"),
-        (["--parallelism.engram_table_parallel_degree=8"], 32, "engram_table_parallel_degree=8"),
+        (["--parallelism.engram_shard_degree=8"], 32, "engram_shard_degree=8"),
         (
             [
                 "--parallelism.context_parallel_degree=2",
                 "--parallelism.data_parallel_shard_degree=16",
-                "--parallelism.engram_table_parallel_degree=16",
+                "--parallelism.engram_shard_degree=16",
             ],
             32,
             "not in the trainer yet",

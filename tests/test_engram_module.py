@@ -6,21 +6,21 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from models.engram import Engram, EngramConfig
+from data.ngram_hash import EngramHashSpec
+from models.engram import Engram, EngramConfig, GateMonitor
 from pretrain.rowwise_adam import RowwiseAdam
 
 
-def _cfg(**kw):
-    base = dict(
-        layer_ids=[0],
+def _cfg(layer_ids=(0,), **kw):
+    spec = EngramHashSpec(
+        layer_ids=list(layer_ids),
         engram_vocab_size=[101, 103],
         max_ngram_size=3,
-        n_embed_per_ngram=16,
         n_head_per_ngram=2,
-        kernel_size=3,
     )
-    return EngramConfig(**{**base, **kw})
+    return EngramConfig(**{"hash": spec, "n_embed_per_ngram": 16, "kernel_size": 3, **kw})
 
 
 def _module(cfg, dim=24, hc=2):
@@ -50,16 +50,38 @@ def test_v41_variant_matches_direct_formula():
     torch.testing.assert_close(out, torch.stack(expected, 2))
 
 
+def _v41_gates_by_hand(module, hidden, ids, dtype):
+    """The V4.1 gate from the module's own (maybe bf16) keys, with every gate op in ``dtype``."""
+    keys = module.kv_proj(module.table(ids).flatten(-2)).split(24, dim=-1)[:2]
+    gates = []
+    for i in range(2):
+        kn, qn = module.key_norms[i], module.query_norms[i]
+        k = F.rms_norm(keys[i].to(dtype), (24,), kn.weight.to(dtype), kn.eps)
+        q = F.rms_norm(hidden[:, :, i].to(dtype), (24,), qn.weight.to(dtype), qn.eps)
+        g = (k * q).sum(-1) / math.sqrt(24)
+        gates.append(torch.sigmoid(g.abs().clamp_min(1e-6).sqrt() * g.sign()).unsqueeze(-1))
+    return torch.stack(gates, 2)
+
+
 def test_v41_gate_in_float32():
-    module = _module(_cfg(variant="v4.1"))
-    hidden, ids = torch.randn(1, 3, 2, 24), torch.randint(0, 100, (1, 3, 4))
-    module.combine(hidden, module.table(ids).flatten(-2))
-    fp32_gate = module.last_gate_mean.item()
-    module = module.to(torch.bfloat16)
-    module.combine(hidden.bfloat16(), module.table(ids).flatten(-2))
-    assert module.last_gate_mean.dtype == torch.float32
-    # a bf16 model's gate is computed from bf16 inputs but in float32 arithmetic
-    assert abs(module.last_gate_mean.item() - fp32_gate) < 2e-2
+    """A bf16 model's V4.1 gate runs every op (norm weights included) in float32: it equals the
+    float32 formula on the module's bf16 keys to float32 rounding, far tighter than the bf16 gate's
+    error (which a gate computed in bf16 and cast at the end would show)."""
+    module = _module(_cfg(variant="v4.1")).to(torch.bfloat16)
+    hidden, ids = torch.randn(2, 16, 2, 24).bfloat16(), torch.randint(0, 100, (2, 16, 4))
+    monitor = GateMonitor(module)
+    with torch.no_grad():
+        module(hidden, ids)
+        want = _v41_gates_by_hand(module, hidden, ids, torch.float32)
+        bf16 = _v41_gates_by_hand(module, hidden, ids, torch.bfloat16).float()
+    got = monitor._last[0]
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert (bf16 - want).abs().max() > 100 * (got - want).abs().max().clamp_min(1e-9)
+    assert monitor.scalars()["engram/gate_mean/layer0"] == pytest.approx(want.mean().item())
+    monitor.remove()
+    module(hidden, ids)
+    assert not monitor._last
 
 
 def test_zero_conv_init_is_pure_gated_lookup():
@@ -70,7 +92,7 @@ def test_zero_conv_init_is_pure_gated_lookup():
 
 
 def test_bad_config_names_field():
-    with pytest.raises(ValueError, match="engram.layer_ids"):
+    with pytest.raises(ValueError, match="engram.hash.layer_ids"):
         _cfg(layer_ids=[5]).validate(num_layers=4)
     with pytest.raises(ValueError, match="n_embed_per_ngram"):
         _cfg(n_embed_per_ngram=15).validate()

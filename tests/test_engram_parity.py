@@ -1,8 +1,7 @@
 """Reference parity: every case folder in $ENGRAM_PARITY_DIR (default ../shared/engram_reference).
 
 Compressed lookup and hash ids must be exact; outputs and every gradient (table rows included) must
-match
-to float32 rounding.
+match to float32 rounding.
 """
 
 from __future__ import annotations
@@ -13,20 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from data.ngram_hash import NgramHasher
+from data.ngram_hash import EngramHashSpec, NgramHasher
 from models.engram import Engram, EngramConfig, load_reference_state_dict, reference_state_dict_map
 from tests.conftest import parity_cases
 
 CASES = parity_cases()
-HASH_FIELDS = (
-    "engram_vocab_size",
-    "max_ngram_size",
-    "n_head_per_ngram",
-    "layer_ids",
-    "pad_id",
-    "seed",
-)
-MODULE_FIELDS = HASH_FIELDS + ("n_embed_per_ngram", "kernel_size")
+
+
+def _spec(engram: dict) -> EngramHashSpec:
+    return EngramHashSpec.from_dict(engram)  # the reference's names are ours
 
 
 def _load(case):
@@ -54,7 +48,7 @@ def test_hash_parity(case, deepseek_compressed):
     engram = config["engram"]
     np.testing.assert_array_equal(deepseek_compressed.lookup_table, expected["compressed_lookup"])
     assert len(deepseek_compressed) == int(expected["compressed_vocab_size"])
-    hasher = NgramHasher(deepseek_compressed, **{k: engram[k] for k in HASH_FIELDS})
+    hasher = NgramHasher(_spec(engram), deepseek_compressed)
     assert hasher.compressed_pad_id == int(expected["compressed_pad_id"])
     hashed = hasher.hash(inputs["input_ids"])
     for layer in engram["layer_ids"]:
@@ -77,7 +71,13 @@ def test_module_parity(case):
     config, expected, inputs = _load(case)
     weights = np.load(case / "weights.npz")
     backbone = config["backbone"]
-    cfg = EngramConfig(**{k: config["engram"][k] for k in MODULE_FIELDS}, sparse_grad=True)
+    engram = config["engram"]
+    cfg = EngramConfig(
+        hash=_spec(engram),
+        n_embed_per_ngram=engram["n_embed_per_ngram"],
+        kernel_size=engram["kernel_size"],
+        sparse_grad=True,
+    )
     sizes = cfg.table_sizes()
     name_map = reference_state_dict_map(backbone["hc_mult"])
     for layer in cfg.layer_ids:

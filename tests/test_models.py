@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from data.ngram_hash import EngramHashSpec
 from models.args import ModelArgs, MoEArgs
 from models.attention import MLAttention
 from models.engram import EngramConfig
@@ -36,7 +37,8 @@ def tiny(attention="gqa", hc=1, moe=True, engram=True, **kw) -> ModelArgs:
         max_seq_len=32,
         moe=MoEArgs(num_routed_experts=4, top_k=2, expert_hidden_dim=16) if moe else None,
         engram=EngramConfig(
-            layer_ids=[0], engram_vocab_size=[53, 59], n_embed_per_ngram=8, n_head_per_ngram=2
+            hash=EngramHashSpec(layer_ids=[0], engram_vocab_size=[53, 59], n_head_per_ngram=2),
+            n_embed_per_ngram=8,
         )
         if engram
         else None,
@@ -53,7 +55,7 @@ def _hash_ids(batch, seq, seed=0):
 @pytest.mark.parametrize("hc", [1, 4])
 def test_shapes_and_backward(attention, hc):
     model = build_model(tiny(attention, hc))
-    out = model(torch.randint(0, 97, (2, 12)), _hash_ids(2, 12))
+    out = model(torch.randint(0, 97, (2, 12)), engram=_hash_ids(2, 12))
     assert out.logits.shape == (2, 12, 97)
     out.logits.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
@@ -198,7 +200,7 @@ def test_loss_falls_on_tiny_data(kind):
     hash_ids = _hash_ids(4, 16)
     losses = []
     for _ in range(200):
-        out = model(data[:, :-1], hash_ids)
+        out = model(data[:, :-1], engram=hash_ids)
         loss = F.cross_entropy(out.logits.flatten(0, 1), data[:, 1:].flatten())
         opt.zero_grad()
         if table_opt:
@@ -217,7 +219,10 @@ def test_loss_falls_on_tiny_data(kind):
     [
         (dict(num_kv_heads=3), "num_kv_heads"),
         (dict(moe=MoEArgs(num_routed_experts=4, top_k=5)), "top_k"),
-        (dict(engram=EngramConfig(layer_ids=[7], engram_vocab_size=[53, 59])), "engram.layer_ids"),
+        (
+            dict(engram=EngramConfig(EngramHashSpec(layer_ids=[7], engram_vocab_size=[53, 59]))),
+            "engram.hash.layer_ids",
+        ),
         (dict(attention="mha"), "model.attention"),
         (dict(hc_mult=0), "hc_mult"),
     ],
@@ -241,15 +246,15 @@ def test_yarn_changes_low_frequencies_only():
 
 
 def test_activation_checkpointing_matches_plain():
-    from models.parallel_plans import apply_block_wrappers
+    from parallel.wrappers import apply_block_wrappers
 
     args = tiny("mla", hc=2)
     tokens, hash_ids = torch.randint(0, 97, (2, 12)), _hash_ids(2, 12)
     grads = []
     for mode in ("none", "full"):
         model = build_model(args)
-        apply_block_wrappers(model, mode, compile_blocks=False)
-        model(tokens, hash_ids).logits.square().mean().backward()
+        apply_block_wrappers(model.layers, mode, compile_blocks=False)
+        model(tokens, engram=hash_ids).logits.square().mean().backward()
         grads.append(
             {
                 n.replace("._checkpoint_wrapped_module", ""): p.grad.to_dense()

@@ -7,7 +7,13 @@ import pickle
 import numpy as np
 import pytest
 
-from data.ngram_hash import CompressedTokenizer, NgramHasher, engram_head_primes, is_prime
+from data.ngram_hash import (
+    CompressedTokenizer,
+    EngramHashSpec,
+    NgramHasher,
+    engram_head_primes,
+    is_prime,
+)
 
 FIELDS = dict(
     engram_vocab_size=[1009, 2003],
@@ -21,7 +27,7 @@ FIELDS = dict(
 
 @pytest.fixture(scope="module")
 def hasher(deepseek_compressed):
-    return NgramHasher(deepseek_compressed, **FIELDS)
+    return NgramHasher(EngramHashSpec(**FIELDS, document_reset=True), deepseek_compressed)
 
 
 def _naive_hash(compressed, mult, primes, pad, max_n):
@@ -95,8 +101,11 @@ def test_document_reset(hasher):
         np.testing.assert_array_equal(reset[layer][:, :5], plain[layer][:, :5])
         assert not np.array_equal(reset[layer][:, 5:7], plain[layer][:, 5:7])
     same_doc = hasher.hash(raw, doc_ids=np.zeros_like(raw))
+    off = NgramHasher(EngramHashSpec(**FIELDS), hasher.compressed_tokenizer)  # the reference's way
+    ignored = off.hash(raw, doc_ids=doc)
     for layer in FIELDS["layer_ids"]:
         np.testing.assert_array_equal(same_doc[layer], plain[layer])
+        np.testing.assert_array_equal(ignored[layer], plain[layer])
 
 
 def test_export_and_rebuild_without_tokenizer(hasher, deepseek_compressed):
@@ -133,7 +142,7 @@ def test_pickle_roundtrip(hasher):
 )
 def test_validation_names_the_field(deepseek_compressed, override, field):
     with pytest.raises(ValueError, match=field):
-        NgramHasher(deepseek_compressed, **{**FIELDS, **override})
+        NgramHasher(EngramHashSpec(**{**FIELDS, **override}), deepseek_compressed)
 
 
 def test_sentencepiece_compressed_tokenizer(tmp_path):

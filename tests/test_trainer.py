@@ -1,6 +1,5 @@
 """Trainer end to end: SIGKILL + resume is bit-identical, checkpoint atomicity and corruption,
-refusal of
-a mismatched hash configuration, NaN stop."""
+refusal of a mismatched hash configuration, NaN stop."""
 
 from __future__ import annotations
 
@@ -15,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pretrain import step as step_module
+from pretrain.checkpoint import _state
 from pretrain.config import load_config
 from pretrain.train import Trainer
 
@@ -92,13 +93,33 @@ def test_sigkill_resume_is_bit_identical(corpus, tmp_path):
     for step in want:
         assert got[step]["loss"] == want[step]["loss"], step
         assert got[step]["grad_norm"] == want[step]["grad_norm"], step
+    # the final model and optimizer states (Adam moments, row-wise table state) are bit-identical
+    finished = [_trainer(corpus, folder, steps=24) for folder in (straight, killed)]
+    assert [t.step for t in finished] == [24, 24]
+    _assert_equal_trees(*(_state(t.model, t.optimizers) for t in finished))
 
     # the same folder with another Engram hash seed is refused with a clear message
-    refused = _run(_cmd(corpus, killed, steps=30) + ["--model.overrides.engram.seed=9"])
+    refused = _run(_cmd(corpus, killed, steps=30) + ["--model.overrides.engram.hash.seed=9"])
     assert refused.returncode == 2
     assert (
         "different Engram hash configuration" in refused.stderr and "multipliers" in refused.stderr
     )
+
+
+def _assert_equal_trees(a, b, path="state") -> None:
+    assert type(a) is type(b), path
+    if isinstance(a, dict):
+        assert sorted(a) == sorted(b), path
+        for key in a:
+            _assert_equal_trees(a[key], b[key], f"{path}.{key}")
+    elif torch.is_tensor(a):
+        assert torch.equal(a, b), path
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_equal_trees(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
 
 
 def _trainer(corpus, dump, steps=6, extra=()):
@@ -146,16 +167,16 @@ def test_interrupted_save_and_corrupt_checkpoint_are_skipped(corpus, tmp_path, m
     assert resumed.step == 4 and "step-00000008 is corrupt" in caplog.text
 
 
-def test_nan_loss_stops_and_keeps_last_checkpoint(corpus, tmp_path):
+def test_nan_loss_stops_and_keeps_last_checkpoint(corpus, tmp_path, monkeypatch):
     dump = tmp_path / "nan"
     trainer = _trainer(corpus, dump, steps=8)
-    original = trainer._forward_loss
+    original = step_module.forward_loss
 
-    def poisoned(batch):
-        ce, aux = original(batch)
+    def poisoned(sm, batch):
+        ce, aux = original(sm, batch)
         return (ce * float("nan") if trainer.step >= 5 else ce), aux
 
-    trainer._forward_loss = poisoned
+    monkeypatch.setattr(step_module, "forward_loss", poisoned)
     saved = {}
     original_save = trainer.save
 

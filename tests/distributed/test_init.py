@@ -10,7 +10,7 @@ from models.parallelize import parallelize_deepseek_engram
 from models.transformer import Transformer
 from parallel.dims import ParallelDims
 from pretrain.config import ParallelismConfig
-from tests.distributed.test_data_parallel import _args, _full_state, _initial_state
+from tests.distributed.parity import full_state, initial_model, model_args
 
 pytestmark = pytest.mark.distributed
 
@@ -18,9 +18,9 @@ pytestmark = pytest.mark.distributed
 def _rank_fn(rank: int, world: int, layout: dict):
     dims = ParallelDims.from_config(ParallelismConfig(**layout), world)
     with torch.device("meta"):
-        model = Transformer(_args(True, "mla", 98))
+        model = Transformer(model_args(True, "mla", 98))
     _, inner, _ = parallelize_deepseek_engram(model, dims, dims.build_mesh("cpu"), "cpu", seed=0)
-    return _full_state(inner)
+    return full_state(inner)
 
 
 @pytest.mark.parametrize(
@@ -33,7 +33,7 @@ def _rank_fn(rank: int, world: int, layout: dict):
                 tensor_parallel_degree=2,
                 data_parallel_shard_degree=2,
                 expert_parallel_degree=2,
-                engram_table_parallel_degree=2,
+                engram_shard_degree=2,
             ),
         ),
     ],
@@ -41,7 +41,7 @@ def _rank_fn(rank: int, world: int, layout: dict):
 def test_init_is_layout_independent(world, layout):
     from tests.distributed.helpers import run_ranks
 
-    want = _initial_state(True, attention="mla", vocab=98).state_dict()
+    want = initial_model(model_args(True, "mla", 98)).state_dict()
     for rank, state in run_ranks(_rank_fn, world, layout).items():
         assert state.keys() == want.keys()
         for name, value in want.items():

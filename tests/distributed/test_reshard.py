@@ -11,8 +11,8 @@ from pretrain.train import Trainer
 pytestmark = pytest.mark.distributed
 
 LAYOUTS = {
-    "tables4": dict(data_parallel_replicate_degree=4, engram_table_parallel_degree=4),
-    "tables2": dict(data_parallel_replicate_degree=2, engram_table_parallel_degree=2),
+    "tables4": dict(data_parallel_replicate_degree=4, engram_shard_degree=4),
+    "tables2": dict(data_parallel_replicate_degree=2, engram_shard_degree=2),
     "tp2pp2": dict(
         tensor_parallel_degree=2, pipeline_parallel_degree=2, data_parallel_shard_degree=1
     ),

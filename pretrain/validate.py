@@ -1,0 +1,80 @@
+"""Held-out evaluation: the mean loss over the first ``metrics.eval_batches`` validation batches.
+
+The same global batches are evaluated whatever the layout: batch ``i`` goes to data-parallel rank
+``i % dp_degree``, and the token-weighted sum is reduced over the data-parallel group, so a
+checkpoint evaluates to the same loss at any world size.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from data.batch import Batch
+from data.dataset import PackedShardStream
+from parallel.distributed import all_reduce_sum_
+from pretrain.step import StepModel, forward_loss
+
+
+class Validator:
+    """Evaluates a ``StepModel`` on the validation split.
+
+    Args:
+        stream_kwargs: the training stream's arguments (folder, shapes, hasher, planners, ...).
+        num_batches: ``metrics.eval_batches``.
+        dp_rank, dp_degree, dp_group: this rank's data-parallel index, the degree, the group.
+        device: where the model runs.
+    """
+
+    def __init__(
+        self,
+        stream_kwargs: dict,
+        num_batches: int,
+        dp_rank: int,
+        dp_degree: int,
+        dp_group,
+        device: torch.device,
+    ):
+        self.stream_kwargs = {
+            **stream_kwargs,
+            "split": "val",
+            "shuffle": False,
+            "dp_rank": 0,
+            "dp_degree": 1,
+        }
+        self.num_batches = num_batches
+        self.dp_rank, self.dp_degree, self.dp_group = dp_rank, dp_degree, dp_group
+        self.device = device
+        self._batches: list[Batch] | None = None
+
+    def batches(self) -> list[Batch]:
+        """The validation batches (read once, then kept: they never change)."""
+        if self._batches is None:
+            stream = PackedShardStream(**self.stream_kwargs).batches()
+            self._batches = [b for b, _ in itertools.islice(stream, self.num_batches)]
+        return self._batches
+
+    @torch.no_grad()
+    def run(self, sm: StepModel) -> tuple[float, int]:
+        """(mean held-out loss, tokens evaluated over all ranks)."""
+        batches = self.batches()
+        if not batches:
+            raise ValueError(
+                "the validation split has fewer tokens than one batch; lower training.batch_size"
+            )
+        sm.model.eval()
+        total = torch.zeros(2, device=self.device, dtype=torch.float64)
+        for slot in range(-(-len(batches) // self.dp_degree)):
+            index = slot * self.dp_degree + self.dp_rank
+            # every rank runs the same number of forwards (sharded tables exchange rows in each);
+            # a rank past the end repeats a batch and does not count it
+            batch = batches[min(index, len(batches) - 1)]
+            ce, _ = forward_loss(sm, batch.to_torch().to(self.device))
+            ce = ce.to(self.device)
+            if index < len(batches):
+                tokens = batch.num_tokens
+                total += torch.stack([ce.double() * tokens, ce.new_tensor(tokens).double()])
+        all_reduce_sum_(total, self.dp_group)
+        sm.model.train()
+        return (total[0] / total[1]).item(), int(total[1].item())
