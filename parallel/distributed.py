@@ -61,11 +61,26 @@ def init_distributed(device: str = "auto", timeout_seconds: int = 600) -> DistIn
     return DistInfo(rank, local_rank, world, dev)
 
 
-def cpu_group_for(group):
-    """A gloo group over ``group``'s ranks, for host-side exchanges (the group itself if gloo)."""
-    if dist.get_backend(group) in ("gloo", "fake"):  # fake: dry runs at target scale
+_CPU_GROUPS: dict[tuple[int, ...], object] = {}
+
+
+def cpu_group_for(group, *, force_new: bool = False):
+    """A gloo group over ``group``'s ranks, for host-side exchanges (the group itself if gloo).
+
+    Safe under NCCL, where every rank builds only the side groups it belongs to, in its own order:
+    ``use_local_synchronization`` names a group by its ranks and synchronises only its members (a
+    plain ``new_group`` would need every rank to create every group in one global order, or the
+    groups' store keys collide). One gloo group per set of ranks is kept and reused.
+    ``force_new``: build the side group even on a gloo world (tests of this path).
+    """
+    if dist.get_backend(group) in ("gloo", "fake") and not force_new:  # fake: dry runs
         return group
-    return dist.new_group(dist.get_process_group_ranks(group), backend="gloo")
+    ranks = tuple(dist.get_process_group_ranks(group))
+    if ranks not in _CPU_GROUPS:
+        _CPU_GROUPS[ranks] = dist.new_group(
+            list(ranks), backend="gloo", use_local_synchronization=True
+        )
+    return _CPU_GROUPS[ranks]
 
 
 def barrier() -> None:
@@ -82,3 +97,4 @@ def all_reduce_sum_(tensor: torch.Tensor, group=None) -> torch.Tensor:
 def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+    _CPU_GROUPS.clear()
