@@ -46,15 +46,16 @@ class Router(nn.Module):
         if self.args.normalize_weights and self.args.top_k > 1:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         with torch.no_grad():
-            self.tokens_per_expert += torch.bincount(topk_idx.flatten(), minlength=scores.shape[1])
+            self.tokens_per_expert += expert_counts(topk_idx, scores.shape[1])
         return topk_idx, (weights * self.args.route_scale).type_as(x), scores
 
     @torch.no_grad()
     def update_bias(self, tokens_per_expert: torch.Tensor | None = None) -> None:
         """``bias += speed * sign(mean load - load)``; pass DP-summed loads when data parallel."""
         load = self.tokens_per_expert if tokens_per_expert is None else tokens_per_expert
-        if self.args.bias_update_speed > 0 and load.sum() > 0:
-            self.expert_bias += self.args.bias_update_speed * torch.sign(load.mean() - load)
+        if self.args.bias_update_speed > 0:  # no host sync: an empty load moves nothing
+            step = self.args.bias_update_speed * torch.sign(load.mean() - load)
+            self.expert_bias += step * (load.sum() > 0)
         self.tokens_per_expert.zero_()
 
     @torch.no_grad()
@@ -62,6 +63,14 @@ class Router(nn.Module):
         sharded_init.trunc_normal_(self.gate.weight, std=std)
         self.expert_bias.zero_()
         self.tokens_per_expert.zero_()
+
+
+def expert_counts(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Routed copies per expert ``[E]`` (int64). ``scatter_add_`` into a fixed size, unlike
+    ``bincount``, does not read the ids back to the host on CUDA."""
+    flat = topk_idx.flatten()
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat))
 
 
 @dataclass
@@ -78,7 +87,7 @@ class LocalDispatcher:
         flat = topk_idx.flatten()
         order = flat.argsort(stable=True)
         token_index = order // topk_idx.shape[1]
-        counts = torch.bincount(flat, minlength=num_experts)
+        counts = expert_counts(flat, num_experts)
         return x[token_index], counts, DispatchContext(token_index, order)
 
     def combine(

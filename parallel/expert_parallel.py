@@ -45,18 +45,19 @@ class AllToAllDispatcher:
         flat = topk_idx.flatten()
         order = flat.argsort(stable=True)
         token_index = order // topk_idx.shape[1]
-        counts = torch.bincount(flat, minlength=num_experts)  # [E]
+        counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat))  # [E]; bincount would sync
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts, group=self.group)  # [ep * El], rank-major
-        # split sizes must be host integers for the collective (one small device-to-host copy)
-        send_splits = counts.view(self.world, self.local_experts).sum(1).tolist()
         recv_matrix = recv_counts.view(self.world, self.local_experts)
-        recv_splits = recv_matrix.sum(1).tolist()
+        splits = torch.stack([counts.view(self.world, -1).sum(1), recv_matrix.sum(1)])
+        # the one host sync of a MoE layer: split sizes must be host integers for the collective
+        send_splits, recv_splits = splits.tolist()
         received = x.new_empty(sum(recv_splits), x.shape[1])
         received = all_to_all_single(
             received, x[token_index], recv_splits, send_splits, group=self.group
         )
-        regroup = _regroup_index(recv_matrix)
+        regroup = regroup_index(recv_matrix, sum(recv_splits))
         ctx = A2AContext(token_index, order, send_splits, recv_splits, regroup)
         return received[regroup], recv_matrix.sum(0), ctx
 
@@ -71,15 +72,16 @@ class AllToAllDispatcher:
         return out.index_add_(0, ctx.token_index, weighted)
 
 
-def _regroup_index(recv_matrix: torch.Tensor) -> torch.Tensor:
-    """Index that reorders received copies from (source rank, expert) to (expert, source rank)."""
+def regroup_index(recv_matrix: torch.Tensor, total: int) -> torch.Tensor:
+    """Index that reorders received copies from (source rank, expert) to (expert, source rank),
+    built on the device (``total``: the number of copies, already known on the host)."""
     ranks, experts = recv_matrix.shape
-    starts = (recv_matrix.flatten().cumsum(0) - recv_matrix.flatten()).view(ranks, experts)
-    pieces = [
-        torch.arange(
-            int(starts[r, e]), int(starts[r, e] + recv_matrix[r, e]), device=recv_matrix.device
-        )
-        for e in range(experts)
-        for r in range(ranks)
-    ]
-    return torch.cat(pieces) if pieces else recv_matrix.new_zeros(0)
+    flat = recv_matrix.flatten()
+    src_start = (flat.cumsum(0) - flat).view(ranks, experts).t().flatten()  # in (expert, rank)
+    sizes = recv_matrix.t().flatten()  # segment sizes in the output's (expert, rank) order
+    segment = torch.repeat_interleave(
+        torch.arange(sizes.numel(), device=flat.device), sizes, output_size=total
+    )
+    out_start = sizes.cumsum(0) - sizes
+    position = torch.arange(total, device=flat.device)
+    return src_start[segment] + position - out_start[segment]

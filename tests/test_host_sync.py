@@ -1,0 +1,81 @@
+"""Host synchronisations on a budget (CPU proxies of what a CUDA step waits for, counted by
+``tests.host_sync.HostSyncCounter``):
+- forward and backward of the model (MoE routing, Engram, attention, mHC): none;
+- under expert parallelism, one read of the split sizes per MoE layer (the count exchange), in
+  forward only.
+The optimizer step (one read of the global norm) is checked on a GPU with
+``torch.cuda.set_sync_debug_mode`` (docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from parallel.expert_parallel import regroup_index
+from parallel.plan import ParallelPlan
+from pretrain.step import StepModel, forward_backward
+from tests.distributed.parity import initial_model, make_batch, model_args
+from tests.host_sync import HostSyncCounter
+
+
+def test_host_sync_counter_sees_syncs():
+    x = torch.tensor([3, 1, 3])
+    with HostSyncCounter() as counter:
+        torch.bincount(x)
+        x.sum().item()
+        x[x > 1]
+        x.tolist()
+        torch.repeat_interleave(x)
+        torch.repeat_interleave(x, output_size=7)  # size given: no sync
+    assert counter.counts["aten.bincount.default"] == 1
+    assert counter.counts["item"] == 1 and counter.counts["tolist"] == 1
+    assert counter.counts["aten.index (boolean mask)"] == 1
+    assert counter.counts["aten.repeat_interleave.Tensor"] == 1
+    assert counter.total == 5
+
+
+@pytest.mark.parametrize("attention", ["mla", "gqa"])
+def test_host_sync_budget_forward_backward(attention):
+    args = model_args(sparse=True, attention=attention)
+    args.moe.seq_aux_loss_coef = 1e-3
+    model = initial_model(args)
+    sm = StepModel(model, model, ParallelPlan())
+    with HostSyncCounter() as counter:
+        forward_backward(sm, make_batch(0))
+    assert counter.total == 0, dict(counter.counts)
+    assert model.layers["0"].engram.table.weight.grad is not None  # Engram and MoE ran
+
+
+def test_regroup_index_matches_a_loop():
+    g = torch.Generator().manual_seed(0)
+    recv = torch.randint(0, 4, (3, 5), generator=g)  # [source ranks, local experts]
+    starts = (recv.flatten().cumsum(0) - recv.flatten()).view(3, 5)
+    want = [int(starts[r, e]) + i for e in range(5) for r in range(3) for i in range(recv[r, e])]
+    assert regroup_index(recv, int(recv.sum())).tolist() == want
+
+
+def _ep_rank(rank: int, world: int):
+    from models.parallelize import parallelize_deepseek_engram
+    from models.transformer import Transformer
+    from parallel.dims import ParallelDims
+    from pretrain.config import ParallelismConfig
+
+    dims = ParallelDims.from_config(
+        ParallelismConfig(data_parallel_replicate_degree=2, expert_parallel_degree=2), world
+    )
+    with torch.device("meta"):
+        model = Transformer(model_args(sparse=True))
+    model, inner, plan = parallelize_deepseek_engram(model, dims, dims.build_mesh("cpu"), "cpu", 0)
+    sm = StepModel(model, inner, plan)
+    batch = make_batch(0).select_rows(slice(2 * rank, 2 * rank + 2))
+    with HostSyncCounter() as counter:
+        forward_backward(sm, batch)
+    return dict(counter.counts), len(inner.moe_layers())
+
+
+@pytest.mark.distributed
+def test_host_sync_budget_expert_parallel():
+    from tests.distributed.helpers import run_ranks
+
+    for rank, (counts, moe_layers) in run_ranks(_ep_rank, 2).items():
+        assert counts == {"tolist": moe_layers}, (rank, counts)
