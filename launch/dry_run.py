@@ -72,6 +72,7 @@ def dry_run(
             0,
             activation_checkpoint=cfg.activation_checkpoint.mode,
             dry_run=True,
+            mixed_precision=cfg.training.mixed_precision,
         )
         counts = rank_counts(inner, fsdp=dims.dp_shard > 1)
     finally:

@@ -95,7 +95,8 @@ class LocalDispatcher:
     ):
         """Weighted sum of expert outputs ``y [M, D]`` back to ``[N, D]``."""
         weighted = y * topk_weight.flatten()[ctx.order].unsqueeze(1)
-        out = torch.zeros(num_tokens, y.shape[1], dtype=y.dtype, device=y.device)
+        # summed in the weights' dtype (float32 when the experts ran in bf16 on fp32 inputs)
+        out = torch.zeros(num_tokens, y.shape[1], dtype=weighted.dtype, device=y.device)
         return out.index_add_(0, ctx.token_index, weighted)
 
 
@@ -109,6 +110,15 @@ class _ContiguousGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad.contiguous()
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The autocast dtype when autocast is on for ``x``'s device, else ``x``'s own. Autocast does
+    not cover ``grouped_mm``, and on CUDA it keeps ``rms_norm`` (the experts' input) in float32, so
+    the experts cast both activations and weights to this themselves."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 def grouped_mm_supported(x: torch.Tensor, *dims: int) -> bool:
@@ -140,18 +150,21 @@ class GroupedExperts(nn.Module):
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """``x [M, D]`` in expert order, ``tokens_per_expert [E]`` -> ``[M, D]``."""
         dim, hidden = self.w1.shape[1], self.w1.shape[2]
+        x = x.to(compute_dtype(x))
         if self.use_grouped_mm and grouped_mm_supported(x, dim, hidden):
             offs = tokens_per_expert.cumsum(0).to(torch.int32)
-            # autocast does not cover grouped_mm: match the weights to the activations
             w1, w3, w2 = (w.to(x.dtype) for w in (self.w1, self.w3, self.w2))
             h = F.silu(torch._grouped_mm(x, w1, offs=offs)) * torch._grouped_mm(x, w3, offs=offs)
             return _ContiguousGrad.apply(torch._grouped_mm(h, w2, offs=offs))
         return self.forward_loop(x, tokens_per_expert)
 
     def forward_loop(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """Per-expert matmuls: the fallback when grouped_mm cannot run (one host read)."""
         outs = []
+        x = x.to(compute_dtype(x))
+        w1, w3, w2 = (w.to(x.dtype) for w in (self.w1, self.w3, self.w2))
         for e, chunk in enumerate(x.split(tokens_per_expert.tolist())):
-            outs.append((F.silu(chunk @ self.w1[e]) * (chunk @ self.w3[e])) @ self.w2[e])
+            outs.append((F.silu(chunk @ w1[e]) * (chunk @ w3[e])) @ w2[e])
         return torch.cat(outs) if outs else x.new_zeros(0, self.w2.shape[2])
 
     @torch.no_grad()

@@ -47,13 +47,15 @@ def parallelize_deepseek_engram(
     stages_per_rank: int = 1,
     sequence_parallel: bool = False,
     dry_run: bool = False,
+    mixed_precision: str = "none",
 ):
     """Returns ``(model to call, the plain Transformer underneath, ParallelPlan)``.
 
     Order: pipeline split, TP, EP, Engram tables, activation checkpointing / compile, then data
     parallelism (FSDP, DDP, or an explicit gradient all-reduce when DDP cannot wrap the model).
     ``dry_run``: apply the plan on the meta device (with a fake process group) and stop before
-    materialising, to count what a rank would hold.
+    materialising, to count what a rank would hold. ``mixed_precision="bf16"``: FSDP gathers
+    parameters in bf16 and reduces gradients in float32 (with autocast in the step).
     """
     plan = ParallelPlan()
     if dims.world_size == 1:
@@ -88,6 +90,7 @@ def parallelize_deepseek_engram(
                 for m in (model.tok_embeddings, model.merge, model.norm, model.output)
                 if m is not None and dims.pp > 1
             ],
+            param_dtype=torch.bfloat16 if mixed_precision == "bf16" else None,
         )
     if dry_run:
         return model, model, plan

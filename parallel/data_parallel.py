@@ -72,14 +72,17 @@ def apply_fsdp(
     reshard_after_forward: bool = True,
     ignored_params: set[nn.Parameter] | None = None,
     extra_units: list[nn.Module] = (),
+    param_dtype: torch.dtype | None = None,
 ):
     """FSDP2 per block (and per ``extra_units`` module), then the root; HSDP when the mesh has a
     replicate axis of size > 1.
 
     ``ignored_params`` stay local (row-sharded tables, expert shards: sharded by their own plan).
     ``extra_units``: modules a pipeline stage calls without going through the root's forward.
+    ``param_dtype``: compute dtype of the unsharded parameters (bf16 mixed precision); gradients
+    are reduced in float32 and the sharded parameters stay float32.
     """
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     dp_mesh = (
         mesh["dp_replicate", "dp_shard"] if mesh["dp_replicate"].size() > 1 else mesh["dp_shard"]
@@ -88,6 +91,7 @@ def apply_fsdp(
         mesh=dp_mesh,
         reshard_after_forward=reshard_after_forward,
         ignored_params=ignored_params or None,
+        mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
     )
     for block in [*blocks, *extra_units]:
         fully_shard(block, **kwargs)

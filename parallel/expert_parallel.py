@@ -68,7 +68,8 @@ class AllToAllDispatcher:
             returned, back, ctx.send_splits, ctx.recv_splits, group=self.group
         )
         weighted = returned * topk_weight.flatten()[ctx.order].unsqueeze(1)
-        out = torch.zeros(num_tokens, y.shape[1], dtype=y.dtype, device=y.device)
+        # summed in the weights' dtype (float32 when the experts ran in bf16 on fp32 inputs)
+        out = torch.zeros(num_tokens, y.shape[1], dtype=weighted.dtype, device=y.device)
         return out.index_add_(0, ctx.token_index, weighted)
 
 

@@ -79,13 +79,17 @@ def forward_backward(
 ) -> MicroLoss:
     """Forward and backward of one microbatch, its loss scaled by ``scale`` (1 / accumulation).
 
-    ``sync=False`` skips DDP's gradient all-reduce (an accumulation microbatch that is not the
-    last). Under pipeline parallelism the schedule runs the microbatches and ``scale`` is the
-    runner's own.
+    ``sync=False`` (an accumulation microbatch that is not the last) skips DDP's gradient
+    all-reduce, and FSDP's reduce-scatter and post-backward reshard: gradients accumulate
+    unsharded until the last microbatch. Under pipeline parallelism the schedule runs the
+    microbatches and ``scale`` is the runner's own.
     """
     if sm.pipeline is not None:
         with sm.autocast(batch.tokens.device):
             return MicroLoss(sm.pipeline.train(batch).to(batch.tokens.device), {})
+    if hasattr(sm.model, "set_requires_gradient_sync"):  # FSDP2
+        sm.model.set_requires_gradient_sync(sync)
+        sm.model.set_reshard_after_backward(sync)
     no_sync = not sync and hasattr(sm.model, "no_sync")
     with sm.model.no_sync() if no_sync else contextlib.nullcontext():
         ce, aux = forward_loss(sm, batch)

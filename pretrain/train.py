@@ -107,6 +107,7 @@ class Trainer:
             compile_blocks=cfg.compile.enable,
             stages_per_rank=cfg.parallelism.pipeline_stages_per_rank,
             sequence_parallel=cfg.parallelism.sequence_parallel,
+            mixed_precision=t.mixed_precision,
         )
         pipeline = None
         if self.dims.pp > 1:

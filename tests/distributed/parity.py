@@ -131,9 +131,11 @@ def full_state(inner) -> dict[str, torch.Tensor]:
     return state
 
 
-def train(sm: StepModel, opts: Optimizers, rows: slice, plan_chunks: int = 1) -> Trace:
-    """``STEPS`` steps of the real step on ``rows`` of every batch; lookups planned by the tables'
-    own planners, as the loader does."""
+def train(
+    sm: StepModel, opts: Optimizers, rows: slice, plan_chunks: int = 1, accum: int = 1
+) -> Trace:
+    """``STEPS`` steps of the real step on ``rows`` of every batch, in ``accum`` accumulated
+    microbatches; lookups planned by the tables' own planners, as the loader does."""
     trace = Trace()
     planners = lookup_planners(sm.inner)
 
@@ -141,11 +143,16 @@ def train(sm: StepModel, opts: Optimizers, rows: slice, plan_chunks: int = 1) ->
         trace.grad_norms.append(grad_norm.item())
         trace.grads.append(full_grads(sm.inner))
 
+    per = (rows.stop - rows.start) // accum
     for step in range(STEPS):
-        batch = plan_lookups(make_batch(step).select_rows(rows), planners, plan_chunks)
-        out = forward_backward(sm, batch)
+        loss = 0.0
+        for micro in range(accum):
+            part = slice(rows.start + micro * per, rows.start + (micro + 1) * per)
+            batch = plan_lookups(make_batch(step).select_rows(part), planners, plan_chunks)
+            out = forward_backward(sm, batch, scale=1 / accum, sync=micro == accum - 1)
+            loss = loss + out.ce / accum
         optimizer_step(sm, opts, MAX_NORM, inspect)
-        trace.losses.append(out.ce)
+        trace.losses.append(loss)
     trace.state = full_state(sm.inner)
     return trace
 
@@ -158,9 +165,10 @@ def reference(args) -> Trace:
     return trace
 
 
-def run_layout(rank: int, world: int, layout: dict, args, ckpt: str) -> Trace:
+def run_layout(rank: int, world: int, layout: dict, args, ckpt: str, accum: int = 1) -> Trace:
     """One rank of ``layout`` (``ParallelismConfig`` fields): parallelise, load the initial
-    weights, train on this rank's data-parallel rows; losses are the data-parallel mean."""
+    weights, train on this rank's data-parallel rows (in ``accum`` microbatches); losses are the
+    data-parallel mean."""
     cfg = ParallelismConfig(**layout)
     dims = ParallelDims.from_config(cfg, world)
     mesh = dims.build_mesh("cpu")
@@ -187,6 +195,7 @@ def run_layout(rank: int, world: int, layout: dict, args, ckpt: str) -> Trace:
         Optimizers(model, OptimizerConfig(lr=LR)),
         slice(per * dp_rank, per * (dp_rank + 1)),
         plan_chunks=pipeline.microbatches if pipeline is not None else 1,
+        accum=accum,
     )
     losses = []
     for loss in trace.losses:
