@@ -67,6 +67,8 @@ class ModelArgs:
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
     document_mask: bool = True  # packed documents do not attend across boundaries
+    # "auto": flex_attention block masks on CUDA (no dense mask), SDPA with a dense mask elsewhere
+    attention_backend: str = "auto"
 
     @property
     def qk_head_dim(self) -> int:
@@ -92,6 +94,10 @@ class ModelArgs:
                 f"model.attention={self.attention!r}: use 'gqa' or 'mla'",
             ),
             (self.hc_mult >= 1, f"model.hc_mult={self.hc_mult}: must be >= 1"),
+            (
+                self.attention_backend in ("auto", "sdpa", "flex"),
+                f"model.attention_backend={self.attention_backend!r}: use 'auto', 'sdpa' or 'flex'",
+            ),
             (
                 0 <= self.num_dense_layers <= self.num_layers,
                 f"model.num_dense_layers={self.num_dense_layers}: must be in [0, num_layers]",

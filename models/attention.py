@@ -1,8 +1,7 @@
-"""Attention: GQA and DeepSeek-V3 MLA, both through ``scaled_dot_product_attention``.
+"""Attention: GQA and DeepSeek-V3 MLA, through flex_attention block masks (CUDA) or SDPA.
 
 MLA follows DeepSeek-V2/V3 ("DeepSeek-V2: A Strong, Economical, and Efficient MoE Language Model",
-2024):
-low-rank query and key/value compression and a decoupled RoPE key shared by all heads.
+2024): low-rank query and key/value compression and a decoupled RoPE key shared by all heads.
 
 Legend: B batch, T sequence, H heads, Hkv kv heads, Dq qk head dim, Dv value head dim, D model dim.
 """
@@ -15,16 +14,44 @@ from torch import nn
 
 from models import sharded_init
 from models.args import ModelArgs
-from models.layers import RMSNorm, apply_rotary, yarn_mscale
+from models.layers import AttentionMask, RMSNorm, apply_rotary, yarn_mscale
 
 
-def _sdpa(q, k, v, mask, scale):
-    """q/k/v ``[B, T, H, *]`` -> ``[B, T, H, Dv]``; a ``None`` mask means causal."""
+def attend(q, k, v, mask: AttentionMask | None, scale: float) -> torch.Tensor:
+    """q ``[B, T, H, Dq]``, k ``[B, T, Hkv, Dq]``, v ``[B, T, Hkv, Dv]`` -> ``[B, T, H, Dv]``.
+
+    A block mask runs flex_attention (compiled on CUDA; grouped kv heads are read in place),
+    otherwise SDPA with the dense mask, or causal when there is none (``mask=None`` too).
+    """
+    mask = mask or AttentionMask()
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale
-    )
+    if mask.block is not None:
+        out = _flex(q.device)(
+            q, k, v, block_mask=mask.block, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        )
+    else:
+        repeat = q.shape[1] // k.shape[1]
+        if repeat > 1:  # [B, Hkv, T, D] -> [B, H, T, D]
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask.dense, is_causal=mask.dense is None, scale=scale
+        )
     return out.transpose(1, 2)
+
+
+_COMPILED_FLEX = None
+
+
+def _flex(device: torch.device):
+    """flex_attention, compiled once per process on CUDA (eager elsewhere: forward only)."""
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return flex_attention
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
 
 
 class GQAttention(nn.Module):
@@ -49,10 +76,7 @@ class GQAttention(nn.Module):
         k = self.wk(x).view(batch, seq, -1, self.head_dim)
         v = self.wv(x).view(batch, seq, -1, self.head_dim)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        repeat = q.shape[2] // k.shape[2]  # local heads under tensor parallelism
-        if repeat > 1:  # [B, T, Hkv, D] -> [B, T, H, D]
-            k, v = k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
-        return self.wo(_sdpa(q, k, v, mask, self.scale).flatten(2))
+        return self.wo(attend(q, k, v, mask, self.scale).flatten(2))
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float) -> None:
@@ -105,7 +129,7 @@ class MLAttention(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.expand(-1, -1, q.shape[2], -1)], dim=-1)
-        return self.wo(_sdpa(q, k, v, mask, self.scale).flatten(2))
+        return self.wo(attend(q, k, v, mask, self.scale).flatten(2))
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float) -> None:

@@ -1,8 +1,8 @@
 """Basic layers: RMSNorm, RoPE with YaRN scaling, SwiGLU FFN, and attention masks.
 
 YaRN follows Peng et al., "YaRN: Efficient Context Window Extension of Large Language Models"
-(2023), in
-the DeepSeek-V3 arrangement (frequency ramp between beta_fast and beta_slow, mscale on the softmax).
+(2023), in the DeepSeek-V3 arrangement (frequency ramp between beta_fast and beta_slow, mscale on
+the softmax).
 
 Legend: B batch, T sequence, H heads, Dr rotary dim.
 """
@@ -10,6 +10,7 @@ Legend: B batch, T sequence, H heads, Dr rotary dim.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -106,14 +107,45 @@ def doc_ids_from_positions(positions: torch.Tensor) -> torch.Tensor:
     return (positions == 0).cumsum(dim=1)
 
 
-def attention_mask(doc_ids: torch.Tensor | None) -> torch.Tensor | None:
-    """Boolean ``[B, 1, T, T]`` causal mask that also blocks attention across documents.
+@dataclass
+class AttentionMask:
+    """Causal attention, plus document boundaries, for one batch (built once per forward).
 
-    ``None`` means plain causal (the caller passes ``is_causal=True`` to SDPA).
+    ``block``: a flex_attention ``BlockMask`` (fully masked blocks are skipped, nothing dense is
+    built); ``dense``: a boolean ``[B, 1, T, T]`` mask for SDPA (the fallback); neither: plain
+    causal (SDPA's ``is_causal``, the flash kernel).
+    """
+
+    dense: torch.Tensor | None = None
+    block: object = None
+
+
+def attention_mask(doc_ids: torch.Tensor | None, backend: str = "sdpa") -> AttentionMask:
+    """The mask of causal attention within documents (``doc_ids [B, T]``; None: causal only).
+
+    ``backend``: "flex" builds a block mask from the document ids, "sdpa" a dense mask.
     """
     if doc_ids is None:
-        return None
-    seq = doc_ids.shape[1]
+        return AttentionMask()
+    batch, seq = doc_ids.shape
+    if backend == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def causal_same_document(b, h, q, kv):
+            return (q >= kv) & (doc_ids[b, q] == doc_ids[b, kv])
+
+        block = create_block_mask(
+            causal_same_document, batch, None, seq, seq, device=doc_ids.device
+        )
+        return AttentionMask(block=block)
     causal = torch.ones(seq, seq, dtype=torch.bool, device=doc_ids.device).tril()
     same_doc = doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)  # [B, T, T]
-    return (same_doc & causal).unsqueeze(1)
+    return AttentionMask(dense=(same_doc & causal).unsqueeze(1))
+
+
+def resolve_attention_backend(backend: str, device: torch.device) -> str:
+    """ "auto": flex on CUDA (compiled block-sparse kernels), SDPA elsewhere (flex has no CPU
+    backward)."""
+    if backend == "auto":
+        return "flex" if device.type == "cuda" else "sdpa"
+    return backend

@@ -24,6 +24,7 @@ from models.layers import (
     RotaryEmbedding,
     attention_mask,
     doc_ids_from_positions,
+    resolve_attention_backend,
 )
 from models.moe import MoE
 
@@ -126,9 +127,10 @@ class Transformer(nn.Module):
             )
         if positions is None:
             positions = torch.arange(seq, device=tokens.device).expand(batch, seq)
-        if doc_ids is None and self.args.document_mask and (positions == 0).sum() > batch:
+        if doc_ids is None and self.args.document_mask:  # documents restart their positions
             doc_ids = doc_ids_from_positions(positions)
-        mask = attention_mask(doc_ids) if self.args.document_mask else None
+        backend = resolve_attention_backend(self.args.attention_backend, tokens.device)
+        mask = attention_mask(doc_ids if self.args.document_mask else None, backend)
         rope = self.rope(positions)
         x = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if x.dim() == 3:  # [B, T, D] -> [B, T, G, D]: every stream starts as the embedding

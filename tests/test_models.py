@@ -13,7 +13,13 @@ from models.args import ModelArgs, MoEArgs
 from models.attention import MLAttention
 from models.engram import EngramConfig
 from models.hyper_connections import HyperConnection, sinkhorn
-from models.layers import RotaryEmbedding, apply_rotary
+from models.layers import (
+    RotaryEmbedding,
+    apply_rotary,
+    attention_mask,
+    doc_ids_from_positions,
+    resolve_attention_backend,
+)
 from models.moe import MoE
 from models.transformer import build_model
 
@@ -264,3 +270,24 @@ def test_activation_checkpointing_matches_plain():
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+
+
+@pytest.mark.parametrize("attention", ["gqa", "mla"])
+def test_flex_attention_matches_dense_mask(attention):
+    """The flex_attention block mask (what CUDA runs) gives the dense-mask SDPA outputs: causal
+    within documents, grouped kv heads read in place. CPU flex has no backward: forward only."""
+    args = tiny(attention, hc=2)
+    model = build_model(args)
+    tokens = torch.randint(0, 97, (2, 16))
+    positions = torch.cat([torch.arange(6), torch.arange(10)]).expand(2, 16)
+    engram = _hash_ids(2, 16)
+    with torch.no_grad():
+        dense = model(tokens, positions=positions, engram=engram).logits
+        model.args.attention_backend = "flex"
+        flex = model(tokens, positions=positions, engram=engram).logits
+    torch.testing.assert_close(flex, dense, rtol=1e-5, atol=1e-5)
+    doc_ids = doc_ids_from_positions(positions)
+    mask = attention_mask(doc_ids, "flex")
+    assert mask.dense is None and mask.block is not None
+    assert resolve_attention_backend("auto", torch.device("cuda")) == "flex"
+    assert resolve_attention_backend("auto", torch.device("cpu")) == "sdpa"

@@ -1,0 +1,96 @@
+"""Checks that need a CUDA device (marked ``gpu``; CI has none, they are skipped there). Run on a
+GPU machine with ``python -m pytest -m gpu tests/test_gpu.py``; results are in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from data.batch import plan_lookups
+from parallel.plan import ParallelPlan
+from pretrain.config import OptimizerConfig
+from pretrain.optimizer import Optimizers
+from pretrain.step import StepModel, forward_backward, optimizer_step
+from tests.distributed.parity import initial_model, make_batch, model_args
+from tests.test_mixed_precision import MatmulDtypes
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def _gpu_model(attention: str, backend: str, dim: int = 64):
+    args = model_args(sparse=True, attention=attention)
+    args.dim, args.moe.expert_hidden_dim = dim, 32  # 16-byte aligned: grouped_mm
+    args.attention_backend = backend
+    model = initial_model(args).cuda()
+    return model, StepModel(model, model, ParallelPlan(), mixed_precision="bf16")
+
+
+def _batch():
+    return plan_lookups(make_batch(0), {}).to(torch.device("cuda"))
+
+
+@pytest.mark.parametrize("attention", ["gqa", "mla"])
+def test_gpu_bf16_matmuls(attention):
+    """CUDA autocast keeps rms_norm in float32: the experts must still run bf16."""
+    _, sm = _gpu_model(attention, "sdpa")
+    with MatmulDtypes() as rec:
+        forward_backward(sm, _batch())
+    assert not rec.not_bf16(), rec.not_bf16()
+    assert any(op == "aten._grouped_mm.default" for op, _ in rec.seen)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_gpu_forward_backward_without_host_sync(backend):
+    """``torch.cuda.set_sync_debug_mode("error")`` over a forward and backward: nothing waits."""
+    _, sm = _gpu_model("mla", backend)
+    batch = _batch()
+    forward_backward(sm, batch)  # warm-up: compilation and caches may sync once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        forward_backward(sm, batch)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def test_gpu_optimizer_step_syncs():
+    """The documented budget of the optimizer step: the global norm's one device-to-host copy
+    (clipping), plus what the row-wise table optimizer's sparse coalesce needs."""
+    model, sm = _gpu_model("mla", "sdpa")
+    opts = Optimizers(model, OptimizerConfig(lr=1e-3))
+    forward_backward(sm, _batch())
+    optimizer_step(sm, opts, 1.0)  # warm-up: optimizer state allocation
+    forward_backward(sm, _batch())
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            optimizer_step(sm, opts, 1.0)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    tables = len(model.engram_layers())
+    print(f"optimizer step syncs: {len(syncs)} ({tables} tables)")
+    assert len(syncs) <= 1 + 2 * tables, [str(w.message)[:200] for w in syncs]
+
+
+@pytest.mark.parametrize("attention", ["gqa", "mla"])
+def test_gpu_flex_attention_matches_sdpa(attention):
+    """Compiled flex_attention block masks against SDPA's dense mask: outputs and gradients."""
+    grads = {}
+    for backend in ("sdpa", "flex"):
+        model, sm = _gpu_model(attention, backend)
+        sm.mixed_precision = "none"  # float32: compare to rounding
+        out = forward_backward(sm, _batch())
+        grads[backend] = (out.ce, {n: p.grad.to_dense() for n, p in model.named_parameters()})
+    (ce_a, ga), (ce_b, gb) = grads["sdpa"], grads["flex"]
+    torch.testing.assert_close(ce_b, ce_a, rtol=1e-4, atol=1e-5)
+    for name in ga:
+        torch.testing.assert_close(gb[name], ga[name], rtol=1e-3, atol=1e-5, msg=name)
