@@ -72,6 +72,15 @@ def measure(flavor, backend, ns) -> list:
         optimizer_step(sm, opts, 1.0)
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / ns.steps
+    if ns.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            forward_backward(sm, batch)
+            optimizer_step(sm, opts, 1.0)
+            torch.cuda.synchronize()
+        print(f"== {flavor} ({backend}): top CUDA kernels of one step")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=ns.profile))
     tokens = ns.batch * ns.seq
     acc = account(args, ns.seq)
     mfu = acc.flops_per_token * tokens / seconds / (ns.peak_tflops * 1e12)
@@ -93,6 +102,7 @@ def main() -> None:
     parser.add_argument("--peak_tflops", type=float, default=989.0)
     parser.add_argument("--flavors", default="moe-27b,engram-27b")
     parser.add_argument("--backends", default="flex,sdpa")
+    parser.add_argument("--profile", type=int, default=0, help="print the top N CUDA kernels")
     ns = parser.parse_args()
     rows = []
     for backend in ns.backends.split(","):

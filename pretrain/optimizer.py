@@ -47,7 +47,17 @@ def param_groups(model: torch.nn.Module, cfg: OptimizerConfig):
                 "name": "engram_tables",
             }
         )
-    return [g for g in groups if g["params"]], sparse_tables
+    return [g for part in groups for g in _split_dtensors(part)], sparse_tables
+
+
+def _split_dtensors(group: dict) -> list[dict]:
+    """The group's plain tensors and its DTensors (TP/FSDP) as separate groups: a foreach kernel
+    takes one kind per list. Checkpoints key optimizer state by parameter name, so the split does
+    not tie a checkpoint to a layout."""
+    dtensors = [p for p in group["params"] if hasattr(p, "placements")]
+    plain = [p for p in group["params"] if not hasattr(p, "placements")]
+    parts = [(plain, group["name"]), (dtensors, f"{group['name']}_dtensor")]
+    return [{**group, "params": params, "name": name} for params, name in parts if params]
 
 
 def _owner(model, name):
@@ -63,8 +73,20 @@ class Optimizers:
     def __init__(self, model: torch.nn.Module, cfg: OptimizerConfig):
         groups, tables = param_groups(model, cfg)
         betas = tuple(cfg.betas)
+        # CUDA: the fused kernel (one pass over parameter, gradient and moments) for plain
+        # tensors, multi-tensor kernels when TP/FSDP DTensors are present; CPU keeps the loop
+        params = [p for g in groups for p in g["params"]]
+        cuda = any(p.is_cuda for p in params)
+        fused = cuda and not any(hasattr(p, "placements") for p in params)
         self.optimizers = [
-            torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, foreach=False)
+            torch.optim.AdamW(
+                groups,
+                lr=cfg.lr,
+                betas=betas,
+                eps=cfg.eps,
+                foreach=cuda and not fused,
+                fused=fused or None,
+            )
         ]
         if tables:
             self.optimizers.append(
@@ -126,13 +148,15 @@ def clip_grad_norm(params, max_norm: float, sharded_groups=(), stage_group=None)
         torch.distributed.all_reduce(total_square, group=stage_group)
     total = total_square.sqrt().float()
     if max_norm > 0:
-        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        # a host float: scaling by it copies nothing to the device (a CPU tensor would be one
+        # synchronising host-to-device copy per parameter)
+        coef = min(1.0, max_norm / (total.item() + 1e-6))
         for p in params:
             if p.grad is not None:
                 if p.grad.is_sparse:
                     p.grad = p.grad.coalesce() * coef
                 else:
-                    p.grad.mul_(coef.to(p.grad.device))
+                    p.grad.mul_(coef)
     return total
 
 

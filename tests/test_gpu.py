@@ -26,6 +26,8 @@ pytestmark = [
 def _gpu_model(attention: str, backend: str, dim: int = 64):
     args = model_args(sparse=True, attention=attention)
     args.dim, args.moe.expert_hidden_dim = dim, 32  # 16-byte aligned: grouped_mm
+    # head dims the fused kernels take (flex needs >= 16; MLA's q/k and v dims differ)
+    args.head_dim, args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim = 16, 32, 16, 32
     args.attention_backend = backend
     model = initial_model(args).cuda()
     return model, StepModel(model, model, ParallelPlan(), mixed_precision="bf16")
