@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from data.loader import StatefulLoader
 from models.accounting import account
@@ -22,13 +23,14 @@ from models.parallel_plans import validate_parallelism
 from models.parallelize import parallelize_deepseek_engram
 from models.transformer import Transformer
 from parallel.dims import ParallelDims
-from parallel.distributed import destroy, env_world_size, init_distributed
+from parallel.distributed import cpu_group_for, destroy, env_world_size, init_distributed
 from pretrain.builders import build_hasher, build_model_args, build_tokenizer, ensure_dataset
 from pretrain.checkpoint import CheckpointManager
 from pretrain.config import Config, parse_args, to_toml
 from pretrain.metrics import MetricsLogger
 from pretrain.optimizer import Optimizers, lr_factor
 from pretrain.pipeline_runner import PipelineRunner
+from pretrain.preemption import StopRequest
 from pretrain.step import StepModel, forward_backward, lookup_planners, optimizer_step
 from pretrain.validate import Validator
 
@@ -212,7 +214,9 @@ class Trainer:
         t, m = self.cfg.training, self.cfg.metrics
         tokens_per_step = t.batch_size * t.grad_accum_steps * self.cfg.data.seq_len
         tokens_per_step *= self.dims.dp_degree
-        val_loss = None
+        val_loss, preempted = None, False
+        stop = StopRequest()
+        stop_group = cpu_group_for(dist.group.WORLD) if dist.is_initialized() else None
         while self.step < t.steps:
             wait_before = self.loader.wait_seconds
             values = self.train_step()
@@ -222,9 +226,21 @@ class Trainer:
             if self.step % m.eval_freq == 0 or self.step == t.steps:
                 val_loss, tokens = self.evaluate()
                 self.metrics.log_eval(self.step, val_loss, tokens)
-            if self.step % self.cfg.checkpoint.interval == 0 or self.step == t.steps:
+            saved = self.step % self.cfg.checkpoint.interval == 0 or self.step == t.steps
+            if saved:
                 self.save()
-        if val_loss is None:  # resumed at the final step
+            if stop.requested(stop_group) and self.step < t.steps:
+                if not saved:
+                    self.save()
+                log.warning(
+                    "stopped at step %d on %s; resume with the same command",
+                    self.step,
+                    stop.signal_name or "a peer's signal",
+                )
+                preempted = True
+                break
+        stop.restore()
+        if val_loss is None and not preempted:  # resumed at the final step
             val_loss, tokens = self.evaluate()
             self.metrics.log_eval(self.step, val_loss, tokens)
         self.metrics.close()
@@ -233,6 +249,7 @@ class Trainer:
             "val_loss": val_loss,
             "run_folder": str(self.run_folder),
             "checkpoint": self.last_checkpoint,
+            "preempted": preempted,
         }
 
 
@@ -256,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         trainer.loader.close()
         destroy()
-    if trainer.rank == 0:
+    if trainer.rank == 0 and summary["preempted"]:
+        print(f"\nstopped at step {summary['step']}: {summary['checkpoint']}", flush=True)
+    elif trainer.rank == 0:
         folder = Path(summary["run_folder"])
         print(
             f"\ndone: step {summary['step']}, held-out loss {summary['val_loss']:.4f}\n"

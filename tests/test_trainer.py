@@ -191,3 +191,87 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(corpus, tmp_path, monkeypatch)
     assert again.step == 4
     for name, value in again.inner.state_dict().items():
         assert torch.equal(value, saved[name]), name
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["sigterm", "sigusr1"])
+def test_preemption_signal_checkpoints_and_resumes_bit_identically(corpus, tmp_path, sig):
+    """A signal mid-run: the step in flight finishes, a checkpoint is written at that step (off
+    the checkpoint interval), the job exits 0; the resumed job matches the straight run."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    cmd = _cmd(corpus, straight, steps=14)
+    assert _run(cmd).returncode == 0
+    proc = subprocess.Popen(
+        _cmd(corpus, stopped, steps=14), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (stopped / "metrics.jsonl").is_file() and max(_records(stopped), default=0) >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    done = max(_records(stopped))
+    assert done < 14, "the run finished before the signal"
+    assert f"stopped at step {done}" in err.decode()
+    ckpts = sorted(p.name for p in (stopped / "checkpoints").iterdir())
+    assert ckpts[-1] == f"step-{done:08d}"  # saved at the stop, not only at the interval
+    assert _run(_cmd(corpus, stopped, steps=14)).returncode == 0
+    want, got = _records(straight), _records(stopped)
+    assert sorted(got) == list(range(1, 15))
+    for step in want:
+        assert (got[step]["loss"], got[step]["grad_norm"]) == (
+            want[step]["loss"],
+            want[step]["grad_norm"],
+        ), step
+    finished = [_trainer(corpus, folder, steps=14) for folder in (straight, stopped)]
+    _assert_equal_trees(*(_state(t.model, t.optimizers) for t in finished))
+
+
+@pytest.mark.distributed
+def test_preemption_through_the_slurm_node_script(corpus, tmp_path):
+    """launch/slurm/node.sh as slurm runs it on a node (torchrun, 2 ranks): SIGUSR1 to the node
+    script reaches the trainers (torchrun itself ignores it), which checkpoint and exit 0."""
+    from tests.distributed.helpers import free_port
+
+    dump = tmp_path / "node"
+    env = dict(
+        os.environ,
+        PYTHON=sys.executable,
+        SLURM_NNODES="1",
+        SLURM_NODEID="0",
+        SLURM_JOB_ID="test",
+        GPUS_PER_NODE="2",
+        HEAD="127.0.0.1",
+        PORT=str(free_port()),
+        LOG_DIR=str(tmp_path / "logs"),
+    )
+    args = [
+        "--config",
+        "pretrain/configs/debug.toml",
+        *_overrides(corpus, dump, steps=40, workers=0),
+        "--parallelism.data_parallel_replicate_degree=2",
+    ]
+    proc = subprocess.Popen(
+        ["bash", "launch/slurm/node.sh", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (dump / "metrics.jsonl").is_file() and max(_records(dump), default=0) >= 3:
+            break
+        time.sleep(0.05)
+    # as slurm may signal every process of the step: the script and torchrun
+    agents = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+    proc.send_signal(signal.SIGUSR1)
+    for pid in agents.stdout.split():
+        os.kill(int(pid), signal.SIGUSR1)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    done = max(_records(dump))
+    assert done < 40
+    assert sorted(p.name for p in (dump / "checkpoints").iterdir())[-1] == f"step-{done:08d}"
+    assert list((tmp_path / "logs").rglob("*.log")), "no per-rank logs"
