@@ -33,6 +33,12 @@ class LookupPlan(Protocol):
 
     def to(self, device, non_blocking: bool = False) -> LookupPlan: ...
 
+    def pin_memory(self) -> LookupPlan: ...
+
+
+def _pin(value):
+    return value.pin_memory() if torch.is_tensor(value) else value
+
 
 def _to_torch(value):
     return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
@@ -56,6 +62,10 @@ class EngramInputs:
 
         plan = self.plan.to(device, non_blocking) if self.plan is not None else None
         return EngramInputs(move(self.hash_ids), plan, move(self.rows))
+
+    def pin_memory(self) -> EngramInputs:
+        plan = self.plan.pin_memory() if self.plan is not None else None
+        return EngramInputs(_pin(self.hash_ids), plan, _pin(self.rows))
 
 
 @dataclass
@@ -89,6 +99,14 @@ class Batch:
         return Batch(
             *(move(v) for v in (self.tokens, self.labels, self.positions, self.doc_ids)),
             engram={layer: e.to(device, non_blocking) for layer, e in self.engram.items()},
+        )
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copies (the DataLoader calls this with ``pin_memory=True``), so that
+        ``to(device, non_blocking=True)`` overlaps the copy with compute."""
+        return Batch(
+            *(_pin(v) for v in (self.tokens, self.labels, self.positions, self.doc_ids)),
+            engram={layer: e.pin_memory() for layer, e in self.engram.items()},
         )
 
     def select_rows(self, rows: slice) -> Batch:

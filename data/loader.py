@@ -41,14 +41,22 @@ class StatefulLoader:
     Args:
         stream_kwargs: ``PackedShardStream`` arguments (without role / num_roles).
         num_workers: loader processes; 0 runs the single role in the main process.
+        pin_memory: page-locked batches (CUDA), so the copy to the device does not block.
     """
 
-    def __init__(self, stream_kwargs: dict, num_workers: int = 1, prefetch_factor: int = 4):
+    def __init__(
+        self,
+        stream_kwargs: dict,
+        num_workers: int = 1,
+        prefetch_factor: int = 4,
+        pin_memory: bool = False,
+    ):
         if not stream_kwargs.get("url_prefix"):  # fail here, not later inside a worker
             load_index(stream_kwargs["folder"], stream_kwargs["split"])
         self.num_workers = num_workers
         self.num_roles = max(1, num_workers)
         self.prefetch_factor = prefetch_factor
+        self.pin_memory = pin_memory  # CUDA: page-locked batches, copied without blocking
         self.dataset = _RoleDataset(stream_kwargs, self.num_roles)
         self.consumed = 0
         self.role_states: dict[int, dict] = {}
@@ -58,7 +66,7 @@ class StatefulLoader:
     def _make_iter(self):
         self.dataset.role_offset = self.consumed % self.num_roles
         self.dataset.role_states = dict(self.role_states)
-        kwargs = dict(batch_size=None, num_workers=self.num_workers)
+        kwargs = dict(batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
         if self.num_workers > 0:
             kwargs.update(prefetch_factor=self.prefetch_factor, persistent_workers=False)
         return iter(DataLoader(self.dataset, **kwargs))

@@ -55,6 +55,9 @@ class ShardPlan:
             *(torch.as_tensor(f) for f in (self.unique_ids, self.send_counts, self.inverse))
         )
 
+    def pin_memory(self) -> ShardPlan:
+        return ShardPlan(self.unique_ids.pin_memory(), self.send_counts, self.inverse.pin_memory())
+
     def to(self, device, non_blocking: bool = False) -> ShardPlan:
         return ShardPlan(
             self.unique_ids.to(device, non_blocking=non_blocking),

@@ -79,9 +79,16 @@ class CheckpointManager:
     """Saves every ``interval`` steps, keeps the last ``keep_last``, resumes the newest complete
     one."""
 
-    def __init__(self, folder: str | Path, keep_last: int, identity: dict):
+    def __init__(
+        self, folder: str | Path, keep_last: int, identity: dict, async_mode: str = "disabled"
+    ):
         self.folder = Path(folder)
         self.keep_last = keep_last
+        # "async": dcp.async_save stages the state in host memory and writes it in a thread while
+        # training goes on; the checkpoint is completed (meta.json, rename) by ``finish()``,
+        # which the next save and the end of the job call
+        self.async_mode = async_mode
+        self._pending = None
         self.identity = identity  # {"engram_hash": dict | None, "tokenizer_identity": str}
         if _rank() == 0:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -104,15 +111,39 @@ class CheckpointManager:
     def path(self, step: int) -> Path:
         return self.folder / f"{PREFIX}{step:08d}"
 
-    def save(self, step: int, model, optimizers, train_state: dict) -> Path:
+    def save(self, step: int, model, optimizers, train_state: dict, blocking=False) -> Path:
+        """Write the checkpoint of ``step``; with ``async_mode="async"`` (and not ``blocking``)
+        only start it: ``finish()`` completes it."""
+        self.finish()
         final = self.path(step)
         tmp = final.with_suffix(".tmp")
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier()
-        dcp.save(_state(model, optimizers), checkpoint_id=str(tmp))
         torch.save({**train_state, "rng": rng_state()}, tmp / f"train_state_rank{_rank()}.pt")
+        state = _state(model, optimizers)
+        if self.async_mode == "async" and not blocking:
+            self._pending = (dcp.async_save(state, checkpoint_id=str(tmp)), step)
+            return final
+        dcp.save(state, checkpoint_id=str(tmp))
+        self._complete(step)
+        return final
+
+    def finish(self) -> None:
+        """Wait for an asynchronous save in flight and complete its checkpoint."""
+        if self._pending is None:
+            return
+        future, step = self._pending
+        self._pending = None
+        result = future.result()
+        if hasattr(result, "upload_completion"):  # AsyncSaveResponse (newer DCP)
+            result.upload_completion.result()
+        self._complete(step)
+
+    def _complete(self, step: int) -> None:
+        final = self.path(step)
+        tmp = final.with_suffix(".tmp")
         barrier()
         if _rank() == 0:
             meta = {
@@ -127,7 +158,6 @@ class CheckpointManager:
             os.replace(tmp, final)
             self._prune()
         barrier()
-        return final
 
     def _prune(self) -> None:
         for step in self.complete_steps()[: -self.keep_last]:

@@ -108,6 +108,8 @@ class CheckpointConfig:
     interval: int = 50  # steps between saves (the last step is always saved)
     keep_last: int = 3  # complete checkpoints kept
     load: bool = True  # resume from the newest complete checkpoint in the folder
+    # "async": write in a background thread from a host copy while training goes on
+    async_mode: Literal["disabled", "async"] = "disabled"
 
 
 @dataclass

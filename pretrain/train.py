@@ -72,7 +72,11 @@ class Trainer:
         self.sm = self._build_model(mesh)
         self.optimizers = Optimizers(self.sm.model, cfg.optimizer)
         stream_kwargs = self._stream_kwargs(folder)
-        self.loader = StatefulLoader({**stream_kwargs, "split": "train"}, cfg.data.num_workers)
+        self.loader = StatefulLoader(
+            {**stream_kwargs, "split": "train"},
+            cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
         self.validator = Validator(
             stream_kwargs,
             cfg.metrics.eval_batches,
@@ -142,7 +146,7 @@ class Trainer:
             "tokenizer_identity": self.tokenizer.identity,
             "engram_hash": self.hasher.to_config_dict() if self.hasher else None,
         }
-        ckpt = CheckpointManager(self.run_folder / c.folder, c.keep_last, identity)
+        ckpt = CheckpointManager(self.run_folder / c.folder, c.keep_last, identity, c.async_mode)
         if c.load:
             state = ckpt.load_latest(self.sm.model, self.optimizers)
             if state is not None:
@@ -201,13 +205,11 @@ class Trainer:
                 scalars["engram/unique_rows_frac"] = fraction
         return scalars
 
-    def save(self) -> None:
+    def save(self, blocking: bool = False) -> None:
         if self.ckpt is not None:
-            self.last_checkpoint = str(
-                self.ckpt.save(
-                    self.step, self.sm.model, self.optimizers, {"loader": self.loader.state_dict()}
-                )
-            )
+            train_state = {"loader": self.loader.state_dict()}
+            path = self.ckpt.save(self.step, self.sm.model, self.optimizers, train_state, blocking)
+            self.last_checkpoint = str(path)
 
     # ----- the loop -----
     def fit(self) -> dict:
@@ -228,10 +230,10 @@ class Trainer:
                 self.metrics.log_eval(self.step, val_loss, tokens)
             saved = self.step % self.cfg.checkpoint.interval == 0 or self.step == t.steps
             if saved:
-                self.save()
+                self.save(blocking=self.step == t.steps)
             if stop.requested(stop_group) and self.step < t.steps:
                 if not saved:
-                    self.save()
+                    self.save(blocking=True)
                 log.warning(
                     "stopped at step %d on %s; resume with the same command",
                     self.step,
@@ -240,6 +242,8 @@ class Trainer:
                 preempted = True
                 break
         stop.restore()
+        if self.ckpt is not None:
+            self.ckpt.finish()  # an asynchronous save still in flight
         if val_loss is None and not preempted:  # resumed at the final step
             val_loss, tokens = self.evaluate()
             self.metrics.log_eval(self.step, val_loss, tokens)

@@ -96,3 +96,18 @@ def test_gpu_flex_attention_matches_sdpa(attention):
     torch.testing.assert_close(ce_b, ce_a, rtol=1e-4, atol=1e-5)
     for name in ga:
         torch.testing.assert_close(gb[name], ga[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_gpu_pinned_batches_with_shard_plans():
+    """What the loader does with ``pin_memory=True`` on CUDA: every tensor of a batch and of its
+    lookup plans is page-locked (the plan's split counts stay ordinary host memory)."""
+    from parallel.engram_table_parallel import ShardPlanner, row_bounds
+
+    planner = ShardPlanner(torch.zeros(4, dtype=torch.int64).numpy(), row_bounds(50, 2))
+    batch = plan_lookups(make_batch(0), {0: planner}).pin_memory()
+    pinned = [batch.tokens, batch.labels, batch.positions, batch.doc_ids]
+    plan = batch.engram[0].plan
+    pinned += [batch.engram[0].hash_ids, plan.unique_ids, plan.inverse]
+    assert all(t.is_pinned() for t in pinned)
+    moved = batch.to(torch.device("cuda"))
+    assert moved.engram[0].plan.unique_ids.is_cuda and not moved.engram[0].plan.send_counts.is_cuda

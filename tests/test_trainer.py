@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -275,3 +276,34 @@ def test_preemption_through_the_slurm_node_script(corpus, tmp_path):
     assert done < 40
     assert sorted(p.name for p in (dump / "checkpoints").iterdir())[-1] == f"step-{done:08d}"
     assert list((tmp_path / "logs").rglob("*.log")), "no per-rank logs"
+
+
+def test_async_checkpoint_resume_is_bit_identical(corpus, tmp_path):
+    """``checkpoint.async_mode=async``: saves complete in the background (meta.json and the
+    rename come with the next save or the end of the job) from a host copy, so the checkpoint of
+    step 4, written while steps 5-8 trained, resumes to match a straight synchronous run."""
+    async_mode = ["--checkpoint.async_mode=async"]
+    first = _trainer(corpus, tmp_path / "async", steps=12, extra=async_mode)
+    step = first.train_step
+
+    def signal_at_8():
+        values = step()
+        if first.step == 8:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return values
+
+    first.train_step = signal_at_8
+    assert first.fit()["preempted"]
+    ckpts = sorted(p.name for p in (tmp_path / "async" / "checkpoints").iterdir())
+    assert ckpts == ["step-00000004", "step-00000008"]
+    # step 4's checkpoint was written while steps 5-8 trained: resume from it
+    shutil.rmtree(tmp_path / "async" / "checkpoints" / "step-00000008")
+    resumed = _trainer(corpus, tmp_path / "async", steps=12, extra=async_mode)
+    assert resumed.step == 4
+    resumed.fit()
+    straight = _trainer(corpus, tmp_path / "sync", steps=12)
+    straight.fit()
+    want, got = _records(tmp_path / "sync"), _records(tmp_path / "async")
+    assert sorted(got) == list(range(1, 13))
+    assert all(got[s]["loss"] == want[s]["loss"] for s in want)
+    _assert_equal_trees(*(_state(t.model, t.optimizers) for t in (straight, resumed)))
