@@ -116,11 +116,14 @@ def validate_parallelism(
         ),
     ]
     if args.moe is not None:
+        experts = args.moe.num_routed_experts
+        per_rank = -(-experts // ep)
         checks.append(
             (
-                args.moe.num_routed_experts % ep == 0,
-                f"parallelism.expert_parallel_degree={ep} must divide "
-                f"model.moe.num_routed_experts={args.moe.num_routed_experts}",
+                per_rank * (ep - 1) < experts,
+                f"parallelism.expert_parallel_degree={ep} leaves a rank without experts "
+                f"(model.moe.num_routed_experts={experts}, {per_rank} per rank): use a degree "
+                f"with ceil(E / ep) * (ep - 1) < E",
             )
         )
     elif ep > 1:

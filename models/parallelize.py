@@ -177,7 +177,8 @@ def apply_engram_table_parallel(model: nn.Module, group, cpu_group, dp_degree: i
 
 
 def apply_expert_parallel(model: nn.Module, ep_group, ep_rank: int) -> list[nn.Module]:
-    """Keep ``E / ep`` consecutive experts per rank and route tokens with all-to-all."""
+    """Keep ``ceil(E / ep)`` consecutive expert slots per rank (padding on the last ranks when
+    ``ep`` does not divide E) and route tokens with all-to-all."""
     modules = []
     for moe in model.moe_layers():
         args, old = moe.args, moe.experts
@@ -191,7 +192,12 @@ def apply_expert_parallel(model: nn.Module, ep_group, ep_rank: int) -> list[nn.M
             first_expert=ep_rank * local,
         ).to(old.w1.device)
         register_row_sharding(
-            moe.experts, ["w1", "w2", "w3"], ep_group, args.num_routed_experts, ep_rank * local
+            moe.experts,
+            ["w1", "w2", "w3"],
+            ep_group,
+            args.num_routed_experts,
+            ep_rank * local,
+            real_rows=dispatcher.real_experts(ep_rank, args.num_routed_experts),
         )
         moe.dispatcher = dispatcher
         modules.append(moe.experts)

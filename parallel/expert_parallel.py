@@ -1,13 +1,16 @@
 """Expert parallelism: an all-to-all token dispatcher (uneven splits, autograd) for sharded experts.
 
-Each rank of the ep group owns ``E / ep`` consecutive experts. ``dispatch`` permutes the local
+Each rank of the ep group owns ``El = ceil(E / ep)`` consecutive expert slots (``torch.chunk``
+rows, like a ``Shard(0)`` DTensor); when ``ep`` does not divide E (55 experts over 8 ranks) the
+last rank's extra slots are padding that the router never picks (``parallel.sharding`` keeps them
+out of checkpoints). ``dispatch`` permutes the local
 token copies by expert, exchanges per-expert counts, sends every copy to its expert's owner and
 regroups the received copies by local expert; ``combine`` reverses the exchange and sums the
 weighted outputs per token. Both all-to-alls are autograd-aware, so gradients return to the
 tokens' ranks.
 
-Legend: N local tokens, K top-k, E experts, El = E / ep local experts, M = N*K copies sent,
-R received.
+Legend: N local tokens, K top-k, E experts, El = ceil(E / ep) local expert slots, M = N*K copies
+sent, R received.
 """
 
 from __future__ import annotations
@@ -34,19 +37,19 @@ class AllToAllDispatcher:
     def __init__(self, group, num_experts: int):
         self.group = group
         self.world = dist.get_world_size(group)
-        if num_experts % self.world:
-            raise ValueError(
-                f"parallelism.expert_parallel_degree={self.world} must divide the "
-                f"number of routed experts ({num_experts})"
-            )
-        self.local_experts = num_experts // self.world
+        self.local_experts = -(-num_experts // self.world)  # slots per rank, padding included
+        self.slots = self.local_experts * self.world
+
+    def real_experts(self, ep_rank: int, num_experts: int) -> int:
+        """Experts (not padding) held by ``ep_rank``."""
+        return max(0, min(self.local_experts, num_experts - ep_rank * self.local_experts))
 
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int):
         flat = topk_idx.flatten()
         order = flat.argsort(stable=True)
         token_index = order // topk_idx.shape[1]
-        counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
-        counts.scatter_add_(0, flat, torch.ones_like(flat))  # [E]; bincount would sync
+        counts = torch.zeros(self.slots, dtype=torch.int64, device=flat.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat))  # [ep * El]; bincount would sync
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts, group=self.group)  # [ep * El], rank-major
         recv_matrix = recv_counts.view(self.world, self.local_experts)

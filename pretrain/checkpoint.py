@@ -240,9 +240,9 @@ def _state(model, optimizers) -> dict:
     for i, opt in enumerate(optimizers.optimizers):
         optim_state = get_optimizer_state_dict(model, opt, options=flat)
         for key, value in optim_state.items():
-            module = _owner_of_state(key, sharded)
-            if module is not None and torch.is_tensor(value) and value.dim() >= 1:
-                optim_state[key] = module.to_global(value)
+            owner = _owner_of_state(key, sharded)
+            if owner is not None and torch.is_tensor(value) and value.dim() >= 1:
+                optim_state[key] = owner[0].to_global(value)
         state[f"optim{i}"] = optim_state
     return state
 
@@ -252,29 +252,29 @@ def _set_state(model, optimizers, state: dict) -> None:
     flat = StateDictOptions(flatten_optimizer_state_dict=True)
     sharded = _sharded_modules(model)
     for i, opt in enumerate(optimizers.optimizers):
-        optim_state = {
-            k: (
-                v.to_local()
-                if hasattr(v, "to_local") and _owner_of_state(k, sharded) is not None
-                else v
-            )
-            for k, v in state[f"optim{i}"].items()
-        }
+        optim_state = {}
+        for key, value in state[f"optim{i}"].items():
+            owner = _owner_of_state(key, sharded)
+            if owner is not None and hasattr(value, "to_local"):
+                module, param = owner  # moments have the parameter's local shape (padding too)
+                value = module.from_global(value, getattr(module, param))
+            optim_state[key] = value
         set_optimizer_state_dict(model, opt, optim_state, options=flat)
 
 
-def _sharded_modules(model) -> dict[str, torch.nn.Module]:
-    """Parameter FQN -> module for row-sharded parameters (``parallel.sharding``)."""
+def _sharded_modules(model) -> dict[str, tuple[torch.nn.Module, str]]:
+    """Parameter FQN -> (module, parameter name) for row-sharded parameters
+    (``parallel.sharding``)."""
     return {
-        f"{name.removeprefix('module.')}.{param}": module
+        f"{name.removeprefix('module.')}.{param}": (module, param)
         for name, module in model.named_modules()
         if hasattr(module, "to_global")
         for param in module.sharded_params
     }
 
 
-def _owner_of_state(key: str, sharded: dict) -> torch.nn.Module | None:
-    for fqn, module in sharded.items():
+def _owner_of_state(key: str, sharded: dict) -> tuple[torch.nn.Module, str] | None:
+    for fqn, owner in sharded.items():
         if key.startswith(f"state.{fqn}."):
-            return module
+            return owner
     return None

@@ -181,8 +181,8 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(corpus, tmp_path, monkeypatch)
     saved = {}
     original_save = trainer.save
 
-    def snapshot_save():
-        original_save()
+    def snapshot_save(**kwargs):
+        original_save(**kwargs)
         saved.update({k: v.clone() for k, v in trainer.inner.state_dict().items()})
 
     trainer.save = snapshot_save

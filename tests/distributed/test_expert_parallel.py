@@ -1,6 +1,7 @@
 """Expert parallelism against the single-process run: EP2 over 2 DDP ranks, EP2 x 2 replicas over 4
-ranks with Engram-table parallelism, and EP2 + table parallelism under FSDP2: losses, norms and
-gradients at every step, and the parameters, on every rank."""
+ranks with Engram-table parallelism, and EP2 + table parallelism under FSDP2; and expert counts
+that EP does not divide (5 over 2 ranks, 7 over 4: padding slots on the last rank): losses, norms
+and gradients at every step, and the parameters, on every rank."""
 
 from __future__ import annotations
 
@@ -12,9 +13,16 @@ pytestmark = pytest.mark.distributed
 
 
 @pytest.mark.parametrize(
-    "world, ep, tables, fsdp", [(2, 2, 1, False), (4, 2, 4, False), (2, 2, 2, True)]
+    "world, ep, tables, fsdp, experts",
+    [
+        (2, 2, 1, False, 4),
+        (4, 2, 4, False, 4),
+        (2, 2, 2, True, 4),
+        (2, 2, 2, False, 5),
+        (4, 4, 4, True, 7),
+    ],
 )
-def test_expert_parallel_matches_single_process(world, ep, tables, fsdp, tmp_path):
+def test_expert_parallel_matches_single_process(world, ep, tables, fsdp, experts, tmp_path):
     from tests.distributed.helpers import run_ranks
 
     layout = dict(
@@ -23,5 +31,6 @@ def test_expert_parallel_matches_single_process(world, ep, tables, fsdp, tmp_pat
         engram_shard_degree=tables,
     )
     args = model_args(sparse=True)
+    args.moe.num_routed_experts = experts
     ckpt = save_initial(args, tmp_path / "init")
     check_parity(reference(args), run_ranks(run_layout, world, layout, args, ckpt))

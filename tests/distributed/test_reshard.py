@@ -1,5 +1,6 @@
 """Checkpoints reshard: a run saved with one layout evaluates to the same held-out loss when loaded
-at another (Engram-table parallel 4 -> 2 ranks -> 1 process; TP2 x PP2 -> 1 process)."""
+at another (Engram-table parallel 4 -> 2 ranks -> 1 process; TP2 x PP2 -> 1 process; 5 experts
+over EP 2, padding slot included, <-> 1 process)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,13 @@ LAYOUTS = {
         tensor_parallel_degree=2, pipeline_parallel_degree=2, data_parallel_shard_degree=1
     ),
     "single": {},
+    # 5 experts over EP 2: 3 slots per rank, the last one padding (kept out of checkpoints)
+    "ep2_uneven": dict(data_parallel_replicate_degree=2, expert_parallel_degree=2),
 }
+EXPERTS = "--model.overrides.moe.num_routed_experts=5"
 
 
-def _overrides(corpus, dump, layout):
+def _overrides(corpus, dump, layout, experts5=False):
     base = [
         f"--job.dump_folder={dump}",
         f"--data.dataset_path={corpus}",
@@ -36,33 +40,42 @@ def _overrides(corpus, dump, layout):
         "--metrics.progress_bar=false",
         "--lr_scheduler.warmup_steps=1",
     ]
-    return base + [f"--parallelism.{k}={v}" for k, v in LAYOUTS[layout].items()]
+    extra = [EXPERTS] if experts5 else []
+    return base + extra + [f"--parallelism.{k}={v}" for k, v in LAYOUTS[layout].items()]
 
 
-def _fit(rank, world, corpus, dump, layout):
-    trainer = Trainer(load_config("pretrain/configs/debug.toml", _overrides(corpus, dump, layout)))
+def _fit(rank, world, corpus, dump, layout, experts5=False):
+    overrides = _overrides(corpus, dump, layout, experts5)
+    trainer = Trainer(load_config("pretrain/configs/debug.toml", overrides))
     summary = trainer.fit()
     return summary["val_loss"], trainer.step
 
 
-def _single(corpus, dump) -> float:
-    single = Trainer(load_config("pretrain/configs/debug.toml", _overrides(corpus, dump, "single")))
+def _single(corpus, dump, experts5=False) -> float:
+    overrides = _overrides(corpus, dump, "single", experts5)
+    single = Trainer(load_config("pretrain/configs/debug.toml", overrides))
     assert single.step == 4
     return single.evaluate()[0]
 
 
 @pytest.mark.parametrize(
-    "saved, world, loaded, loaded_world", [("tables4", 4, "tables2", 2), ("tp2pp2", 4, None, None)]
+    "saved, world, loaded, loaded_world, experts5",
+    [
+        ("tables4", 4, "tables2", 2, False),
+        ("tp2pp2", 4, None, None, False),
+        ("ep2_uneven", 2, None, None, True),
+        ("single", 1, "ep2_uneven", 2, True),
+    ],
 )
-def test_checkpoint_reshards(corpus, tmp_path, saved, world, loaded, loaded_world):
+def test_checkpoint_reshards(corpus, tmp_path, saved, world, loaded, loaded_world, experts5):
     from tests.distributed.helpers import run_ranks
 
     dump = str(tmp_path / "run")
-    results = run_ranks(_fit, world, str(corpus), dump, saved)
+    results = run_ranks(_fit, world, str(corpus), dump, saved, experts5)
     assert all(step == 4 for _, step in results.values())
     loss = results[0][0]
     if loaded is not None:
-        resumed = run_ranks(_fit, loaded_world, str(corpus), dump, loaded)
+        resumed = run_ranks(_fit, loaded_world, str(corpus), dump, loaded, experts5)
         assert all(step == 4 for _, step in resumed.values())
         assert resumed[0][0] == pytest.approx(loss, rel=1e-5)
-    assert _single(corpus, dump) == pytest.approx(loss, rel=1e-5)
+    assert _single(corpus, dump, experts5) == pytest.approx(loss, rel=1e-5)
