@@ -132,9 +132,20 @@ def clip_grad_norm(params, max_norm: float, sharded_groups=(), stage_group=None)
     """
     owner = {id(p): i for i, (group_params, _) in enumerate(sharded_groups) for p in group_params}
     parts: list[list[torch.Tensor]] = [[] for _ in range(len(sharded_groups) + 1)]
+    by_mesh: dict = {}  # (mesh, sharded mesh dims) -> local squares of DTensor gradients
     for p in params:
-        if p.grad is not None:
+        if p.grad is None:
+            continue
+        key = _dtensor_key(p.grad)
+        if key is not None:
+            by_mesh.setdefault(key, []).append(p.grad.to_local().float().pow(2).sum().double())
+        else:
             parts[owner.get(id(p), len(sharded_groups))].append(_grad_square(p.grad).double())
+    for (mesh, dims), squares in by_mesh.items():  # one reduction per mesh group and dim
+        local = torch.stack(squares).sum()
+        for dim in dims:
+            torch.distributed.all_reduce(local, group=mesh.get_group(dim))
+        parts[-1].append(local)
     # one device-to-host copy per step (the groups' sums go over CPU process groups)
     sums = [
         torch.stack(group).sum() if group else torch.zeros((), dtype=torch.float64)
@@ -158,6 +169,20 @@ def clip_grad_norm(params, max_norm: float, sharded_groups=(), stage_group=None)
                 else:
                     p.grad.mul_(coef)
     return total
+
+
+def _dtensor_key(grad: torch.Tensor):
+    """``(mesh, sharded mesh dims)`` of a DTensor gradient whose placements are all plain
+    ``Shard``/``Replicate``: the sum of its local squares over those dims is its squared norm.
+    None otherwise (plain tensors; ``Partial``; FSDP x TP's ``_StridedShard``, whose local sums
+    did not add up to the full norm when tried: those take ``full_tensor()``, one reduction per
+    parameter)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    placements = getattr(grad, "placements", None)
+    if placements is None or any(type(p) not in (Shard, Replicate) for p in placements):
+        return None
+    return grad.device_mesh, tuple(i for i, p in enumerate(placements) if type(p) is Shard)
 
 
 def _grad_square(grad: torch.Tensor) -> torch.Tensor:

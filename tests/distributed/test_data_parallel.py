@@ -76,3 +76,45 @@ def test_fsdp_defers_the_reduce_scatter_to_the_last_microbatch(tmp_path):
     ckpt = save_initial(args, tmp_path / "init")
     for deferred, unsharded, reduced, total in run_ranks(_deferred_rank, 2, args, ckpt).values():
         assert deferred == [] and unsharded and reduced == total
+
+
+def _norm_reductions_rank(rank: int, world: int, args, ckpt: str):
+    from unittest import mock
+
+    import torch.distributed as dist
+
+    from models.parallelize import parallelize_deepseek_engram
+    from models.transformer import Transformer
+    from parallel.dims import ParallelDims
+    from pretrain.config import ParallelismConfig
+    from pretrain.optimizer import clip_grad_norm
+    from pretrain.step import StepModel, forward_backward
+    from tests.distributed.parity import load_initial, make_batch
+
+    dims = ParallelDims.from_config(ParallelismConfig(data_parallel_replicate_degree=2), world)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model, inner, plan = parallelize_deepseek_engram(model, dims, dims.build_mesh("cpu"), "cpu", 0)
+    load_initial(inner, ckpt)
+    forward_backward(
+        StepModel(model, inner, plan), make_batch(0).select_rows(slice(rank, rank + 1))
+    )
+    calls = []
+    real = dist.all_reduce
+    with mock.patch.object(
+        dist, "all_reduce", lambda t, *a, **k: calls.append(1) or real(t, *a, **k)
+    ):
+        clip_grad_norm(list(model.parameters()), 1.0, plan.sharded_groups, plan.pp_cpu_group)
+    dtensors = sum(hasattr(p, "placements") for p in model.parameters())
+    return len(calls), dtensors
+
+
+def test_grad_norm_one_reduction_per_mesh_group(tmp_path):
+    """HSDP, 2 replicas x 2 shards (``(Replicate, Shard(0))`` DTensors): the global norm takes one
+    all-reduce per (mesh, sharded dim), not one per DTensor parameter."""
+    from tests.distributed.helpers import run_ranks
+
+    args = model_args(sparse=False)
+    ckpt = save_initial(args, tmp_path / "init")
+    for calls, dtensors in run_ranks(_norm_reductions_rank, 4, args, ckpt, timeout=120).values():
+        assert dtensors > 20 and calls == 1, (calls, dtensors)
