@@ -1,9 +1,15 @@
 """``python -m launch.dry_run --config FILE [--world_size N] [--rank R] [--gpu_memory_gib 80]``
 
-Builds the job's flavor on the meta device under a fake process group at the target world size,
-applies the full parallel plan for one rank, and prints parameters per rank, a per-GPU memory
-estimate and FLOPs per token. The last line is a JSON summary with ``fits`` and ``peak_gib``; the
-exit code is 1 when the layout does not fit.
+A simulator of one training step at the target layout, on a laptop. It builds the job's flavor on
+the meta device under a fake process group at the target world size and applies the full
+parallel plan for one rank: parameters per rank, FLOPs per token and the analytical memory
+estimate (``models.memory``, ``peak_gib``). Then (unless ``--analytical``) it runs a real step on
+fake tensors (``pretrain.simulate``): the traced peak memory (``peak_gib_traced``), the
+communication per collective and mesh axis (``comm_gib_per_step``), and the step time, tokens/s
+and MFU on stated H100 constants (``pretrain.cost_model``; ``--efficiency``, ``--nvlink_gbps``...
+override them). The last line is a JSON summary; the exit code is 1 when the layout does not fit
+in 90 % of ``--gpu_memory_gib`` (by the traced peak when there is one). A 27B recipe takes
+about a minute per traced rank.
 """
 
 from __future__ import annotations
@@ -19,10 +25,10 @@ from models.accounting import account
 from models.flavors import resolve_model_args
 from models.memory import RankCounts, estimate_memory
 from models.parallel_plans import validate_parallelism
-from models.parallelize import parallelize_deepseek_engram
-from models.transformer import Transformer
 from parallel.dims import ParallelDims
 from pretrain.config import load_config
+from pretrain.cost_model import Hardware, estimate
+from pretrain.simulate import GIB, comm_summary, rank_model, trace_step
 
 
 def rank_counts(model: torch.nn.Module, fsdp: bool) -> RankCounts:
@@ -45,7 +51,13 @@ def rank_counts(model: torch.nn.Module, fsdp: bool) -> RankCounts:
 
 
 def dry_run(
-    config_path: str, overrides: list[str], world_size: int, rank: int, gpu_memory_gib: float
+    config_path: str,
+    overrides: list[str],
+    world_size: int,
+    rank: int,
+    gpu_memory_gib: float,
+    simulate: bool = False,
+    hardware: Hardware | None = None,
 ) -> dict:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -60,27 +72,15 @@ def dry_run(
     validate_parallelism(args, dims)
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
-        with torch.device("meta"):
-            model = Transformer(args)
-        mesh = dims.build_mesh("cpu") if world_size > 1 else None
         ac = cfg.activation_checkpoint.mode == "full"
-        _, inner, _ = parallelize_deepseek_engram(
-            model,
-            dims,
-            mesh,
-            "cpu",
-            0,
-            activation_checkpoint=cfg.activation_checkpoint.mode,
-            dry_run=True,
-            mixed_precision=cfg.training.mixed_precision,
-        )
+        _, (_, inner, _) = rank_model(cfg, args, dims, dry_run=True)
         counts = rank_counts(inner, fsdp=dims.dp_shard > 1)
     finally:
         dist.destroy_process_group()
     tokens = cfg.training.batch_size * cfg.data.seq_len
     memory = estimate_memory(args, counts, tokens, dims.dp_degree, dims.engram_shard > 1, ac)
     accounting = account(args, cfg.data.seq_len)
-    return {
+    result = {
         "flavor": cfg.model.flavor,
         "world_size": world_size,
         "rank": rank,
@@ -94,6 +94,35 @@ def dry_run(
         "gpu_memory_gib": gpu_memory_gib,
         "peak_gib": round(memory.peak_gib, 2),
         "fits": memory.peak_gib <= 0.9 * gpu_memory_gib,
+    }
+    if simulate:
+        result.update(simulated(cfg, args, dims, world_size, rank, hardware or Hardware()))
+        result["fits"] = result["peak_gib_traced"] <= 0.9 * gpu_memory_gib
+    return result
+
+
+def simulated(cfg, args, dims: ParallelDims, world_size: int, rank: int, hw: Hardware) -> dict:
+    """The traced fields: memory and communication of a fake step, and the time estimate."""
+    trace = trace_step(cfg, world_size, rank)
+    est = estimate(
+        trace.collectives,
+        microbatches=trace.microbatches,
+        tokens_per_microbatch=trace.tokens_per_microbatch,
+        data_parallel_degree=dims.dp_degree,
+        world_size=world_size,
+        flops_per_token=account(args, cfg.data.seq_len).flops_per_token,
+        recompute=cfg.activation_checkpoint.mode == "full",
+        hw=hw,
+    )
+    return {
+        "peak_gib_traced": round(trace.peak_bytes / GIB, 2),
+        "memory_traced_gib": {k: round(v / GIB, 2) for k, v in trace.peak_by_label.items()}
+        | {"sparse_table_grads": round(trace.sparse_grad_bytes / GIB, 2)},
+        "comm_gib_per_step": comm_summary(trace.collectives, trace.axis_names),
+        **est,
+        "hardware": hw.as_dict(),
+        "traced_microbatches": f"2 of {trace.microbatches}" if trace.microbatches > 1 else "1",
+        "trace_s": round(trace.trace_s, 1),
     }
 
 
@@ -109,9 +138,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rank", type=int, default=0)
     parser.add_argument("--gpu_memory_gib", type=float, default=80.0)
+    parser.add_argument(
+        "--analytical", action="store_true", help="skip the traced step (seconds, not a minute)"
+    )
+    defaults = Hardware()
+    for name, value in defaults.as_dict().items():
+        parser.add_argument(f"--{name}", type=type(value), default=value, help="cost model")
     ns, overrides = parser.parse_known_args(argv)
     world = ns.world_size or _world_from_config(ns.config, overrides)
-    result = dry_run(ns.config, overrides, world, ns.rank, ns.gpu_memory_gib)
+    hardware = Hardware(**{k: getattr(ns, k) for k in defaults.as_dict()})
+    result = dry_run(
+        ns.config, overrides, world, ns.rank, ns.gpu_memory_gib, not ns.analytical, hardware
+    )
     print(
         f"flavor {result['flavor']} at world size {world} (rank {ns.rank}): "
         f"layout {result['layout']}"
@@ -125,11 +163,28 @@ def main(argv: list[str] | None = None) -> int:
         f"  this rank holds {result['rank_dense_params'] / 1e9:.3f} B dense params and "
         f"{result['rank_table_params'] / 1e9:.3f} B Engram table params"
     )
+    print("  analytical memory:")
     for key, value in result["memory_gib"].items():
         print(f"  {key:>18}: {value:8.2f} GiB")
+    if "peak_gib_traced" in result:
+        _print_simulated(result)
     print(f"  {'budget':>18}: {ns.gpu_memory_gib:8.2f} GiB (fits within 90 %: {result['fits']})")
     print(json.dumps(result))
     return 0 if result["fits"] else 1
+
+
+def _print_simulated(result: dict) -> None:
+    print(f"  traced memory (peak {result['peak_gib_traced']:.2f} GiB):")
+    for key, value in result["memory_traced_gib"].items():
+        print(f"  {key:>18}: {value:8.2f} GiB")
+    print("  communication per step (GiB sent by this rank):")
+    for key, value in result["comm_gib_per_step"].items():
+        print(f"  {key:>30}: {value:9.3f}")
+    print(
+        f"  step {result['est_step_s']:.2f} s = compute {result['est_compute_s']:.2f} s + exposed "
+        f"communication {result['est_exposed_comm_s']:.2f} s (of {result['est_comm_s']:.2f} s); "
+        f"{result['est_tokens_per_s']:,} tokens/s, MFU {100 * result['est_mfu']:.1f} %"
+    )
 
 
 def _world_from_config(path: str, overrides: list[str]) -> int:

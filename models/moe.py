@@ -206,7 +206,11 @@ class MoE(nn.Module):
         batch, seq, dim = x.shape
         flat = x.reshape(-1, dim)
         topk_idx, topk_weight, scores = self.router(flat)
-        routed, counts, ctx = self.dispatcher.dispatch(flat, topk_idx, self.args.num_routed_experts)
+        # tokens travel in the compute dtype: bf16 under autocast, where CUDA's rms_norm hands
+        # over float32 (half the all-to-all bytes)
+        routed, counts, ctx = self.dispatcher.dispatch(
+            flat.to(compute_dtype(flat)), topk_idx, self.args.num_routed_experts
+        )
         out = self.dispatcher.combine(self.experts(routed, counts), topk_weight, ctx, flat.shape[0])
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)

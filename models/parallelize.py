@@ -11,6 +11,8 @@ global norm from ``ParallelPlan.sharded_groups``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -48,19 +50,23 @@ def parallelize_deepseek_engram(
     sequence_parallel: bool = False,
     dry_run: bool = False,
     mixed_precision: str = "none",
+    materialize_fn=None,
 ):
     """Returns ``(model to call, the plain Transformer underneath, ParallelPlan)``.
 
     Order: pipeline split, TP, EP, Engram tables, activation checkpointing / compile, then data
     parallelism (FSDP, DDP, or an explicit gradient all-reduce when DDP cannot wrap the model).
     ``dry_run``: apply the plan on the meta device (with a fake process group) and stop before
-    materialising, to count what a rank would hold. ``mixed_precision="bf16"``: FSDP gathers
-    parameters in bf16 and reduces gradients in float32 (with autocast in the step).
+    materialising, to count what a rank would hold. ``materialize_fn(model)`` replaces
+    ``materialize`` (the simulator makes fake tensors instead). ``mixed_precision="bf16"``: FSDP
+    gathers parameters in bf16 and reduces gradients in float32 (with autocast in the step).
     """
     plan = ParallelPlan()
+    if materialize_fn is None:
+        materialize_fn = functools.partial(materialize, device=device, seed=seed)
     if dims.world_size == 1:
         apply_block_wrappers(model.layers, activation_checkpoint, compile_blocks)
-        return (model if dry_run else materialize(model, device, seed)), model, plan
+        return (model if dry_run else materialize_fn(model)), model, plan
     if dims.pp > 1:
         pp_mesh = mesh["pp"]
         model, plan.stages, plan.stage_ids, plan.num_stages = split_pipeline(
@@ -94,7 +100,7 @@ def parallelize_deepseek_engram(
         )
     if dry_run:
         return model, model, plan
-    materialize(model, device, seed)  # replaces plain Parameters: collect them only now
+    materialize_fn(model)  # replaces plain Parameters: collect them only now
     if sequence_parallel:
         plan.rules.append(GradSyncRule(sequence_local_params(model), mesh["tp"].get_group(), 1))
         plan.token_groups.append(mesh["tp"].get_group())

@@ -160,6 +160,15 @@ class ShardedEngramTable(nn.Module):
         """What the loader runs to plan this table's lookups (``data.batch``)."""
         return ShardPlanner(self.offsets_np, self.bounds)
 
+    def exchange_counts(self, send: list[int]) -> list[int]:
+        """How many ids every rank asks this one for, given what this rank asks each of them
+        (an all-to-all of host counts over the CPU group). The simulator
+        (``pretrain.simulate``) swaps in symmetric traffic, since a fake process group moves
+        no values."""
+        recv = torch.empty(self.world, dtype=torch.int64)
+        dist.all_to_all_single(recv, torch.tensor(send, dtype=torch.int64), group=self.cpu_group)
+        return recv.tolist()
+
     def flat_ids(self, hash_ids: torch.Tensor) -> torch.Tensor:
         return hash_ids + self.offsets
 
@@ -178,11 +187,8 @@ class ShardedEngramTable(nn.Module):
                 "lookup: plan with num_chunks equal to the pipeline microbatches"
             )
         device = self.weight.device
-        counts = torch.as_tensor(plan.send_counts[0], dtype=torch.int64)
-        send = counts.tolist()  # a host tensor: no device synchronisation
-        recv_t = torch.empty(self.world, dtype=torch.int64)
-        dist.all_to_all_single(recv_t, counts, group=self.cpu_group)
-        recv = recv_t.tolist()
+        send = plan.send_counts.tolist()[0]  # host counts: no device synchronisation
+        recv = self.exchange_counts(send)
         unique = torch.as_tensor(plan.unique_ids[0, : sum(send)], device=device)
         requested = unique.new_empty(sum(recv))
         dist.all_to_all_single(requested, unique, recv, send, group=self.group)

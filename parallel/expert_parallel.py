@@ -44,6 +44,14 @@ class AllToAllDispatcher:
         """Experts (not padding) held by ``ep_rank``."""
         return max(0, min(self.local_experts, num_experts - ep_rank * self.local_experts))
 
+    def host_splits(self, counts: torch.Tensor, recv_matrix: torch.Tensor):
+        """Copies sent to and received from every rank, as host integers: the one host sync of
+        a MoE layer (split sizes must be host integers for the collective). The simulator
+        (``pretrain.simulate``) swaps in balanced splits, since fake tensors have no values."""
+        splits = torch.stack([counts.view(self.world, -1).sum(1), recv_matrix.sum(1)])
+        send_splits, recv_splits = splits.tolist()
+        return send_splits, recv_splits
+
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int):
         flat = topk_idx.flatten()
         order = flat.argsort(stable=True)
@@ -53,9 +61,7 @@ class AllToAllDispatcher:
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts, group=self.group)  # [ep * El], rank-major
         recv_matrix = recv_counts.view(self.world, self.local_experts)
-        splits = torch.stack([counts.view(self.world, -1).sum(1), recv_matrix.sum(1)])
-        # the one host sync of a MoE layer: split sizes must be host integers for the collective
-        send_splits, recv_splits = splits.tolist()
+        send_splits, recv_splits = self.host_splits(counts, recv_matrix)
         received = x.new_empty(sum(recv_splits), x.shape[1])
         received = all_to_all_single(
             received, x[token_index], recv_splits, send_splits, group=self.group

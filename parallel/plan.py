@@ -8,8 +8,10 @@ global norm), the pipeline stages, and the groups MoE load counts are summed ove
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
+import torch.distributed as dist
 from torch import nn
 
 from parallel.data_parallel import all_reduce_grads_
@@ -42,6 +44,44 @@ class ParallelPlan:
     # the LM head's logits are vocab-sharded DTensors (tensor parallelism): use the parallel loss
     vocab_parallel: bool = False
 
+    # asynchronous all-reduces started during the last backward: id(param) -> (work, param)
+    pending: dict = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def overlap_grad_sync(self, active: bool = True):
+        """Around the backward that finishes the gradients: every dense gradient a rule reduces
+        over a group starts its all-reduce as soon as it is accumulated (asynchronously, beside
+        the rest of the backward, like DDP's buckets); ``sync_grads`` waits for them."""
+        handles = []
+        if active:
+            for rule in self.rules:
+                if rule.group is None:
+                    continue
+                for param in rule.params:
+                    handles.append(param.register_post_accumulate_grad_hook(self._start(rule)))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _start(self, rule: GradSyncRule):
+        def hook(param: nn.Parameter) -> None:
+            if param.grad is None or param.grad.is_sparse:
+                return  # sparse gradients are gathered in sync_grads
+            local = param.grad.to_local() if hasattr(param.grad, "to_local") else param.grad
+            work = dist.all_reduce(local, group=rule.group, async_op=True)
+            self.pending[id(param)] = (work, param)
+
+        return hook
+
     def sync_grads(self) -> None:
         for rule in self.rules:
-            all_reduce_grads_(rule.params, rule.group, rule.divisor)
+            done = {id(p) for p in rule.params if id(p) in self.pending}
+            for key in done:
+                work, param = self.pending.pop(key)
+                work.wait()
+                local = param.grad.to_local() if hasattr(param.grad, "to_local") else param.grad
+                local.div_(rule.divisor or dist.get_world_size(rule.group))
+            rest = [p for p in rule.params if id(p) not in done]
+            all_reduce_grads_(rest, rule.group, rule.divisor)

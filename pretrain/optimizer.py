@@ -70,14 +70,16 @@ def _owner(model, name):
 class Optimizers:
     """AdamW for dense parameters plus row-wise Adam for sparse Engram tables, stepped together."""
 
-    def __init__(self, model: torch.nn.Module, cfg: OptimizerConfig):
+    def __init__(self, model: torch.nn.Module, cfg: OptimizerConfig, cuda: bool | None = None):
         groups, tables = param_groups(model, cfg)
         betas = tuple(cfg.betas)
         # CUDA: the fused kernel (one pass over parameter, gradient and moments) for plain
-        # tensors, multi-tensor kernels when TP/FSDP DTensors are present; CPU keeps the loop
+        # tensors, multi-tensor kernels when TP/FSDP DTensors are present; CPU keeps the loop.
+        # ``cuda=True`` picks the CUDA kernels anyway (the simulator's fake CPU tensors).
         params = [p for g in groups for p in g["params"]]
-        cuda = any(p.is_cuda for p in params)
-        fused = cuda and not any(hasattr(p, "placements") for p in params)
+        if cuda is None:
+            cuda = any(p.is_cuda for p in params)
+        fused = cuda  # DTensor shards the fused kernel like any pointwise op
         self.optimizers = [
             torch.optim.AdamW(
                 groups,

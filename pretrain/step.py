@@ -81,8 +81,9 @@ def forward_backward(
 
     ``sync=False`` (an accumulation microbatch that is not the last) skips DDP's gradient
     all-reduce, and FSDP's reduce-scatter and post-backward reshard: gradients accumulate
-    unsharded until the last microbatch. Under pipeline parallelism the schedule runs the
-    microbatches and ``scale`` is the runner's own.
+    unsharded until the last microbatch. With ``sync=True`` the plan's own reductions (expert
+    shards' replicas) start during the backward, as each gradient is final. Under pipeline
+    parallelism the schedule runs the microbatches and ``scale`` is the runner's own.
     """
     if sm.pipeline is not None:
         with sm.autocast(batch.tokens.device):
@@ -94,7 +95,7 @@ def forward_backward(
     with sm.model.no_sync() if no_sync else contextlib.nullcontext():
         ce, aux = forward_loss(sm, batch)
         loss = ce + sum(aux.values()) if aux else ce
-        with vocab_parallel_loss(sm.plan.vocab_parallel):
+        with vocab_parallel_loss(sm.plan.vocab_parallel), sm.plan.overlap_grad_sync(sync):
             (loss * scale).backward()
     return MicroLoss(ce.detach(), {k: v.detach() for k, v in aux.items()})
 

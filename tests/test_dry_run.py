@@ -27,7 +27,14 @@ def test_recipes_fit_their_layouts(recipe):
 
 
 def test_cli_json_and_exit_code_when_it_does_not_fit():
-    cmd = [sys.executable, "-m", "launch.dry_run", "--config", "launch/configs/moe_27b.toml"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.dry_run",
+        "--config",
+        "launch/configs/moe_27b.toml",
+        "--analytical",  # the traced step: tests/test_simulator.py
+    ]
     ok = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert json.loads(ok.stdout.strip().splitlines()[-1])["fits"] is True
