@@ -96,13 +96,23 @@ def dry_run(
         "fits": memory.peak_gib <= 0.9 * gpu_memory_gib,
     }
     if simulate:
-        result.update(simulated(cfg, args, dims, world_size, rank, hardware or Hardware()))
+        est = simulated(cfg, dims, world_size, rank, accounting.flops_per_token, ac, hardware)
+        result.update(est)
         result["fits"] = result["peak_gib_traced"] <= 0.9 * gpu_memory_gib
     return result
 
 
-def simulated(cfg, args, dims: ParallelDims, world_size: int, rank: int, hw: Hardware) -> dict:
+def simulated(
+    cfg,
+    dims: ParallelDims,
+    world_size: int,
+    rank: int,
+    flops_per_token: float,
+    recompute: bool,
+    hw: Hardware | None,
+) -> dict:
     """The traced fields: memory and communication of a fake step, and the time estimate."""
+    hw = hw or Hardware()
     trace = trace_step(cfg, world_size, rank)
     est = estimate(
         trace.collectives,
@@ -110,8 +120,8 @@ def simulated(cfg, args, dims: ParallelDims, world_size: int, rank: int, hw: Har
         tokens_per_microbatch=trace.tokens_per_microbatch,
         data_parallel_degree=dims.dp_degree,
         world_size=world_size,
-        flops_per_token=account(args, cfg.data.seq_len).flops_per_token,
-        recompute=cfg.activation_checkpoint.mode == "full",
+        flops_per_token=flops_per_token,
+        recompute=recompute,
         hw=hw,
     )
     return {

@@ -24,6 +24,16 @@ def apply_ddp(model: nn.Module, mesh, sparse_param_names: list[str] = ()) -> nn.
     return DistributedDataParallel(model, process_group=group, device_ids=device_ids)
 
 
+def local_grad(grad: torch.Tensor) -> torch.Tensor:
+    """The tensor a collective works on in place: a DTensor gradient's local shard."""
+    return grad.to_local() if hasattr(grad, "to_local") else grad
+
+
+def mean_divisor(group, divisor: float | None) -> float:
+    """``divisor``, or the group size (an average) when it is None."""
+    return dist.get_world_size(group) if divisor is None else divisor
+
+
 def all_reduce_grads_(params: list[nn.Parameter], group=None, divisor: float | None = None) -> None:
     """Sum gradients (dense or sparse COO) over ``group`` in place, then divide by ``divisor``
     (default: the group size, i.e. average). ``group=None`` skips the communication."""
@@ -32,7 +42,7 @@ def all_reduce_grads_(params: list[nn.Parameter], group=None, divisor: float | N
             if param.grad is not None and divisor:
                 param.grad = param.grad / divisor
         return
-    world = dist.get_world_size(group) if divisor is None else divisor
+    world = mean_divisor(group, divisor)
     for param in params:
         if param.grad is None:  # every rank must join the collective
             param.grad = torch.zeros_like(param)
@@ -42,7 +52,7 @@ def all_reduce_grads_(params: list[nn.Parameter], group=None, divisor: float | N
             grad = grad.coalesce()
             param.grad = _all_gather_sparse(grad, group).coalesce() / world
         else:
-            local = grad.to_local() if hasattr(grad, "to_local") else grad  # DTensor: its shard
+            local = local_grad(grad)
             dist.all_reduce(local, group=group)
             local.div_(world)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 from torch import nn
 
-from parallel.data_parallel import all_reduce_grads_
+from parallel.data_parallel import all_reduce_grads_, local_grad, mean_divisor
 
 
 @dataclass
@@ -69,8 +69,7 @@ class ParallelPlan:
         def hook(param: nn.Parameter) -> None:
             if param.grad is None or param.grad.is_sparse:
                 return  # sparse gradients are gathered in sync_grads
-            local = param.grad.to_local() if hasattr(param.grad, "to_local") else param.grad
-            work = dist.all_reduce(local, group=rule.group, async_op=True)
+            work = dist.all_reduce(local_grad(param.grad), group=rule.group, async_op=True)
             self.pending[id(param)] = (work, param)
 
         return hook
@@ -81,7 +80,6 @@ class ParallelPlan:
             for key in done:
                 work, param = self.pending.pop(key)
                 work.wait()
-                local = param.grad.to_local() if hasattr(param.grad, "to_local") else param.grad
-                local.div_(rule.divisor or dist.get_world_size(rule.group))
+                local_grad(param.grad).div_(mean_divisor(rule.group, rule.divisor))
             rest = [p for p in rule.params if id(p) not in done]
             all_reduce_grads_(rest, rule.group, rule.divisor)

@@ -47,7 +47,9 @@ class Hardware:
         return asdict(self)
 
 
-OVERLAPPED = {"all_gather", "reduce_scatter"}  # FSDP's streams (HSDP's all-reduce: see below)
+# FSDP's gathers and scatters, HSDP's all-reduce and the expert-gradient all-reduce started in
+# the last backward: issued on their own streams during a microbatch
+OVERLAPPED = {"all_gather", "reduce_scatter", "all_reduce"}
 
 
 def collective_seconds(c: Collective, hw: Hardware) -> float:
@@ -70,10 +72,7 @@ def collective_seconds(c: Collective, hw: Hardware) -> float:
 
 
 def _overlapped(c: Collective) -> bool:
-    """Issued by FSDP on its own streams: its gathers and scatters, and HSDP's all-reduce."""
-    return (
-        c.phase == "microbatch" and not c.host and (c.kind in OVERLAPPED or c.kind == "all_reduce")
-    )
+    return c.phase == "microbatch" and not c.host and c.kind in OVERLAPPED
 
 
 def estimate(

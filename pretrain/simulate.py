@@ -70,22 +70,13 @@ def _ring_sent(kind: str, nbytes: int, n: int) -> int:
     return nbytes * (n - 1) // n  # all_gather of the output, reduce_scatter of the input
 
 
-def _group_ranks(group) -> tuple[int, ...]:
+def _process_group(group) -> dist.ProcessGroup:
+    """A collective's group argument: a name (functional collectives) or a boxed c10d object."""
     if isinstance(group, str):
         from torch._C._distributed_c10d import _resolve_process_group
 
-        group = _resolve_process_group(group)
-    if not isinstance(group, dist.ProcessGroup):
-        group = dist.ProcessGroup.unbox(group)
-    return tuple(dist.get_process_group_ranks(group))
-
-
-def _is_host_group(group) -> bool:
-    if isinstance(group, str):
-        return False
-    if not isinstance(group, dist.ProcessGroup):
-        group = dist.ProcessGroup.unbox(group)
-    return group.name().startswith("host:") or dist.get_backend(group) == "gloo"
+        return _resolve_process_group(group)
+    return group if isinstance(group, dist.ProcessGroup) else dist.ProcessGroup.unbox(group)
 
 
 def _nbytes(tensors) -> int:
@@ -124,8 +115,8 @@ class CommRecorder:
 
     def record(self, func, args) -> None:
         kind, group_index, payload = _COLLECTIVES[func]
-        group = args[group_index]
-        ranks = _group_ranks(group)
+        group = _process_group(args[group_index])
+        ranks = tuple(dist.get_process_group_ranks(group))
         nbytes = payload(args)
         if kind == "all_to_all":
             sent = self._all_to_all_sent(func, args, ranks, nbytes)
@@ -140,7 +131,7 @@ class CommRecorder:
                 sent,
                 self.phase,
                 -1 if optimizer else self.microbatch,
-                _is_host_group(group),
+                dist.get_backend(group) == "gloo",
                 1 if optimizer else self.repeat,
             )
         )
