@@ -19,6 +19,18 @@ def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float
     return statistics.median(samples)
 
 
+def bench_overrides(dump) -> list[str]:
+    """Trainer overrides of a benchmark: no checkpoints, logs or progress bar, unlimited steps."""
+    return [
+        f"--job.dump_folder={dump}",
+        "--checkpoint.enable=false",
+        "--metrics.enable_tensorboard=false",
+        "--metrics.progress_bar=false",
+        "--training.steps=100000",
+        "--metrics.log_freq=100000",
+    ]
+
+
 def print_table(headers: list[str], rows: list[list]) -> None:
     cells = [[str(h) for h in headers]] + [[_fmt(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]

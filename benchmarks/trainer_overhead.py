@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import print_table
+from benchmarks.common import bench_overrides, print_table
 from pretrain.config import load_config
 from pretrain.optimizer import Optimizers
 from pretrain.train import Trainer
@@ -30,18 +30,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     ns, extra = parser.parse_known_args()
     dump = tempfile.mkdtemp(prefix="overhead_")
-    cfg = load_config(
-        ns.config,
-        [
-            f"--job.dump_folder={dump}",
-            "--checkpoint.enable=false",
-            "--metrics.enable_tensorboard=false",
-            "--metrics.progress_bar=false",
-            "--training.steps=100000",
-            "--metrics.log_freq=100000",
-            *extra,
-        ],
-    )
+    cfg = load_config(ns.config, [*bench_overrides(dump), *extra])
     trainer = Trainer(cfg)
     model = trainer.inner
     bare_opt = Optimizers(model, cfg.optimizer)

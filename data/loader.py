@@ -62,6 +62,7 @@ class StatefulLoader:
         self.role_states: dict[int, dict] = {}
         self.wait_seconds = 0.0
         self._iter = None
+        self._ahead = None  # a batch taken by ``upcoming()``, not consumed yet
 
     def _make_iter(self):
         self.dataset.role_offset = self.consumed % self.num_roles
@@ -74,15 +75,29 @@ class StatefulLoader:
     def __iter__(self):
         return self
 
-    def __next__(self) -> Batch:
+    def _take(self):
+        if self._ahead is not None:
+            item, self._ahead = self._ahead, None
+            return item
         if self._iter is None:
             self._iter = self._make_iter()
         started = time.perf_counter()
-        batch, role, state = next(self._iter)
+        item = next(self._iter)
         self.wait_seconds += time.perf_counter() - started
+        return item
+
+    def __next__(self) -> Batch:
+        batch, role, state = self._take()
         self.role_states[int(role)] = state
         self.consumed += 1
         return batch
+
+    def upcoming(self) -> Batch:
+        """The batch the next ``next()`` returns, without consuming it: the state (and so a
+        checkpoint) still ends at the last consumed batch. Engram prefetch reads its lookups."""
+        if self._ahead is None:
+            self._ahead = self._take()
+        return self._ahead[0]
 
     def state_dict(self) -> dict:
         return {
@@ -100,7 +115,7 @@ class StatefulLoader:
             )
         self.consumed = int(state["consumed"])
         self.role_states = {int(k): v for k, v in state["role_states"].items()}
-        self._iter = None
+        self._iter, self._ahead = None, None
 
     def close(self) -> None:
-        self._iter = None
+        self._iter, self._ahead = None, None

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ from torch.utils import _pytree as pytree
 from data.ngram_hash import head_offsets
 from models.engram_table import init_table_rows
 from models.row_tier import RECORD_FIELDS, RowCache, RowStore, TierStats, parse_cache_size
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -177,14 +180,43 @@ class OffloadedEngramTable(nn.Module):
         for chunk in range(len(plan.counts)):
             self.cache.prefetch(plan.rows(chunk))
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """The rows as a view of the store (a memory map on disk: nothing is copied); the
+        cache is written back first."""
+        self.cache.flush()
+        destination[prefix + "weight"] = self.store.field("weight")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, *rest):
+        key = prefix + "weight"
+        if key not in state_dict:
+            missing.append(key)
+            return
+        value = state_dict[key]
+        target = self.store.field("weight")
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(
+                f"{key}: the checkpoint's table is {tuple(value.shape)}, this one "
+                f"{tuple(target.shape)} (another Engram table configuration)"
+            )
+        if value.data_ptr() != target.data_ptr():  # not already loaded in place (DCP)
+            self.cache.flush()
+            for start in range(0, target.shape[0], 1 << 16):  # bounded temporary copies
+                target[start : start + (1 << 16)] = value[start : start + (1 << 16)]
+            self.store.sync()
+        self.cache.invalidate()
+
     @torch.no_grad()
     def init_weights(self) -> None:
         """The same rows ``EngramTable`` initialises (one draw of the global RNG, blocks seeded
         by it), written to the store block by block; the moments start at zero."""
         self.cache.invalidate()
+        if self.store.placement == "disk":
+            log.info("initialising %d rows of %s", self.num_rows, self.store.path)
         init_table_rows(self.store.field("weight"), 0)
-        for name in RECORD_FIELDS[1:]:
-            self.store.field(name).zero_()
+        if not self.store.fresh:  # a new store is zeros already (no pass over a disk file)
+            for name in RECORD_FIELDS[1:]:
+                self.store.field(name).zero_()
+        self.store.fresh = False
         self.store.sync()
 
 
@@ -231,6 +263,7 @@ def place_engram_tables(
     device,
     folder: str | Path | None = None,
     hash_config: dict | None = None,
+    min_cache_rows: int = 0,
 ) -> list[OffloadedEngramTable]:
     """Swap every Engram table of ``model`` (built on meta, not yet materialised) for an offloaded
     one in ``placement`` ("host" or "disk"; "device" changes nothing). Returns the new tables.
@@ -240,6 +273,8 @@ def place_engram_tables(
         device: the compute device, where the cache lives.
         folder: disk: the folder of the record files (one subfolder per layer).
         hash_config: the Engram hash configuration, pinned beside every disk table.
+        min_cache_rows: the cache never gets fewer slots (the lookups of the microbatches of
+            one step plus one prefetched microbatch: what must be resident at once).
     """
     if placement == "device":
         return []
@@ -260,8 +295,30 @@ def place_engram_tables(
             raise ValueError("engram_table.placement='disk' needs engram_table.path")
         store = RowStore(rows, width, placement, subfolder, identity, pin=device.type == "cuda")
         slots = parse_cache_size(cache_size, rows, width * 4)
+        if slots < min(min_cache_rows, rows):
+            log.info(
+                "layer %d: engram_table.cache_size=%s gives %d rows; raised to %d, the rows a "
+                "step and one prefetched microbatch may use",
+                engram.layer_id,
+                cache_size,
+                slots,
+                min(min_cache_rows, rows),
+            )
+            slots = min(min_cache_rows, rows)
         engram.table = OffloadedEngramTable(
             old.table_sizes, old.head_dim, store, RowCache(store, slots, device)
         )
         tables.append(engram.table)
     return tables
+
+
+def tier_scalars(stats: TierStats, seconds: float) -> dict[str, float]:
+    """The tiers' metrics over ``seconds`` of training steps (CONVENTIONS names)."""
+    seconds = max(seconds, 1e-9)
+    return {
+        "engram/cache_hit_rate": stats.hits / max(stats.lookups, 1),
+        "engram/prefetch_wait(%)": 100.0 * stats.wait_seconds / seconds,
+        "engram/rows_per_s": stats.lookups / seconds,
+        "engram/read_MiB_per_s": stats.bytes_read / 2**20 / seconds,
+        "engram/write_MiB_per_s": stats.bytes_written / 2**20 / seconds,
+    }

@@ -79,9 +79,10 @@ class RowStore:
         if placement == "host":
             records = torch.zeros(num_rows, width)
             self.records = records.pin_memory() if pin else records
-            self.path = None
+            self.path, self.fresh = None, True
         elif placement == "disk":
             self.path = Path(folder) / "records.f32"
+            self.fresh = not (Path(folder) / "meta.json").is_file()  # a new file reads as zeros
             self._map = _open_records(Path(folder), self.path, num_rows, width, self.identity)
             self.records = torch.from_numpy(self._map)
         else:

@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from data.ngram_hash import hash_config_mismatches
 from parallel.distributed import barrier
+from parallel.sharding import TABLE_BLOCK_ROWS, RowBlocks
 
 log = logging.getLogger(__name__)
 PREFIX = "step-"
@@ -122,8 +123,9 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         barrier()
         torch.save({**train_state, "rng": rng_state()}, tmp / f"train_state_rank{_rank()}.pt")
-        state = _state(model, optimizers)
-        if self.async_mode == "async" and not blocking:
+        asynchronous = self.async_mode == "async" and not blocking
+        state = _state(model, optimizers, blocked=not asynchronous)
+        if asynchronous:
             self._pending = (dcp.async_save(state, checkpoint_id=str(tmp)), step)
             return final
         dcp.save(state, checkpoint_id=str(tmp))
@@ -207,7 +209,8 @@ class CheckpointManager:
             path = self.path(step)
             self.check_identity(path)
             try:
-                state = _state(model, optimizers)
+                saved = dcp.FileSystemReader(str(path)).read_metadata()
+                state = _state(model, optimizers, blocked=False, saved=saved)
                 dcp.load(state, checkpoint_id=str(path))
                 _set_state(model, optimizers, state)
                 train_state = self._train_state(path)
@@ -232,34 +235,118 @@ class CheckpointManager:
         return None
 
 
-def _state(model, optimizers) -> dict:
-    """Model and optimizer states for DCP; row-sharded tables' states as ``Shard(0)`` DTensors."""
+def _state(model, optimizers, blocked: bool = True, saved=None) -> dict:
+    """Model and optimizer states for DCP.
+
+    Engram tables (weights and row-wise Adam moments) become ``RowBlocks``: saved in fixed row
+    blocks, so any sharding or placement loads them streamed. ``blocked=False`` (asynchronous
+    saves, which stage plain tensors, and load targets of in-memory tables) keeps in-memory
+    tables as plain or ``Shard(0)`` tensors; offloaded tables are always blocks, on load chunked
+    like the ``saved`` checkpoint's items (``_saved_block_rows``). Other row-sharded parameters
+    are ``Shard(0)`` DTensors.
+    """
     flat = StateDictOptions(flatten_optimizer_state_dict=True)
-    sharded = _sharded_modules(model)
+    sharded, tables = _sharded_modules(model), _table_modules(model)
     state = {"model": get_model_state_dict(model)}
+    for fqn, table in tables.items():
+        if blocked or _offloaded(table):
+            state["model"][fqn] = _row_blocks(table, "weight", None, saved, f"model.{fqn}")
     for i, opt in enumerate(optimizers.optimizers):
         optim_state = get_optimizer_state_dict(model, opt, options=flat)
         for key, value in optim_state.items():
             owner = _owner_of_state(key, sharded)
             if owner is not None and torch.is_tensor(value) and value.dim() >= 1:
                 optim_state[key] = owner[0].to_global(value)
+        for fqn, table in tables.items():
+            if table.weight not in opt.state or not (blocked or _offloaded(table)):
+                continue
+            for name in ("exp_avg", "exp_avg_sq"):
+                key = f"state.{fqn}.{name}"
+                optim_state[key] = _row_blocks(
+                    table, name, opt.state[table.weight], saved, f"optim{i}.{key}"
+                )
         state[f"optim{i}"] = optim_state
     return state
 
 
 def _set_state(model, optimizers, state: dict) -> None:
+    """Apply a loaded state. Table blocks were loaded in place: their sources go back in."""
+    state["model"] = {
+        k: v._source if isinstance(v, RowBlocks) else v for k, v in state["model"].items()
+    }
     set_model_state_dict(model, state["model"])
     flat = StateDictOptions(flatten_optimizer_state_dict=True)
     sharded = _sharded_modules(model)
     for i, opt in enumerate(optimizers.optimizers):
         optim_state = {}
         for key, value in state[f"optim{i}"].items():
+            if isinstance(value, RowBlocks):
+                if _offloaded_source(value):
+                    continue  # the moments live in the tier, loaded there
+                value = value._source
             owner = _owner_of_state(key, sharded)
             if owner is not None and hasattr(value, "to_local"):
                 module, param = owner  # moments have the parameter's local shape (padding too)
                 value = module.from_global(value, getattr(module, param))
             optim_state[key] = value
         set_optimizer_state_dict(model, opt, optim_state, options=flat)
+    for table in _table_modules(model).values():
+        if _offloaded(table):
+            table.cache.invalidate()
+
+
+def _table_modules(model) -> dict:
+    """Engram table weight FQN (as in state dicts) -> table module, every placement."""
+    from models.engram_offload import OffloadedEngramTable
+    from models.engram_table import EngramTable
+    from parallel.engram_table_parallel import ShardedEngramTable
+
+    kinds = (EngramTable, ShardedEngramTable, OffloadedEngramTable)
+    return {
+        f"{_clean_fqn(name)}.weight": module
+        for name, module in model.named_modules()
+        if isinstance(module, kinds)
+    }
+
+
+def _clean_fqn(name: str) -> str:
+    for wrapper in ("module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(wrapper, "") if name.startswith(wrapper) else name
+        name = name.replace(f".{wrapper}", ".")
+    return name
+
+
+def _offloaded(table) -> bool:
+    return hasattr(table, "store")
+
+
+def _offloaded_source(blocks: RowBlocks) -> bool:
+    return getattr(blocks, "_tier_field", False)
+
+
+def _row_blocks(table, name: str, optim_state, saved, key: str) -> RowBlocks:
+    """The blocks of a table's ``name`` (weight or a moment), wherever the rows live."""
+    first, rows = getattr(table, "row_start", 0), table.num_rows
+    if _offloaded(table):
+        table.cache.flush()  # the store is complete (a no-op right after a load)
+        source = table.store.field(name)
+    else:
+        source = table.weight.detach() if name == "weight" else optim_state[name]
+    if hasattr(source, "to_local"):
+        source = source.to_local()
+    blocks = RowBlocks(source, first, rows, _saved_block_rows(saved, key) if saved else None)
+    blocks._tier_field = _offloaded(table)
+    return blocks
+
+
+def _saved_block_rows(metadata, key: str) -> int | None:
+    """Chunk a load like the checkpoint's items: a table saved whole (an older or asynchronous
+    checkpoint) is read once rather than once per block."""
+    entry = metadata.state_dict_metadata.get(key)
+    if entry is None or not hasattr(entry, "chunks"):
+        return None
+    largest = max(chunk.sizes[0] for chunk in entry.chunks)
+    return None if largest <= TABLE_BLOCK_ROWS else entry.size[0]
 
 
 def _sharded_modules(model) -> dict[str, tuple[torch.nn.Module, str]]:

@@ -92,6 +92,16 @@ class ParallelismConfig:
 
 
 @dataclass
+class EngramTableConfig:
+    # where the Engram tables' rows and their Adam state live: "device" (with the model),
+    # "host" (process memory; page-locked on CUDA), "disk" (a file, read through a memory map)
+    placement: Literal["device", "host", "disk"] = "device"
+    cache_size: str = "10%"  # host/disk: device row cache, in rows, "N%" of rows or bytes "2GiB"
+    path: str = ""  # disk: folder of the table files; "" -> <job.dump_folder>/engram_tables
+    prefetch: bool = True  # host/disk: stage the next batch's rows while the step computes
+
+
+@dataclass
 class ActivationCheckpointConfig:
     mode: Literal["none", "full"] = "none"  # full: recompute every block in backward
 
@@ -136,6 +146,7 @@ class Config:
         default_factory=ActivationCheckpointConfig
     )
     compile: CompileConfig = field(default_factory=CompileConfig)
+    engram_table: EngramTableConfig = field(default_factory=EngramTableConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
@@ -184,6 +195,13 @@ class Config:
             (m.eval_freq > 0, f"metrics.eval_freq={m.eval_freq}: must be > 0"),
             (d.seq_len > 1, f"data.seq_len={d.seq_len}: must be > 1"),
             (d.num_workers >= 0, f"data.num_workers={d.num_workers}: must be >= 0"),
+            (
+                self.engram_table.placement == "device" or c.async_mode == "disabled",
+                f"engram_table.placement={self.engram_table.placement!r} with "
+                "checkpoint.async_mode='async': an asynchronous save stages the whole table in "
+                "host memory; use checkpoint.async_mode='disabled' (offloaded tables are "
+                "streamed to the checkpoint block by block)",
+            ),
         ]
         for ok, message in checks:
             if not ok:

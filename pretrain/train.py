@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from data.loader import StatefulLoader
 from models.accounting import account
 from models.engram import GateMonitor, unique_row_fraction
+from models.engram_offload import OffloadedTables, place_engram_tables, tier_scalars
 from models.flavors import resolve_model_args
 from models.parallel_plans import validate_parallelism
 from models.parallelize import parallelize_deepseek_engram
@@ -70,6 +72,8 @@ class Trainer:
         )
         self.hasher = build_hasher(self.args, self.tokenizer)
         self.sm = self._build_model(mesh)
+        self.tables = OffloadedTables(self.sm.inner)
+        self._tier_seconds = 0.0  # step time since the last tier metrics
         self.optimizers = Optimizers(self.sm.model, cfg.optimizer)
         stream_kwargs = self._stream_kwargs(folder)
         self.loader = StatefulLoader(
@@ -103,6 +107,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.training
         with torch.device("meta"):
             model = Transformer(self.args)
+        self._place_tables(model)
         model, inner, plan = parallelize_deepseek_engram(
             model,
             self.dims,
@@ -119,6 +124,36 @@ class Trainer:
         if self.dims.pp > 1:
             pipeline = PipelineRunner(plan, cfg.parallelism, self.device, t.grad_accum_steps, inner)
         return StepModel(model, inner, plan, pipeline, t.mixed_precision)
+
+    def _place_tables(self, model) -> None:
+        """``[engram_table] placement``: swap the tables for host or disk ones (on meta, before
+        the plan and the initialisation)."""
+        e = self.cfg.engram_table
+        if e.placement == "device":
+            return
+        if self.args.engram is None:
+            raise ValueError(
+                f"engram_table.placement={e.placement!r} but model.flavor="
+                f"{self.cfg.model.flavor!r} has no Engram layers; use placement='device'"
+            )
+        if self.dist.world_size > 1:
+            raise ValueError(
+                f"engram_table.placement={e.placement!r} runs on one process in this version "
+                f"(world size here: {self.dist.world_size}); use placement='device' with "
+                "parallelism.engram_shard_degree to spread the tables over ranks"
+            )
+        path = Path(e.path) if e.path else self.run_folder / "engram_tables"
+        t = self.cfg.training
+        lookups = t.batch_size * self.cfg.data.seq_len * self.args.engram.num_heads
+        place_engram_tables(
+            model,
+            e.placement,
+            e.cache_size,
+            self.device,
+            path,
+            self.hasher.to_config_dict(),
+            min_cache_rows=(t.grad_accum_steps + 1) * lookups,
+        )
 
     def _stream_kwargs(self, folder: Path) -> dict:
         """The loader's arguments: this rank's data shard, the hasher and the tables' planners."""
@@ -170,7 +205,10 @@ class Trainer:
         self.optimizers.set_lr(factor)
         ce_sum, aux_sum = torch.zeros((), device=self.device), {}
         for micro in range(t.grad_accum_steps):
-            batch = next(self.loader).to(self.device)
+            batch = next(self.loader)
+            if self.tables and self.cfg.engram_table.prefetch:
+                self.tables.prefetch(self.loader.upcoming())  # while this microbatch computes
+            batch = batch.to(self.device)
             out = forward_backward(
                 self.sm, batch, scale=1.0 / t.grad_accum_steps, sync=micro == t.grad_accum_steps - 1
             )
@@ -199,6 +237,9 @@ class Trainer:
 
     def engram_scalars(self) -> dict[str, float]:
         scalars = self.gates.scalars()
+        if self.tables:
+            scalars.update(tier_scalars(self.tables.take_stats(), self._tier_seconds))
+            self._tier_seconds = 0.0
         if self.last_batch is not None and self.hasher is not None:
             fraction = unique_row_fraction(self.last_batch.engram, self.hasher.spec)
             if fraction is not None:
@@ -220,8 +261,9 @@ class Trainer:
         stop = StopRequest()
         stop_group = cpu_group_for(dist.group.WORLD) if dist.is_initialized() else None
         while self.step < t.steps:
-            wait_before = self.loader.wait_seconds
+            wait_before, started = self.loader.wait_seconds, time.perf_counter()
             values = self.train_step()
+            self._tier_seconds += time.perf_counter() - started
             self.metrics.step_done(tokens_per_step, self.loader.wait_seconds - wait_before)
             if self.metrics.should_log(self.step):
                 self.metrics.log_train(self.step, values, self.engram_scalars())

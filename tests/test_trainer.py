@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from parallel.sharding import RowBlocks
 from pretrain import step as step_module
 from pretrain.checkpoint import _state
 from pretrain.config import load_config
@@ -67,15 +68,19 @@ def _run(cmd):
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
-def test_sigkill_resume_is_bit_identical(corpus, tmp_path):
+@pytest.mark.parametrize("placement", ["device", "disk"])
+def test_sigkill_resume_is_bit_identical(corpus, tmp_path, placement):
+    """Also with the Engram tables on disk (rows and moments in a memory-mapped file behind a
+    row cache, prefetched): the tables are streamed into the checkpoint and back."""
+    table = [f"--engram_table.placement={placement}", "--engram_table.cache_size=20%"]
     straight = tmp_path / "straight"
-    result = _run(_cmd(corpus, straight))
+    result = _run(_cmd(corpus, straight) + table)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "held-out loss" in result.stdout
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
-        _cmd(corpus, killed), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        _cmd(corpus, killed) + table, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -86,7 +91,7 @@ def test_sigkill_resume_is_bit_identical(corpus, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert max(_records(killed)) < 24, "the run finished before it could be killed"
-    result = _run(_cmd(corpus, killed))
+    result = _run(_cmd(corpus, killed) + table)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stderr
     want, got = _records(straight), _records(killed)
@@ -95,20 +100,29 @@ def test_sigkill_resume_is_bit_identical(corpus, tmp_path):
         assert got[step]["loss"] == want[step]["loss"], step
         assert got[step]["grad_norm"] == want[step]["grad_norm"], step
     # the final model and optimizer states (Adam moments, row-wise table state) are bit-identical
-    finished = [_trainer(corpus, folder, steps=24) for folder in (straight, killed)]
+    finished = [_trainer(corpus, folder, 24, table) for folder in (straight, killed)]
     assert [t.step for t in finished] == [24, 24]
-    _assert_equal_trees(*(_state(t.model, t.optimizers) for t in finished))
+    _assert_equal_trees(*(_state(t.model, t.optimizers, blocked=False) for t in finished))
+    if placement == "disk":
+        scalars = finished[0].engram_scalars()  # the tier metrics of the resumed trainer
+        assert set(scalars) >= {"engram/cache_hit_rate", "engram/prefetch_wait(%)"}
 
     # the same folder with another Engram hash seed is refused with a clear message
-    refused = _run(_cmd(corpus, killed, steps=30) + ["--model.overrides.engram.hash.seed=9"])
-    assert refused.returncode == 2
-    assert (
-        "different Engram hash configuration" in refused.stderr and "multipliers" in refused.stderr
+    refused = _run(
+        _cmd(corpus, killed, steps=30) + table + ["--model.overrides.engram.hash.seed=9"]
     )
+    assert refused.returncode == 2
+    if placement == "disk":  # the table files, pinned to their hash configuration, refuse first
+        assert "Engram table of another configuration (differs in: hash_sha256)" in refused.stderr
+    else:
+        assert "different Engram hash configuration" in refused.stderr
+        assert "multipliers" in refused.stderr
 
 
 def _assert_equal_trees(a, b, path="state") -> None:
     assert type(a) is type(b), path
+    if isinstance(a, RowBlocks):  # an offloaded table: compare its rows where they live
+        a, b = a._source, b._source
     if isinstance(a, dict):
         assert sorted(a) == sorted(b), path
         for key in a:

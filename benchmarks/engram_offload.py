@@ -1,0 +1,190 @@
+"""Engram tables off the device: step time of the host and disk placements against device.
+
+Default: the demo model, one trainer per arm in one process, rounds alternating between the arms
+(these machines are noisy). Arms: device; host with and without prefetch; disk with a cache of
+``--cache`` of the rows, with and without prefetch. The last lines are
+``ratio_host_vs_device: R`` and ``ratio_disk_vs_device: R`` (with prefetch; targets <= 1.03 and
+<= 1.10).
+
+``--big --table_gib G``: the demo model with a disk table of G GiB of parameters (its Adam state
+beside it, so 3G GiB of files in ``--dir``, removed afterwards) and a cache of at most 2 GiB,
+trained ``--steps`` steps against the same model with its small in-memory table, alternating.
+Prints ``table_gib``, ``state_gib``, ``steps``, ``tokens_per_s``, ``peak_rss_anon_gib`` (RssAnon:
+page cache does not count) and ``ratio_big_vs_device`` (targets: <= 6 GiB and <= 1.25).
+
+Run: .venv/bin/python -m benchmarks.engram_offload [--rounds 3 --steps 6]
+     .venv/bin/python -m benchmarks.engram_offload --big --table_gib 12 [--dir /nvme/tmp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import bench_overrides, print_table
+from models.engram_offload import tier_scalars
+from pretrain.config import load_config
+from pretrain.train import Trainer
+
+ARMS = {
+    "device": [],
+    "host": ["--engram_table.placement=host"],
+    "host_no_prefetch": ["--engram_table.placement=host", "--engram_table.prefetch=false"],
+    "disk": ["--engram_table.placement=disk"],
+    "disk_no_prefetch": ["--engram_table.placement=disk", "--engram_table.prefetch=false"],
+}
+
+
+def build(config: str, dump: Path, extra: list[str]) -> Trainer:
+    return Trainer(load_config(config, [*bench_overrides(dump), *extra]))
+
+
+def rss_anon_gib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def alternate(trainers: dict[str, Trainer], rounds: int, steps: int) -> dict[str, dict]:
+    """Median step seconds and tier metrics per arm, rounds interleaved."""
+    times = {name: [] for name in trainers}
+    tier = {name: [0.0, None] for name in trainers}
+    for trainer in trainers.values():  # warm-up (and first cache fill) of every arm
+        trainer.train_step()
+        trainer.tables.take_stats() if trainer.tables else None
+    peak = rss_anon_gib()
+    for _ in range(rounds):
+        for name, trainer in trainers.items():
+            for _ in range(steps):
+                start = time.perf_counter()
+                trainer.train_step()
+                times[name].append(time.perf_counter() - start)
+                peak = max(peak, rss_anon_gib())
+            tier[name][0] += sum(times[name][-steps:])
+    out = {}
+    for name, trainer in trainers.items():
+        scalars = tier_scalars(trainer.tables.take_stats(), tier[name][0]) if trainer.tables else {}
+        out[name] = {"seconds": statistics.median(times[name]), **scalars}
+    out["_peak_rss_anon_gib"] = peak
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default="pretrain/configs/demo.toml")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--cache", default="10%", help="disk arms' engram_table.cache_size")
+    parser.add_argument("--big", action="store_true")
+    parser.add_argument("--table_gib", type=float, default=12.0)
+    parser.add_argument("--dir", default=None, help="--big: where the table files go")
+    ns, extra = parser.parse_known_args()
+    work = Path(tempfile.mkdtemp(prefix="engram_offload_", dir=ns.dir))
+    try:
+        if ns.big:
+            run_big(ns, extra, work)
+        else:
+            run_arms(ns, extra, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_arms(ns, extra: list[str], work: Path) -> None:
+    # batch 4: the cache's floor (two microbatches' lookups) stays under 10% of the demo rows
+    common = ["--training.batch_size=4", f"--engram_table.cache_size={ns.cache}", *extra]
+    trainers = {name: build(ns.config, work / name, common + a) for name, a in ARMS.items()}
+    results = alternate(trainers, ns.rounds, ns.steps)
+    cfg = trainers["device"].cfg
+    tokens = cfg.training.batch_size * cfg.data.seq_len * cfg.training.grad_accum_steps
+    base = results["device"]["seconds"]
+    rows = []
+    for name, trainer in trainers.items():
+        r = results[name]
+        slots = (
+            [t.cache.num_slots for t in trainer.tables.tables.values()] if trainer.tables else []
+        )
+        rows.append(
+            [
+                name,
+                r["seconds"],
+                tokens / r["seconds"],
+                r["seconds"] / base,
+                f"{slots[0] / trainer.tables.tables[0].num_rows:.1%}" if slots else "-",
+                r.get("engram/cache_hit_rate", float("nan")),
+                r.get("engram/prefetch_wait(%)", float("nan")),
+                r.get("engram/read_MiB_per_s", float("nan")),
+            ]
+        )
+        trainer.loader.close()
+    print_table(
+        ["arm", "s/step", "tokens/s", "vs device", "cache", "hit rate", "wait %", "read MiB/s"],
+        rows,
+    )
+    print(f"ratio_host_vs_device: {results['host']['seconds'] / base:.3f}")
+    print(f"ratio_disk_vs_device: {results['disk']['seconds'] / base:.3f}")
+
+
+def run_big(ns, extra: list[str], work: Path) -> None:
+    cfg = load_config(ns.config)
+    from models.flavors import resolve_model_args
+
+    args = resolve_model_args(cfg.model.flavor, cfg.model.overrides, vocab_size=16000)
+    e = args.engram
+    layers = len(e.layer_ids)
+    rows_per_layer = int(ns.table_gib * 2**30 / 4 / e.head_dim / layers)
+    per_head = rows_per_layer // e.num_heads  # every head's prime is near this
+    orders = e.max_ngram_size - 1
+    big = [
+        "--engram_table.placement=disk",
+        f"--engram_table.path={work / 'tables'}",
+        f"--engram_table.cache_size={2 * 2**30 // layers}B",
+        f"--model.overrides.engram.hash.engram_vocab_size={[per_head] * orders}",
+    ]
+    started = time.perf_counter()
+    trainers = {
+        "device": build(ns.config, work / "device", list(extra)),
+        "big": build(ns.config, work / "big", big + list(extra)),
+    }
+    print(f"set-up (table files created and initialised): {time.perf_counter() - started:.0f} s")
+    steps_per_round = max(1, ns.steps // ns.rounds)
+    results = alternate(trainers, ns.rounds, steps_per_round)
+    tables = trainers["big"].tables.tables.values()
+    table_bytes = sum(t.num_rows * t.head_dim * 4 for t in tables)
+    c = trainers["big"].cfg
+    tokens = c.training.batch_size * c.data.seq_len * c.training.grad_accum_steps
+    r = results["big"]
+    print_table(
+        ["arm", "s/step", "hit rate", "wait %", "read MiB/s"],
+        [
+            [
+                n,
+                results[n]["seconds"],
+                *(
+                    results[n].get(k, float("nan"))
+                    for k in (
+                        "engram/cache_hit_rate",
+                        "engram/prefetch_wait(%)",
+                        "engram/read_MiB_per_s",
+                    )
+                ),
+            ]
+            for n in trainers
+        ],
+    )
+    for trainer in trainers.values():
+        trainer.loader.close()
+    print(f"table_gib: {table_bytes / 2**30:.2f}")
+    print(f"state_gib: {2 * table_bytes / 2**30:.2f}")
+    print(f"steps: {ns.rounds * steps_per_round}")
+    print(f"tokens_per_s: {tokens / r['seconds']:.0f}")
+    print(f"peak_rss_anon_gib: {results['_peak_rss_anon_gib']:.2f}")
+    print(f"ratio_big_vs_device: {r['seconds'] / results['device']['seconds']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
