@@ -212,15 +212,18 @@ class RowCache:
         self._copy_stream = torch.cuda.Stream(self.device) if cuda else None
 
     # ----- residency -----
-    def ensure(self, rows: np.ndarray) -> None:
-        """Make ``rows`` (sorted, unique) resident and pin them until the next ``step_done``."""
+    def ensure(self, rows: np.ndarray, count: bool = True) -> None:
+        """Make ``rows`` (sorted, unique) resident and pin them until the next ``step_done``.
+        ``count``: add the request to the hit statistics (once per batch: its prefetch, or its
+        acquire when it was not prefetched)."""
         with self._lock:
             self.tick += 1
             slots = self.row_slot[rows]
             self.stamp[slots[slots >= 0]] = self.tick  # pinned first: never their own victims
             missing = rows[slots < 0]
-            self.stats.lookups += len(rows)
-            self.stats.hits += len(rows) - len(missing)
+            if count:
+                self.stats.lookups += len(rows)
+                self.stats.hits += len(rows) - len(missing)
             if len(missing):
                 self._load(missing, self._free_slots(len(missing), len(rows)))
                 self.stamp[self.row_slot[missing]] = self.tick
@@ -302,7 +305,7 @@ class RowCache:
         if self._failure is not None:
             err, self._failure = self._failure, None
             raise err
-        self.ensure(rows)  # all hits after a prefetch; stamps them in use either way
+        self.ensure(rows, count=thread is None)  # after a prefetch: hits, stamped in use
         self.stats.wait_seconds += time.perf_counter() - started
         slots = self.row_slot[rows].astype(np.int64)
         staged = self.records.index_select(0, torch.from_numpy(slots).to(self.device))

@@ -225,3 +225,14 @@ def test_checkpoint_resume_and_placement_conversion_are_bit_identical(tmp_path, 
         adam = opts2.optimizers[1].state[table.weight]
         got = {"weight": table.weight, **{k: adam[k] for k in ("exp_avg", "exp_avg_sq")}}
     assert all(torch.equal(got[k], v) for k, v in want_table.items())
+
+
+def test_hit_rate_counts_each_batch_once():
+    store = RowStore(50, 3, "host")
+    cache = RowCache(store, 10, "cpu")
+    cache.acquire(np.array([1, 2]))
+    cache.prefetch(np.array([2, 3, 4]))  # one hit, two misses
+    cache.acquire(np.array([2, 3, 4]))  # joins the prefetch: counted there only
+    stats = cache.stats.take()
+    assert (stats.lookups, stats.hits) == (5, 1)
+    assert stats.bytes_read == 4 * 3 * 4
