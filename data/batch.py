@@ -145,6 +145,22 @@ def plan_lookups(batch: Batch, planners: dict, num_chunks: int = 1) -> Batch:
     return replace(batch, engram=engram)
 
 
+def unique_per_chunk(flat_ids: np.ndarray, num_chunks: int = 1):
+    """Deduplicate each of ``num_chunks`` equal row chunks of flat row ids ``[B, T, K]`` on its
+    own: ``(unique [C, U] sorted per chunk and 0-padded, counts [C], inverse [B, T, K])``, where
+    ``inverse`` is the position of every lookup in its chunk's unique ids (planners' core)."""
+    uniques, inverses = [], []
+    for chunk in np.split(np.asarray(flat_ids), num_chunks, axis=0):
+        unique, inverse = np.unique(chunk, return_inverse=True)
+        uniques.append(unique)
+        inverses.append(inverse.reshape(chunk.shape))
+    padded = np.zeros((num_chunks, max(len(u) for u in uniques)), dtype=np.int64)
+    for i, unique in enumerate(uniques):
+        padded[i, : len(unique)] = unique
+    counts = np.array([len(u) for u in uniques], dtype=np.int64)
+    return padded, counts, np.concatenate(inverses).astype(np.int64)
+
+
 def register_pytree(cls) -> type:
     """Register a dataclass of tensors (or None) as a pytree node, so the pipeline schedule can
     chunk it on dim 0 (call once per class, at import)."""

@@ -31,9 +31,17 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from data.batch import unique_per_chunk
 from data.ngram_hash import head_offsets
 from models.engram_table import init_table_rows
-from models.row_tier import RECORD_FIELDS, RowCache, RowStore, TierStats, parse_cache_size
+from models.row_tier import (
+    RECORD_FIELDS,
+    RowCache,
+    RowStore,
+    TierStats,
+    parse_cache_size,
+    split_records,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +86,7 @@ class OffloadPlanner:
     offsets: np.ndarray  # [K] head offsets of the layer's flat table
 
     def __call__(self, hash_ids: np.ndarray, num_chunks: int = 1) -> OffloadPlan:
-        uniques, inverses = [], []
-        for chunk in np.split(np.asarray(hash_ids) + self.offsets, num_chunks, axis=0):
-            unique, inverse = np.unique(chunk, return_inverse=True)
-            uniques.append(unique)
-            inverses.append(inverse.reshape(chunk.shape))
-        padded = np.zeros((num_chunks, max(len(u) for u in uniques)), dtype=np.int64)
-        for i, unique in enumerate(uniques):
-            padded[i, : len(unique)] = unique
-        counts = np.array([len(u) for u in uniques], dtype=np.int64)
-        return OffloadPlan(padded, counts, np.concatenate(inverses).astype(np.int64))
+        return OffloadPlan(*unique_per_chunk(np.asarray(hash_ids) + self.offsets, num_chunks))
 
 
 class _StagedLookup(torch.autograd.Function):
@@ -158,7 +157,7 @@ class OffloadedEngramTable(nn.Module):
             )
         rows = plan.rows(0)
         train = torch.is_grad_enabled() and self.weight.requires_grad
-        staged = self.cache.acquire(rows, train=train)[:, : self.head_dim]
+        staged = split_records(self.cache.acquire(rows, train=train))[0]  # the weights
         if train:
             self._step_rows.append(rows)
         device = self.cache.device
@@ -221,7 +220,7 @@ class OffloadedEngramTable(nn.Module):
 
 
 class OffloadedTables:
-    """The offloaded tables of a model: prefetch, checkpoint hooks and per-tier metrics."""
+    """The offloaded tables of a model: prefetch of a batch's rows and per-tier metrics."""
 
     def __init__(self, model: nn.Module):
         self.tables = {
@@ -239,14 +238,6 @@ class OffloadedTables:
             inputs = batch.engram.get(layer)
             if inputs is not None and inputs.plan is not None:
                 table.prefetch(inputs.plan)
-
-    def flush(self) -> None:
-        for table in self.tables.values():
-            table.cache.flush()
-
-    def invalidate(self) -> None:
-        for table in self.tables.values():
-            table.cache.invalidate()
 
     def take_stats(self) -> TierStats:
         total = TierStats()

@@ -60,6 +60,11 @@ def parse_cache_size(spec: str | int, num_rows: int, row_bytes: int) -> int:
     return max(1, min(num_rows, int(rows)))
 
 
+def split_records(records: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Views ``[n, Dh]`` of the ``RECORD_FIELDS`` of records ``[n, W]`` (no copy)."""
+    return records.split(records.shape[1] // len(RECORD_FIELDS), dim=1)
+
+
 class RowStore:
     """All ``[N, W]`` float32 records of one table (shard), in host memory or in a file.
 
@@ -88,10 +93,6 @@ class RowStore:
         else:
             raise ValueError(f"engram_table.placement={placement!r}: use device, host or disk")
 
-    @property
-    def nbytes(self) -> int:
-        return self.num_rows * self.width * 4
-
     def read(self, rows: np.ndarray) -> torch.Tensor:
         """Records of ``rows`` (host tensor ``[n, W]``)."""
         if self.path is None:
@@ -106,9 +107,7 @@ class RowStore:
 
     def field(self, name: str) -> torch.Tensor:
         """A ``[N, Dh]`` view of one record field (no copy)."""
-        dim = self.width // len(RECORD_FIELDS)
-        start = RECORD_FIELDS.index(name) * dim
-        return self.records[:, start : start + dim]
+        return split_records(self.records)[RECORD_FIELDS.index(name)]
 
     def sync(self) -> None:
         """Make a disk store durable (before a checkpoint is declared complete)."""

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from data.batch import unique_per_chunk
 from parallel.sharding import register_row_sharding
 
 
@@ -72,22 +73,13 @@ pytree.register_dataclass(ShardPlan)
 
 def build_shard_plan(flat_ids: np.ndarray, bounds: list[int], num_chunks: int = 1) -> ShardPlan:
     """Deduplicate each row chunk's flat row ids and count them per owner (pure numpy)."""
-    chunks = np.split(np.asarray(flat_ids), num_chunks, axis=0)
-    uniques, counts, inverses = [], [], []
-    for chunk in chunks:
-        unique, inverse = np.unique(chunk, return_inverse=True)
-        owners = np.searchsorted(np.asarray(bounds[1:]), unique, side="right")
-        uniques.append(unique)
-        counts.append(np.bincount(owners, minlength=len(bounds) - 1))
-        inverses.append(inverse.reshape(chunk.shape))
-    padded = np.zeros((num_chunks, max(len(u) for u in uniques)), dtype=np.int64)
-    for i, unique in enumerate(uniques):
-        padded[i, : len(unique)] = unique
-    return ShardPlan(
-        padded,
-        np.stack(counts).astype(np.int64),
-        np.concatenate(inverses).astype(np.int64),
-    )
+    unique, counts, inverse = unique_per_chunk(flat_ids, num_chunks)
+    ends = np.asarray(bounds[1:])
+    per_owner = [
+        np.bincount(np.searchsorted(ends, unique[i, :count], side="right"), minlength=len(ends))
+        for i, count in enumerate(counts)
+    ]
+    return ShardPlan(unique, np.stack(per_owner).astype(np.int64), inverse)
 
 
 @dataclass

@@ -270,7 +270,8 @@ def _state(model, optimizers, blocked: bool = True, saved=None) -> dict:
 
 
 def _set_state(model, optimizers, state: dict) -> None:
-    """Apply a loaded state. Table blocks were loaded in place: their sources go back in."""
+    """Apply a loaded state. Table blocks were loaded in place: their sources go back in (an
+    offloaded table's ``_load_from_state_dict`` then drops its now stale cache)."""
     state["model"] = {
         k: v._source if isinstance(v, RowBlocks) else v for k, v in state["model"].items()
     }
@@ -290,9 +291,6 @@ def _set_state(model, optimizers, state: dict) -> None:
                 value = module.from_global(value, getattr(module, param))
             optim_state[key] = value
         set_optimizer_state_dict(model, opt, optim_state, options=flat)
-    for table in _table_modules(model).values():
-        if _offloaded(table):
-            table.cache.invalidate()
 
 
 def _table_modules(model) -> dict:

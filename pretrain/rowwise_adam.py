@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from models.row_tier import split_records
+
 
 def adam_rows_(w, m, v, grad, step: float, lr: float, betas, eps: float) -> None:
     """One lazy-Adam update of gathered rows ``w``, moments ``m``, ``v`` (in place, ``[U, Dh]``)."""
@@ -83,10 +85,10 @@ def _update_in_tier(tier, rows, values, step, hyper) -> None:
     host_rows = tier.step_rows()  # the coalesced gradient's rows, known on the host
     if rows.device.type == "cpu" and not np.array_equal(rows.numpy(), host_rows):
         raise RuntimeError("the table gradient's rows differ from the rows looked up this step")
-    cache, dim = tier.cache, tier.head_dim
+    cache = tier.cache
     slots = torch.from_numpy(cache.slots(host_rows)).to(cache.device)
     records = cache.records.index_select(0, slots)
-    w, m, v = (records[:, i * dim : (i + 1) * dim].contiguous() for i in range(3))
+    w, m, v = (field.contiguous() for field in split_records(records))
     adam_rows_(w, m, v, values, step, **hyper)
     cache.records.index_copy_(0, slots, torch.cat([w, m, v], dim=1))
 
