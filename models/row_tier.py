@@ -35,7 +35,24 @@ import torch
 
 log = logging.getLogger(__name__)
 
-RECORD_FIELDS = ("weight", "exp_avg", "exp_avg_sq")
+# ``optimizer.engram_state`` -> the optimizer state of one table row: field name -> values
+# (``"dh"``: one per column; 1: one scalar per row). Float32 per row: adam 3 x Dh (the row, two
+# moments), adam_row_v 2 x Dh + 1, adagrad_row Dh + 1.
+ENGRAM_STATES = {
+    "adam": {"exp_avg": "dh", "exp_avg_sq": "dh"},  # lazy Adam (torch SparseAdam)
+    "adam_row_v": {"exp_avg": "dh", "exp_avg_sq": 1},  # Adam, one second moment per row
+    "adagrad_row": {"sum_sq": 1},  # row-wise Adagrad: one accumulated square per row
+}
+
+
+def record_layout(state: str, head_dim: int) -> dict[str, int]:
+    """Field name -> width of one record: the table row, then its optimizer state."""
+    if state not in ENGRAM_STATES:
+        raise ValueError(f"optimizer.engram_state={state!r}: use one of {', '.join(ENGRAM_STATES)}")
+    fields = ENGRAM_STATES[state].items()
+    return {"weight": head_dim, **{k: head_dim if w == "dh" else w for k, w in fields}}
+
+
 _SIZE = re.compile(r"^\s*([0-9.]+)\s*(%|[KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12}
 _UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
@@ -60,9 +77,9 @@ def parse_cache_size(spec: str | int, num_rows: int, row_bytes: int) -> int:
     return max(1, min(num_rows, int(rows)))
 
 
-def split_records(records: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Views ``[n, Dh]`` of the ``RECORD_FIELDS`` of records ``[n, W]`` (no copy)."""
-    return records.split(records.shape[1] // len(RECORD_FIELDS), dim=1)
+def split_records(records: torch.Tensor, layout: dict[str, int]) -> tuple[torch.Tensor, ...]:
+    """Views of the fields of records ``[n, W]`` (``record_layout`` order; no copy)."""
+    return records.split(list(layout.values()), dim=1)
 
 
 class RowStore:
@@ -70,7 +87,7 @@ class RowStore:
 
     Args:
         num_rows: N.
-        width: W (values per record).
+        layout: the record's fields and their widths (``record_layout``; W is their sum).
         placement: "host" or "disk".
         folder: disk: the folder of this table's files.
         identity: what the records belong to (table sizes, head dim, hash configuration);
@@ -78,8 +95,9 @@ class RowStore:
         pin: page-locked host memory (CUDA machines).
     """
 
-    def __init__(self, num_rows, width, placement, folder=None, identity=None, pin=False):
-        self.num_rows, self.width, self.placement = num_rows, width, placement
+    def __init__(self, num_rows, layout, placement, folder=None, identity=None, pin=False):
+        width = sum(layout.values())
+        self.num_rows, self.layout, self.width, self.placement = num_rows, layout, width, placement
         self.identity = dict(identity or {}, num_rows=num_rows, width=width, dtype="float32")
         if placement == "host":
             records = torch.zeros(num_rows, width)
@@ -106,8 +124,8 @@ class RowStore:
             self._map[rows] = records.numpy()
 
     def field(self, name: str) -> torch.Tensor:
-        """A ``[N, Dh]`` view of one record field (no copy)."""
-        return split_records(self.records)[RECORD_FIELDS.index(name)]
+        """A ``[N, width]`` view of one record field (no copy)."""
+        return split_records(self.records, self.layout)[list(self.layout).index(name)]
 
     def sync(self) -> None:
         """Make a disk store durable (before a checkpoint is declared complete)."""

@@ -52,7 +52,7 @@ class ShardPlan:
     inverse: Any  # [B, T, K] position of every lookup in its chunk's unique_ids
 
     def to_torch(self) -> ShardPlan:
-        return ShardPlan(
+        return type(self)(  # subclasses keep their class (and so their own ``to``)
             *(torch.as_tensor(f) for f in (self.unique_ids, self.send_counts, self.inverse))
         )
 
@@ -178,17 +178,25 @@ class ShardedEngramTable(nn.Module):
                 f"the lookup plan covers {plan.unique_ids.shape[0]} row chunks but reached one "
                 "lookup: plan with num_chunks equal to the pipeline microbatches"
             )
-        device = self.weight.device
         send = plan.send_counts.tolist()[0]  # host counts: no device synchronisation
-        recv = self.exchange_counts(send)
-        unique = torch.as_tensor(plan.unique_ids[0, : sum(send)], device=device)
-        requested = unique.new_empty(sum(recv))
-        dist.all_to_all_single(requested, unique, recv, send, group=self.group)
-        local_rows = F.embedding(requested - self.row_start, self.weight, sparse=True)
-        local_rows = _ScaleGrad.apply(local_rows, self.grad_scale)
+        recv, requested = self._route(plan.unique_ids[0, : sum(send)], send)
+        local_rows = _ScaleGrad.apply(self._lookup_local(requested), self.grad_scale)
         rows = local_rows.new_empty(sum(send), self.head_dim)
         rows = all_to_all_single(rows, local_rows, send, recv, group=self.group)
-        return rows[torch.as_tensor(plan.inverse, device=device)]
+        return rows[torch.as_tensor(plan.inverse, device=rows.device)]
+
+    def _route(self, unique, send: list[int]) -> tuple[list[int], torch.Tensor]:
+        """Send this rank's ``unique`` row ids (``send[j]`` to owner j); returns how many every
+        rank asks this one for and the ids it asks for, in rank order."""
+        recv = self.exchange_counts(send)
+        unique = torch.as_tensor(unique, device=self.weight.device)
+        requested = unique.new_empty(sum(recv))
+        dist.all_to_all_single(requested, unique, recv, send, group=self.group)
+        return recv, requested
+
+    def _lookup_local(self, requested: torch.Tensor) -> torch.Tensor:
+        """The owned rows of global ids ``requested`` ``[N]`` -> ``[N, Dh]``."""
+        return F.embedding(requested - self.row_start, self.weight, sparse=True)
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -210,10 +210,13 @@ class CheckpointManager:
             self.check_identity(path)
             try:
                 saved = dcp.FileSystemReader(str(path)).read_metadata()
+                _check_table_state(path, saved, optimizers)
                 state = _state(model, optimizers, blocked=False, saved=saved)
                 dcp.load(state, checkpoint_id=str(path))
                 _set_state(model, optimizers, state)
                 train_state = self._train_state(path)
+            except TableStateMismatch:
+                raise  # a configuration error, not a corrupt checkpoint
             except (Exception, CheckpointException) as err:  # noqa: BLE001 - skipped, loudly
                 log.warning(
                     "checkpoint %s is corrupt or unreadable (%s: %s); trying an older one",
@@ -233,6 +236,40 @@ class CheckpointManager:
                 "move the folder aside to start fresh, or set checkpoint.load=false"
             )
         return None
+
+
+class TableStateMismatch(ValueError):
+    """The checkpoint's tables carry another optimizer state than ``optimizer.engram_state``."""
+
+
+def _check_table_state(path, saved, optimizers) -> None:
+    """Refuse a checkpoint whose tables keep another row-wise optimizer state (names and
+    widths: ``adam`` and ``adam_row_v`` share names) with the setting to resume with."""
+    from models.row_tier import ENGRAM_STATES
+
+    meta = saved.state_dict_metadata
+    for i, opt in enumerate(optimizers.optimizers):
+        if not hasattr(opt, "state_names"):
+            continue
+        prefix = f"optim{i}.state."
+        found: dict[str, dict] = {}  # table -> {state name: "dh" or width}
+        for key, entry in meta.items():
+            if not key.startswith(prefix) or ".table.weight." not in key:
+                continue
+            table, name = key[len(prefix) :].rsplit(".", 1)
+            weight = meta.get(f"model.{table}")
+            if name == "step" or weight is None or len(entry.size) != 2:
+                continue
+            width = entry.size[1]
+            found.setdefault(table, {})[name] = "dh" if width == weight.size[1] else width
+        for shape in found.values():
+            if shape != ENGRAM_STATES[opt.kind]:
+                kind = next((k for k, v in ENGRAM_STATES.items() if v == shape), str(shape))
+                raise TableStateMismatch(
+                    f"checkpoint {path} keeps the Engram tables' optimizer state of "
+                    f"optimizer.engram_state={kind!r}, this job uses {opt.kind!r}: resume with "
+                    f"optimizer.engram_state={kind!r}, or start a new job.dump_folder"
+                )
 
 
 def _state(model, optimizers, blocked: bool = True, saved=None) -> dict:
@@ -260,7 +297,7 @@ def _state(model, optimizers, blocked: bool = True, saved=None) -> dict:
         for fqn, table in tables.items():
             if table.weight not in opt.state or not (blocked or _offloaded(table)):
                 continue
-            for name in ("exp_avg", "exp_avg_sq"):
+            for name in getattr(opt, "state_names", ("exp_avg", "exp_avg_sq")):
                 key = f"state.{fqn}.{name}"
                 optim_state[key] = _row_blocks(
                     table, name, opt.state[table.weight], saved, f"optim{i}.{key}"

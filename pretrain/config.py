@@ -53,6 +53,9 @@ class OptimizerConfig:
     eps: float = 1e-8  # Adam epsilon
     weight_decay: float = 0.1  # on matrices only (not norms, biases, embeddings, tables)
     engram_lr_multiplier: float = 5.0  # the paper's table LR multiplier (tables also get WD 0)
+    # sparse tables' state per row: adam (2 x Dh floats), adam_row_v (Dh + 1: one second moment
+    # per row) or adagrad_row (1: row-wise Adagrad); see pretrain/rowwise_adam.py
+    engram_state: Literal["adam", "adam_row_v", "adagrad_row"] = "adam"
 
 
 @dataclass

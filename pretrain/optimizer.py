@@ -103,6 +103,7 @@ class Optimizers:
                     lr=cfg.lr * cfg.engram_lr_multiplier,
                     betas=betas,
                     eps=cfg.eps,
+                    state=cfg.engram_state,
                 )
             )
         self.base_lr = cfg.lr

@@ -1,15 +1,25 @@
-"""Row-wise Adam for Engram tables: updates only the rows a step touched.
+"""Row-wise optimizers for Engram tables: update only the rows a step touched.
 
-Semantics follow ``torch.optim.SparseAdam`` (lazy Adam): the moments of untouched rows are left
-alone, bias correction uses the optimizer's step count. The step's cost is O(touched rows x Dh),
-independent of the table's size. Weight decay is 0 by design (the paper). A row-sharded table
-passes its local shard and local-row gradients; nothing here is global.
+``optimizer.engram_state`` picks the state each row keeps (``models.row_tier.ENGRAM_STATES``):
 
-Rows live where their table keeps them: an in-memory table's moments are tensors of its shape
-here; an offloaded table (``models.engram_offload``) keeps rows and moments together in its tier,
-and the update runs on its cache slots. Both gather the touched rows, update them with the one
-function ``adam_rows_`` and write them back, so an offloaded table trains bit-identically to an
-in-memory one.
+- ``adam`` (default): lazy Adam, ``torch.optim.SparseAdam``'s semantics: both moments per
+  element; the moments of untouched rows are left alone, bias correction uses the optimizer's
+  step count. 2 x Dh floats of state per row.
+- ``adam_row_v``: the same with one second moment per row (the mean of the row's squared
+  gradient), as in row-wise Adam of recommendation stacks. Dh + 1 floats per row.
+- ``adagrad_row``: row-wise Adagrad: one accumulated mean squared gradient per row, no momentum.
+  1 float per row; its learning rate is the tables' (``engram_lr_multiplier`` x LR), with no
+  bias correction.
+
+The step's cost is O(touched rows x Dh), independent of the table's size. Weight decay is 0 by
+design (the paper). A row-sharded table passes its local shard and local-row gradients; nothing
+here is global.
+
+Rows live where their table keeps them: an in-memory table's state is tensors here; an offloaded
+table (``models.engram_offload``) keeps rows and state together in its tier's records, and the
+update runs on its cache slots. Both gather the touched rows, update them with the one function
+``update_rows_`` and write them back, so an offloaded table trains bit-identically to an in-memory
+one.
 """
 
 from __future__ import annotations
@@ -17,37 +27,78 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from models.row_tier import split_records
+from models.row_tier import ENGRAM_STATES, record_layout, split_records
 
 
 def adam_rows_(w, m, v, grad, step: float, lr: float, betas, eps: float) -> None:
-    """One lazy-Adam update of gathered rows ``w``, moments ``m``, ``v`` (in place, ``[U, Dh]``)."""
+    """One lazy-Adam update of gathered rows ``w``, moments ``m``, ``v`` (in place, ``[U, Dh]``;
+    ``v`` may be ``[U, 1]``: one second moment per row, fed the mean squared gradient)."""
     beta1, beta2 = betas
     m.mul_(beta1).add_(grad, alpha=1 - beta1)
-    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    if v.shape[1] == grad.shape[1]:
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    else:
+        v.mul_(beta2).add_(grad.square().mean(dim=1, keepdim=True), alpha=1 - beta2)
     # torch.optim.SparseAdam's arrangement: eps added to the uncorrected sqrt(v)
     step_size = lr * (1 - beta2**step) ** 0.5 / (1 - beta1**step)
     w.add_(m / v.sqrt().add_(eps), alpha=-step_size)
 
 
+def adagrad_rows_(w, s, grad, lr: float, eps: float) -> None:
+    """One row-wise Adagrad update of gathered rows ``w [U, Dh]`` with accumulators ``s [U, 1]``."""
+    s.add_(grad.square().mean(dim=1, keepdim=True))
+    w.addcdiv_(grad, s.sqrt().add_(eps), value=-lr)
+
+
+def update_rows_(fields, grad, step: float, lr: float, betas, eps: float) -> None:
+    """Update gathered ``fields`` (the row, then its state, as ``record_layout`` orders them)."""
+    if len(fields) == 3:
+        adam_rows_(*fields, grad, step, lr, betas, eps)
+    else:
+        adagrad_rows_(*fields, grad, lr, eps)
+
+
 class RowwiseAdam(torch.optim.Optimizer):
-    """Lazy Adam over sparse (or dense) row gradients of 2-D tables.
+    """Row-wise Adam (or Adagrad: ``state``) over sparse (or dense) row gradients of 2-D tables.
 
     State is created here, not at the first step, so that a checkpoint can be loaded before any
     step without a full-size dummy gradient (DCP's state-dict helpers take a step otherwise).
+
+    Args:
+        state: ``optimizer.engram_state`` (``adam``, ``adam_row_v`` or ``adagrad_row``).
     """
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8):
+    def __init__(
+        self, params, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8, state: str = "adam"
+    ):
         if lr < 0:
             raise ValueError(f"optimizer.lr={lr}: must be >= 0")
+        if state not in ENGRAM_STATES:
+            raise ValueError(
+                f"optimizer.engram_state={state!r}: use one of {', '.join(ENGRAM_STATES)}"
+            )
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps))
+        self.kind = state
         for group in self.param_groups:
             for param in group["params"]:
-                state = self.state[param]
-                state["step"] = torch.zeros((), dtype=torch.float64)
-                if not hasattr(param, "engram_tier"):  # offloaded: moments live in the tier
-                    state["exp_avg"] = torch.zeros_like(param)
-                    state["exp_avg_sq"] = torch.zeros_like(param)
+                tier = getattr(param, "engram_tier", None)
+                if tier is not None and list(tier.store.layout)[1:] != self.state_names:
+                    raise ValueError(
+                        f"optimizer.engram_state={state!r} but the offloaded table keeps "
+                        f"{list(tier.store.layout)[1:]}: place the tables with the same "
+                        "engram_state"
+                    )
+                entry = self.state[param]
+                entry["step"] = torch.zeros((), dtype=torch.float64)
+                if tier is None:  # offloaded: the state lives in the tier
+                    layout = record_layout(state, param.shape[1])
+                    for name in self.state_names:
+                        entry[name] = param.new_zeros(param.shape[0], layout[name])
+
+    @property
+    def state_names(self) -> list[str]:
+        """The per-row state of every table (the optimizer state keys besides ``step``)."""
+        return list(ENGRAM_STATES[self.kind])
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -65,19 +116,19 @@ class RowwiseAdam(torch.optim.Optimizer):
                     rows, values = _touched_rows(param.grad)
                     step = state["step"].item()
                     if tier is None:
-                        _update_in_memory(param, state, rows, values, step, hyper)
+                        self._update_in_memory(param, state, rows, values, step, hyper)
                     else:
                         _update_in_tier(tier, rows, values, step, hyper)
                 if tier is not None:
                     tier.step_done()
         return loss
 
-
-def _update_in_memory(param, state, rows, values, step, hyper) -> None:
-    w, m, v = (t.index_select(0, rows) for t in (param, state["exp_avg"], state["exp_avg_sq"]))
-    adam_rows_(w, m, v, values, step, **hyper)
-    for target, updated in ((param, w), (state["exp_avg"], m), (state["exp_avg_sq"], v)):
-        target.index_copy_(0, rows, updated)
+    def _update_in_memory(self, param, state, rows, values, step, hyper) -> None:
+        targets = [param, *(state[name] for name in self.state_names)]
+        fields = [t.index_select(0, rows) for t in targets]
+        update_rows_(fields, values, step, **hyper)
+        for target, updated in zip(targets, fields, strict=True):
+            target.index_copy_(0, rows, updated)
 
 
 def _update_in_tier(tier, rows, values, step, hyper) -> None:
@@ -88,9 +139,9 @@ def _update_in_tier(tier, rows, values, step, hyper) -> None:
     cache = tier.cache
     slots = torch.from_numpy(cache.slots(host_rows)).to(cache.device)
     records = cache.records.index_select(0, slots)
-    w, m, v = (field.contiguous() for field in split_records(records))
-    adam_rows_(w, m, v, values, step, **hyper)
-    cache.records.index_copy_(0, slots, torch.cat([w, m, v], dim=1))
+    fields = [field.contiguous() for field in split_records(records, tier.store.layout)]
+    update_rows_(fields, values, step, **hyper)
+    cache.records.index_copy_(0, slots, torch.cat(fields, dim=1))
 
 
 def _touched_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

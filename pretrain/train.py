@@ -7,6 +7,7 @@ gradient accumulation, optional bf16 autocast, clipping, periodic evaluation and
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sys
@@ -107,7 +108,6 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.training
         with torch.device("meta"):
             model = Transformer(self.args)
-        self._place_tables(model)
         model, inner, plan = parallelize_deepseek_engram(
             model,
             self.dims,
@@ -119,40 +119,42 @@ class Trainer:
             stages_per_rank=cfg.parallelism.pipeline_stages_per_rank,
             sequence_parallel=cfg.parallelism.sequence_parallel,
             mixed_precision=t.mixed_precision,
+            place_tables=self._table_placer(),
         )
         pipeline = None
         if self.dims.pp > 1:
             pipeline = PipelineRunner(plan, cfg.parallelism, self.device, t.grad_accum_steps, inner)
         return StepModel(model, inner, plan, pipeline, t.mixed_precision)
 
-    def _place_tables(self, model) -> None:
-        """``[engram_table] placement``: swap the tables for host or disk ones (on meta, before
-        the plan and the initialisation)."""
+    def _table_placer(self):
+        """``[engram_table] placement``: what swaps this rank's tables (whole, or its row shards)
+        for host or disk ones, on meta before the initialisation; None for ``device``."""
         e = self.cfg.engram_table
         if e.placement == "device":
-            return
+            return None
         if self.args.engram is None:
             raise ValueError(
                 f"engram_table.placement={e.placement!r} but model.flavor="
                 f"{self.cfg.model.flavor!r} has no Engram layers; use placement='device'"
             )
-        if self.dist.world_size > 1:
+        if self.dims.dp_degree > 1 and self.dims.engram_shard == 1:
             raise ValueError(
-                f"engram_table.placement={e.placement!r} runs on one process in this version "
-                f"(world size here: {self.dist.world_size}); use placement='device' with "
-                "parallelism.engram_shard_degree to spread the tables over ranks"
+                f"engram_table.placement={e.placement!r} with {self.dims.dp_degree} data-parallel "
+                "replicas would keep a whole table in every replica's tier; set "
+                f"parallelism.engram_shard_degree={self.dims.dp_degree} so each rank's tier holds "
+                "its row shard"
             )
-        path = Path(e.path) if e.path else self.run_folder / "engram_tables"
         t = self.cfg.training
         lookups = t.batch_size * self.cfg.data.seq_len * self.args.engram.num_heads
-        place_engram_tables(
-            model,
-            e.placement,
-            e.cache_size,
-            self.device,
-            path,
-            self.hasher.to_config_dict(),
+        return functools.partial(
+            place_engram_tables,
+            placement=e.placement,
+            cache_size=e.cache_size,
+            device=self.device,
+            folder=Path(e.path) if e.path else self.run_folder / "engram_tables",
+            hash_config=self.hasher.to_config_dict(),
             min_cache_rows=(t.grad_accum_steps + 1) * lookups,
+            engram_state=self.cfg.optimizer.engram_state,
         )
 
     def _stream_kwargs(self, folder: Path) -> dict:

@@ -134,3 +134,36 @@ def test_rowwise_adam_leaves_untouched_rows():
     opt.step()
     changed = (table.weight.detach() != before).any(1).nonzero().flatten().tolist()
     assert changed == [3, 5]
+
+
+@pytest.mark.parametrize("state", ["adam_row_v", "adagrad_row"])
+def test_lighter_row_states_follow_their_formulas(state):
+    """One second moment per row (Adam) and row-wise Adagrad, against their textbook updates
+    written row by row in float64; untouched rows keep their state."""
+    lr, (b1, b2), eps = 0.1, (0.9, 0.95), 1e-8
+    got = _train_table(True, lambda p, lr: RowwiseAdam(p, lr=lr, betas=(b1, b2), state=state))
+    torch.manual_seed(0)
+    want = torch.nn.Embedding(50, 6).weight.detach().double()
+    m, v = torch.zeros_like(want), torch.zeros(50, 1, dtype=torch.float64)
+    for step in range(4):
+        ids = torch.randint(
+            0, 50 if step else 10, (7, 3), generator=torch.Generator().manual_seed(step)
+        )
+        grad = torch.zeros_like(want).index_add_(0, ids.flatten(), 2 * want[ids.flatten()])
+        t = step + 1
+        for r in ids.unique().tolist():
+            g = grad[r]
+            if state == "adam_row_v":
+                m[r] = b1 * m[r] + (1 - b1) * g
+                v[r] = b2 * v[r] + (1 - b2) * (g * g).mean()
+                size = lr * (1 - b2**t) ** 0.5 / (1 - b1**t)
+                want[r] -= size * m[r] / (v[r].sqrt() + eps)
+            else:
+                v[r] += (g * g).mean()
+                want[r] -= lr * g / (v[r].sqrt() + eps)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    table = torch.nn.Embedding(50, 6, sparse=True)
+    opt = RowwiseAdam(table.parameters(), state=state)
+    shapes = {k: tuple(x.shape) for k, x in opt.state[table.weight].items() if k != "step"}
+    expected = {"exp_avg": (50, 6), "exp_avg_sq": (50, 1)} if state == "adam_row_v" else {}
+    assert shapes == (expected or {"sum_sq": (50, 1)})

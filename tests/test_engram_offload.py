@@ -18,7 +18,7 @@ import torch
 
 from data.batch import Batch, EngramInputs, plan_lookups
 from models.engram_offload import OffloadedEngramTable, OffloadedTables, place_engram_tables
-from models.row_tier import RowCache, RowStore, parse_cache_size
+from models.row_tier import RowCache, RowStore, parse_cache_size, record_layout
 from models.transformer import Transformer
 from parallel.plan import ParallelPlan
 from pretrain.config import OptimizerConfig
@@ -50,15 +50,17 @@ def make_batch(step: int) -> Batch:
     )
 
 
-def build(placement: str, tmp_path, cache: str = "30%"):
+def build(placement: str, tmp_path, cache: str = "30%", state: str = "adam"):
     with torch.device("meta"):
         model = Transformer(args())
-    place_engram_tables(model, placement, cache, "cpu", tmp_path / f"tables-{placement}")
+    folder = tmp_path / f"tables-{placement}"
+    place_engram_tables(model, placement, cache, "cpu", folder, engram_state=state)
     model.to_empty(device="cpu")
     torch.manual_seed(0)
     model.init_weights()
     sm = StepModel(model, model, ParallelPlan())
-    return sm, Optimizers(model, OptimizerConfig(lr=1e-2, engram_lr_multiplier=5.0))
+    cfg = OptimizerConfig(lr=1e-2, engram_lr_multiplier=5.0, engram_state=state)
+    return sm, Optimizers(model, cfg)
 
 
 def table_state(sm) -> dict[str, torch.Tensor]:
@@ -66,9 +68,7 @@ def table_state(sm) -> dict[str, torch.Tensor]:
     table = sm.inner.engram_layers()[0].table
     if isinstance(table, OffloadedEngramTable):
         table.cache.flush()
-        return {
-            name: table.store.field(name).clone() for name in ("weight", "exp_avg", "exp_avg_sq")
-        }
+        return {name: table.store.field(name).clone() for name in table.store.layout}
     return None
 
 
@@ -92,20 +92,13 @@ def run(sm, opts, steps: range, prefetch: bool, accum: int = 1) -> list[tuple[fl
     return out
 
 
-def device_reference(accum: int = 1):
-    sm, opts = build("device", Path("/nonexistent"))
+def device_reference(accum: int = 1, state: str = "adam"):
+    sm, opts = build("device", Path("/nonexistent"), state=state)
     trace = run(sm, opts, range(STEPS), prefetch=False, accum=accum)
     table = sm.inner.engram_layers()[0].table
-    state = opts.optimizers[1].state[table.weight]
-    return (
-        trace,
-        {
-            "weight": table.weight.detach().clone(),
-            "exp_avg": state["exp_avg"].clone(),
-            "exp_avg_sq": state["exp_avg_sq"].clone(),
-        },
-        sm,
-    )
+    rowwise = opts.optimizers[1]
+    moments = {k: rowwise.state[table.weight][k].clone() for k in rowwise.state_names}
+    return trace, {"weight": table.weight.detach().clone(), **moments}, sm
 
 
 @pytest.mark.parametrize("placement", ["host", "disk"])
@@ -124,6 +117,21 @@ def test_offloaded_table_is_bit_identical_to_device(tmp_path, placement, prefetc
             assert torch.equal(value, dense[name]), name
     stats = OffloadedTables(sm.inner).take_stats()
     assert 0 < stats.hits < stats.lookups and stats.bytes_written > 0  # the cache evicted
+
+
+@pytest.mark.parametrize("state", ["adam_row_v", "adagrad_row"])
+def test_lighter_optimizer_state_is_bit_identical_to_device(tmp_path, state):
+    """One second moment per row (Adam) or row-wise Adagrad: records of 2 x Dh + 1 or Dh + 1
+    floats, trained exactly as the in-memory table with the same state."""
+    want_trace, want_table, _ = device_reference(state=state)
+    sm, opts = build("disk", tmp_path, state=state)
+    assert run(sm, opts, range(STEPS), prefetch=True) == want_trace
+    got = table_state(sm)
+    assert got.keys() == want_table.keys()
+    assert all(torch.equal(got[k], v) for k, v in want_table.items())
+    head_dim = want_table["weight"].shape[1]
+    width = {"adam_row_v": 2 * head_dim + 1, "adagrad_row": head_dim + 1}[state]
+    assert sm.inner.engram_layers()[0].table.store.width == width
 
 
 def test_offloaded_table_with_accumulation(tmp_path):
@@ -150,12 +158,12 @@ def test_cache_size_forms():
 
 def test_disk_store_refuses_another_configuration_and_short_files(tmp_path):
     folder = tmp_path / "t"
-    RowStore(100, 12, "disk", folder, {"hash_sha256": "a"})
+    RowStore(100, record_layout("adam", 4), "disk", folder, {"hash_sha256": "a"})
     with pytest.raises(ValueError, match="another configuration.*hash_sha256"):
-        RowStore(100, 12, "disk", folder, {"hash_sha256": "b"})
+        RowStore(100, record_layout("adam", 4), "disk", folder, {"hash_sha256": "b"})
     os.truncate(folder / "records.f32", 100)
     with pytest.raises(ValueError, match="needs 4800 bytes.*delete"):
-        RowStore(100, 12, "disk", folder, {"hash_sha256": "a"})
+        RowStore(100, record_layout("adam", 4), "disk", folder, {"hash_sha256": "a"})
     assert json.loads((folder / "meta.json").read_text())["num_rows"] == 100
 
 
@@ -165,12 +173,12 @@ def test_full_disk_leaves_no_partial_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "posix_fallocate", full)
     with pytest.raises(OSError, match="cannot reserve .* GiB.*free space"):
-        RowStore(1000, 12, "disk", tmp_path / "t", {})
+        RowStore(1000, record_layout("adam", 4), "disk", tmp_path / "t", {})
     assert sorted(p.name for p in (tmp_path / "t").iterdir()) == []
 
 
 def test_cache_pins_rows_until_the_optimizer_step():
-    store = RowStore(50, 3, "host")
+    store = RowStore(50, record_layout("adam", 1), "host")
     store.records.copy_(torch.arange(150.0).reshape(50, 3))
     cache = RowCache(store, 6, "cpu")
     cache.acquire(np.array([1, 2, 3]))
@@ -193,15 +201,23 @@ def _table_keys(folder) -> dict:
 
 
 @pytest.mark.parametrize(
-    "source,target", [("disk", "disk"), ("device", "disk"), ("disk", "device")]
+    "source,target,state",
+    [
+        ("disk", "disk", "adam"),
+        ("device", "disk", "adam"),
+        ("disk", "device", "adam"),
+        ("disk", "device", "adam_row_v"),
+    ],
 )
-def test_checkpoint_resume_and_placement_conversion_are_bit_identical(tmp_path, source, target):
+def test_checkpoint_resume_and_placement_conversion_are_bit_identical(
+    tmp_path, source, target, state
+):
     """10 steps in ``source``, a DCP checkpoint (tables in row blocks), 10 more in ``target``:
     the same as 20 uninterrupted steps on the device."""
-    from pretrain.checkpoint import CheckpointManager
+    from pretrain.checkpoint import CheckpointManager, TableStateMismatch
 
-    want_trace, want_table, _ = device_reference()
-    sm, opts = build(source, tmp_path)
+    want_trace, want_table, _ = device_reference(state=state)
+    sm, opts = build(source, tmp_path, state=state)
     first = run(sm, opts, range(10), prefetch=True)
     identity = {"tokenizer_identity": "t", "engram_hash": None}
     manager = CheckpointManager(tmp_path / "ckpt", 2, identity)
@@ -211,7 +227,13 @@ def test_checkpoint_resume_and_placement_conversion_are_bit_identical(tmp_path, 
         path = manager.save(10, sm.model, opts, {})
         blocks = -(-sm.inner.engram_layers()[0].table.num_rows // 256)
         assert _table_keys(path) == {"model.layers.0.engram.table.weight": blocks} and blocks > 2
-        resumed, opts2 = build(target, tmp_path / "resumed")
+        other = "adagrad_row" if state == "adam" else "adam"
+        with pytest.raises(
+            TableStateMismatch, match=f"resume with optimizer.engram_state='{state}'"
+        ):
+            other_sm, other_opts = build(target, tmp_path / "other", state=other)
+            manager.load_latest(other_sm.model, other_opts)
+        resumed, opts2 = build(target, tmp_path / "resumed", state=state)
         torch.manual_seed(123)  # the load must restore everything that matters
         state = manager.load_latest(resumed.model, opts2)
     finally:
@@ -223,12 +245,12 @@ def test_checkpoint_resume_and_placement_conversion_are_bit_identical(tmp_path, 
     if got is None:  # the device
         table = resumed.inner.engram_layers()[0].table
         adam = opts2.optimizers[1].state[table.weight]
-        got = {"weight": table.weight, **{k: adam[k] for k in ("exp_avg", "exp_avg_sq")}}
+        got = {"weight": table.weight, **{k: adam[k] for k in opts2.optimizers[1].state_names}}
     assert all(torch.equal(got[k], v) for k, v in want_table.items())
 
 
 def test_hit_rate_counts_each_batch_once():
-    store = RowStore(50, 3, "host")
+    store = RowStore(50, record_layout("adam", 1), "host")
     cache = RowCache(store, 10, "cpu")
     cache.acquire(np.array([1, 2]))
     cache.prefetch(np.array([2, 3, 4]))  # one hit, two misses
@@ -236,3 +258,23 @@ def test_hit_rate_counts_each_batch_once():
     stats = cache.stats.take()
     assert (stats.lookups, stats.hits) == (5, 1)
     assert stats.bytes_read == 4 * 3 * 4
+
+
+def test_host_shard_plan_keeps_its_ids_on_the_host():
+    """An offloaded shard's plan moves only ``inverse`` to the device (the owners' tiers read the
+    ids on the host) and keeps its class through ``to_torch`` and the pipeline's pytree split."""
+    from torch.utils import _pytree as pytree
+
+    from models.engram_offload import HostShardPlan, HostShardPlanner
+
+    ids = np.random.default_rng(0).integers(0, 10, (4, 3, 2))
+    plan = HostShardPlanner(np.array([0, 10]), [0, 10, 20])(ids, num_chunks=2).to_torch()
+    moved = plan.to("meta")
+    assert isinstance(moved, HostShardPlan)
+    assert moved.unique_ids.device.type == "cpu" and moved.inverse.device.type == "meta"
+    leaves, spec = pytree.tree_flatten(moved)
+    assert isinstance(pytree.tree_unflatten(leaves, spec), HostShardPlan)
+    assert moved.send_counts.sum(dim=1).tolist() == [
+        len(np.unique(ids[:2] + [0, 10])),
+        len(np.unique(ids[2:] + [0, 10])),
+    ]

@@ -15,6 +15,7 @@ records the errors instead of asserting them (one JSON line per test).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from data.batch import Batch, EngramInputs, plan_lookups
+from models.engram_offload import OffloadedTables, place_engram_tables
 from models.parallelize import parallelize_deepseek_engram
 from models.transformer import Transformer
 from parallel.dims import ParallelDims
@@ -97,6 +99,8 @@ class Trace:
     grad_norms: list[float] = field(default_factory=list)
     grads: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per step, full tensors
     state: dict[str, torch.Tensor] = field(default_factory=dict)  # final, full tensors
+    # lookups of offloaded row shards routed by their prefetch (None: this rank holds none)
+    reused_routes: int | None = None
 
 
 def full_grads(inner) -> dict[str, torch.Tensor]:
@@ -132,28 +136,52 @@ def full_state(inner) -> dict[str, torch.Tensor]:
 
 
 def train(
-    sm: StepModel, opts: Optimizers, rows: slice, plan_chunks: int = 1, accum: int = 1
+    sm: StepModel,
+    opts: Optimizers,
+    rows: slice,
+    plan_chunks: int = 1,
+    accum: int = 1,
+    steps: int = STEPS,
+    prefetch: bool = False,
 ) -> Trace:
-    """``STEPS`` steps of the real step on ``rows`` of every batch, in ``accum`` accumulated
-    microbatches; lookups planned by the tables' own planners, as the loader does."""
+    """``steps`` steps of the real step on ``rows`` of every batch, in ``accum`` accumulated
+    microbatches; lookups planned by the tables' own planners, as the loader does.
+    ``prefetch``: offloaded tables prefetch the next microbatch's rows, as the trainer does."""
     trace = Trace()
     planners = lookup_planners(sm.inner)
+    tables = OffloadedTables(sm.inner)
 
     def inspect(grad_norm: torch.Tensor) -> None:
         trace.grad_norms.append(grad_norm.item())
         trace.grads.append(full_grads(sm.inner))
 
     per = (rows.stop - rows.start) // accum
-    for step in range(STEPS):
-        loss = 0.0
-        for micro in range(accum):
-            part = slice(rows.start + micro * per, rows.start + (micro + 1) * per)
-            batch = plan_lookups(make_batch(step).select_rows(part), planners, plan_chunks)
-            out = forward_backward(sm, batch, scale=1 / accum, sync=micro == accum - 1)
-            loss = loss + out.ce / accum
-        optimizer_step(sm, opts, MAX_NORM, inspect)
-        trace.losses.append(loss)
+    batches = [
+        plan_lookups(
+            make_batch(step).select_rows(
+                slice(rows.start + micro * per, rows.start + (micro + 1) * per)
+            ),
+            planners,
+            plan_chunks,
+        )
+        for step in range(steps)
+        for micro in range(accum)
+    ]
+    loss = 0.0
+    for i, batch in enumerate(batches):
+        if prefetch and tables and i + 1 < len(batches):
+            tables.prefetch(batches[i + 1])
+        last = (i + 1) % accum == 0
+        out = forward_backward(sm, batch, scale=1 / accum, sync=last)
+        loss = loss + out.ce / accum
+        if last:
+            optimizer_step(sm, opts, MAX_NORM, inspect)
+            trace.losses.append(loss)
+            loss = 0.0
     trace.state = full_state(sm.inner)
+    shards = [t for t in tables.tables.values() if hasattr(t, "reused_routes")]
+    if shards:
+        trace.reused_routes = sum(t.reused_routes for t in shards)
     return trace
 
 
@@ -165,13 +193,35 @@ def reference(args) -> Trace:
     return trace
 
 
-def run_layout(rank: int, world: int, layout: dict, args, ckpt: str, accum: int = 1) -> Trace:
+def run_layout(
+    rank: int,
+    world: int,
+    layout: dict,
+    args,
+    ckpt: str,
+    accum: int = 1,
+    steps: int = STEPS,
+    tables: dict | None = None,
+) -> Trace:
     """One rank of ``layout`` (``ParallelismConfig`` fields): parallelise, load the initial
     weights, train on this rank's data-parallel rows (in ``accum`` microbatches); losses are the
-    data-parallel mean."""
+    data-parallel mean. ``tables``: offload the Engram tables (``placement``, ``folder``,
+    ``cache_size``, ``prefetch``), as ``[engram_table]`` does."""
     cfg = ParallelismConfig(**layout)
     dims = ParallelDims.from_config(cfg, world)
     mesh = dims.build_mesh("cpu")
+    place, prefetch = None, False
+    if tables is not None:
+        lookups = ROWS // dims.dp_degree * SEQ * args.engram.num_heads
+        place = functools.partial(
+            place_engram_tables,
+            placement=tables["placement"],
+            cache_size=tables.get("cache_size", "10%"),
+            device="cpu",
+            folder=tables.get("folder"),
+            min_cache_rows=(accum + 1) * lookups,
+        )
+        prefetch = tables.get("prefetch", True)
     with torch.device("meta"):
         model = Transformer(args)
     model, inner, plan = parallelize_deepseek_engram(
@@ -182,6 +232,7 @@ def run_layout(rank: int, world: int, layout: dict, args, ckpt: str, accum: int 
         0,
         stages_per_rank=cfg.pipeline_stages_per_rank,
         sequence_parallel=cfg.sequence_parallel,
+        place_tables=place,
     )
     load_initial(inner, ckpt)
     pipeline = None
@@ -196,6 +247,8 @@ def run_layout(rank: int, world: int, layout: dict, args, ckpt: str, accum: int 
         slice(per * dp_rank, per * (dp_rank + 1)),
         plan_chunks=pipeline.microbatches if pipeline is not None else 1,
         accum=accum,
+        steps=steps,
+        prefetch=prefetch,
     )
     losses = []
     for loss in trace.losses:

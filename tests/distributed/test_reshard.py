@@ -1,6 +1,7 @@
 """Checkpoints reshard: a run saved with one layout evaluates to the same held-out loss when loaded
 at another (Engram-table parallel 4 -> 2 ranks -> 1 process; TP2 x PP2 -> 1 process; 5 experts
-over EP 2, padding slot included, <-> 1 process)."""
+over EP 2, padding slot included, <-> 1 process; table-parallel shards on disk -> one table in
+host memory -> the device)."""
 
 from __future__ import annotations
 
@@ -14,14 +15,17 @@ pytestmark = pytest.mark.distributed
 LAYOUTS = {
     "tables4": dict(data_parallel_replicate_degree=4, engram_shard_degree=4),
     "tables2": dict(data_parallel_replicate_degree=2, engram_shard_degree=2),
+    "tables2_disk": dict(data_parallel_replicate_degree=2, engram_shard_degree=2),
     "tp2pp2": dict(
         tensor_parallel_degree=2, pipeline_parallel_degree=2, data_parallel_shard_degree=1
     ),
     "single": {},
+    "single_host": {},
     # 5 experts over EP 2: 3 slots per rank, the last one padding (kept out of checkpoints)
     "ep2_uneven": dict(data_parallel_replicate_degree=2, expert_parallel_degree=2),
 }
 EXPERTS = "--model.overrides.moe.num_routed_experts=5"
+PLACEMENT = {"tables2_disk": "disk", "single_host": "host"}  # [engram_table] placement
 
 
 def _overrides(corpus, dump, layout, experts5=False):
@@ -41,6 +45,8 @@ def _overrides(corpus, dump, layout, experts5=False):
         "--lr_scheduler.warmup_steps=1",
     ]
     extra = [EXPERTS] if experts5 else []
+    if layout in PLACEMENT:
+        extra.append(f"--engram_table.placement={PLACEMENT[layout]}")
     return base + extra + [f"--parallelism.{k}={v}" for k, v in LAYOUTS[layout].items()]
 
 
@@ -65,6 +71,8 @@ def _single(corpus, dump, experts5=False) -> float:
         ("tp2pp2", 4, None, None, False),
         ("ep2_uneven", 2, None, None, True),
         ("single", 1, "ep2_uneven", 2, True),
+        # row shards on disk (prefetched, routed a step ahead) -> one host table -> device
+        ("tables2_disk", 2, "single_host", 1, False),
     ],
 )
 def test_checkpoint_reshards(corpus, tmp_path, saved, world, loaded, loaded_world, experts5):
