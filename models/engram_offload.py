@@ -42,7 +42,6 @@ from models.row_tier import (
     _rows_key,
     parse_cache_size,
     record_layout,
-    split_records,
 )
 from parallel.engram_table_parallel import ShardedEngramTable, ShardPlan, ShardPlanner
 
@@ -139,8 +138,7 @@ class TierRows:
     def _tier_lookup(self, rows: np.ndarray, inverse: torch.Tensor) -> torch.Tensor:
         """Rows ``[..., Dh]`` of the local ``rows`` (sorted, unique) at positions ``inverse``."""
         train = torch.is_grad_enabled() and self.weight.requires_grad
-        records = self.cache.acquire(rows, train=train)
-        staged = split_records(records, self.store.layout)[0]  # the weights
+        staged = self.cache.acquire(rows, train=train, width=self.store.layout["weight"])
         if train:
             self._step_rows.append(rows)
         device = self.cache.device

@@ -311,10 +311,13 @@ class RowCache:
         except BaseException as err:  # noqa: BLE001 - re-raised in the training thread
             self._failure = err
 
-    def acquire(self, rows: np.ndarray, train: bool = True) -> torch.Tensor:
+    def acquire(
+        self, rows: np.ndarray, train: bool = True, width: int | None = None
+    ) -> torch.Tensor:
         """The records ``[U, W]`` of ``rows`` for one microbatch (joins its prefetch, or loads
-        them now). ``train``: the rows stay pinned and are marked for the next optimizer step;
-        otherwise (evaluation) they may be evicted right after, unless a step is pending."""
+        them now); ``width``: only their first ``width`` values (the rows without their state).
+        ``train``: the rows stay pinned and are marked for the next optimizer step; otherwise
+        (evaluation) they may be evicted right after, unless a step is pending."""
         started = time.perf_counter()
         thread = self._pending.pop(_rows_key(rows), None)
         if thread is not None:
@@ -325,7 +328,8 @@ class RowCache:
         self.ensure(rows, count=thread is None)  # after a prefetch: hits, stamped in use
         self.stats.wait_seconds += time.perf_counter() - started
         slots = self.row_slot[rows].astype(np.int64)
-        staged = self.records.index_select(0, torch.from_numpy(slots).to(self.device))
+        source = self.records if width is None else self.records[:, :width]
+        staged = source.index_select(0, torch.from_numpy(slots).to(self.device))
         if train:
             self.dirty[slots] = True  # the optimizer step will update them
             self._train_tick = self.tick

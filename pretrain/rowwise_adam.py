@@ -139,9 +139,8 @@ def _update_in_tier(tier, rows, values, step, hyper) -> None:
     cache = tier.cache
     slots = torch.from_numpy(cache.slots(host_rows)).to(cache.device)
     records = cache.records.index_select(0, slots)
-    fields = [field.contiguous() for field in split_records(records, tier.store.layout)]
-    update_rows_(fields, values, step, **hyper)
-    cache.records.index_copy_(0, slots, torch.cat(fields, dim=1))
+    update_rows_(split_records(records, tier.store.layout), values, step, **hyper)  # in place
+    cache.records.index_copy_(0, slots, records)
 
 
 def _touched_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

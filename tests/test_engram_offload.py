@@ -50,12 +50,12 @@ def make_batch(step: int) -> Batch:
     )
 
 
-def build(placement: str, tmp_path, cache: str = "30%", state: str = "adam"):
+def build(placement: str, tmp_path, cache: str = "30%", state: str = "adam", device="cpu"):
     with torch.device("meta"):
         model = Transformer(args())
     folder = tmp_path / f"tables-{placement}"
-    place_engram_tables(model, placement, cache, "cpu", folder, engram_state=state)
-    model.to_empty(device="cpu")
+    place_engram_tables(model, placement, cache, device, folder, engram_state=state)
+    model.to_empty(device=device)
     torch.manual_seed(0)
     model.init_weights()
     sm = StepModel(model, model, ParallelPlan())
@@ -72,7 +72,9 @@ def table_state(sm) -> dict[str, torch.Tensor]:
     return None
 
 
-def run(sm, opts, steps: range, prefetch: bool, accum: int = 1) -> list[tuple[float, float]]:
+def run(
+    sm, opts, steps: range, prefetch: bool, accum: int = 1, device=None
+) -> list[tuple[float, float]]:
     planners = lookup_planners(sm.inner)
     tables = OffloadedTables(sm.inner)
     out = []
@@ -85,6 +87,8 @@ def run(sm, opts, steps: range, prefetch: bool, accum: int = 1) -> list[tuple[fl
     for i, batch in enumerate(batches):
         if prefetch and i + 1 < len(batches):
             tables.prefetch(batches[i + 1])
+        if device is not None:
+            batch = batch.to(torch.device(device))
         micro = forward_backward(sm, batch, scale=1 / accum, sync=(i + 1) % accum == 0)
         if (i + 1) % accum == 0:
             norm = optimizer_step(sm, opts, max_norm=0.5)
