@@ -59,7 +59,7 @@ def alternate(trainers: dict[str, Trainer], rounds: int, steps: int) -> dict[str
         trainer.train_step()
         trainer.tables.take_stats() if trainer.tables else None
     peak = rss_anon_gib()
-    for _ in range(rounds):
+    for round_ in range(rounds):
         for name, trainer in trainers.items():
             for _ in range(steps):
                 start = time.perf_counter()
@@ -67,6 +67,11 @@ def alternate(trainers: dict[str, Trainer], rounds: int, steps: int) -> dict[str
                 times[name].append(time.perf_counter() - start)
                 peak = max(peak, rss_anon_gib())
             tier[name][0] += sum(times[name][-steps:])
+            print(
+                f"round {round_ + 1}/{rounds}, {name}: {steps} steps, median "
+                f"{statistics.median(times[name][-steps:]):.3f} s",
+                flush=True,
+            )
     out = {}
     for name, trainer in trainers.items():
         scalars = tier_scalars(trainer.tables.take_stats(), tier[name][0]) if trainer.tables else {}
