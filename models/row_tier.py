@@ -28,7 +28,7 @@ import re
 import shutil
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,13 +114,17 @@ class RowStore:
             self._map = np.frombuffer(self._mmap, dtype=np.float32).reshape(num_rows, width)
             self.records = torch.from_numpy(self._map)
             self._io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="engram-io")
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="engram-write-behind")
+            self._pending: list[tuple[np.ndarray, Future]] = []  # writes not yet landed
+            self._advice_lock, self._scattering = threading.Lock(), 0
         else:
             raise ValueError(f"engram_table.placement={placement!r}: use device, host or disk")
 
     def read(self, rows: np.ndarray) -> torch.Tensor:
-        """Records of ``rows`` (host tensor ``[n, W]``)."""
+        """Records of ``rows`` (host tensor ``[n, W]``); waits for pending writes of them."""
         if self.path is None:
             return self.records.index_select(0, torch.from_numpy(rows))
+        self._land(rows)
         out = np.empty((len(rows), self.width), dtype=np.float32)
 
         def gather(part: slice) -> None:
@@ -140,13 +144,34 @@ class RowStore:
 
         self._scattered(scatter, len(rows))
 
+    def write_behind(self, rows: np.ndarray, records: torch.Tensor) -> None:
+        """``write`` in the background (disk): an eviction does not wait for the disk. A later
+        ``read`` of these rows, ``drain`` and ``sync`` wait for it."""
+        if self.path is None:
+            self.write(rows, records)
+            return
+        self._pending = [(r, f) for r, f in self._pending if not f.done()]
+        self._pending.append((rows, self._writer.submit(self.write, rows, records)))
+
+    def _land(self, rows: np.ndarray | None = None) -> None:
+        """Wait for the pending writes (of ``rows`` only, when given) and re-raise a failure."""
+        for written, future in self._pending:
+            if rows is None or np.isin(rows, written, assume_unique=True).any():
+                future.result()
+        self._pending = [(r, f) for r, f in self._pending if not f.done()]
+
+    def drain(self) -> None:
+        """Wait for every pending write (before the store is read or replaced in bulk)."""
+        if self.path is not None:
+            self._land()
+
     def _scattered(self, fn, count: int) -> None:
         """Run ``fn(part)`` over row ranges of a scattered disk access: page faults without
         read-around (a fault would otherwise read 128 KiB around each 384-byte record) and
         ``IO_THREADS`` of them in flight, since one thread waits for one page at a time
         (together about 20x faster on a cold file here; docs/benchmarks.md). Bulk sequential
         passes (initialisation, checkpoints) keep the kernel's read-ahead."""
-        self._mmap.madvise(mmap.MADV_RANDOM)
+        self._advise(+1)
         try:
             if count < IO_SPLIT_ROWS:
                 fn(slice(0, count))
@@ -156,7 +181,14 @@ class RowStore:
             for done in [self._io.submit(fn, part) for part in parts]:
                 done.result()
         finally:
-            self._mmap.madvise(mmap.MADV_NORMAL)
+            self._advise(-1)
+
+    def _advise(self, change: int) -> None:
+        """No read-around while any scattered access runs (reads and write-behind overlap)."""
+        with self._advice_lock:
+            self._scattering += change
+            if self._scattering == (1 if change > 0 else 0):
+                self._mmap.madvise(mmap.MADV_RANDOM if change > 0 else mmap.MADV_NORMAL)
 
     def field(self, name: str) -> torch.Tensor:
         """A ``[N, width]`` view of one record field (no copy)."""
@@ -165,6 +197,7 @@ class RowStore:
     def sync(self) -> None:
         """Make a disk store durable (before a checkpoint is declared complete)."""
         if self.path is not None:
+            self._land()
             self._mmap.flush()
 
 
@@ -312,7 +345,7 @@ class RowCache:
 
     def _write_back(self, slots: np.ndarray) -> None:
         records = self.records.index_select(0, torch.from_numpy(slots).to(self.device))
-        self.store.write(self.slot_row[slots], records.cpu())
+        self.store.write_behind(self.slot_row[slots].copy(), records.cpu())
         self.dirty[slots] = False
         self.stats.bytes_written += records.numel() * 4
 
@@ -410,6 +443,7 @@ class RowCache:
     def invalidate(self) -> None:
         """Forget every slot without writing back (the store was just loaded)."""
         self.wait()
+        self.store.drain()
         with self._lock:
             self.row_slot[:] = -1
             self.slot_row[:] = -1

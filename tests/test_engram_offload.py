@@ -300,3 +300,25 @@ def test_disk_store_scattered_reads_and_writes_in_parallel(tmp_path):
     store.sync()
     again = RowStore(20_000, record_layout("adam", 2), "disk", tmp_path / "t", {})
     assert torch.equal(again.read(rows[::7]), values[::7])
+
+
+def test_write_behind_lands_before_a_read_of_the_same_rows(tmp_path, monkeypatch):
+    """An evicted row's write-back runs in the background; a read of that row waits for it, so a
+    row evicted and loaded again is never stale."""
+    import threading
+
+    store = RowStore(100, record_layout("adam", 1), "disk", tmp_path / "t", {})
+    gate = threading.Event()
+    write = store.write
+
+    def slow_write(rows, records):
+        gate.wait(5)
+        write(rows, records)
+
+    monkeypatch.setattr(store, "write", slow_write)
+    store.write_behind(np.array([3, 7]), torch.full((2, 3), 5.0))
+    threading.Timer(0.2, gate.set).start()
+    assert torch.equal(store.read(np.array([7])), torch.full((1, 3), 5.0))  # waited
+    store.write_behind(np.array([9]), torch.full((1, 3), 2.0))
+    store.sync()  # lands everything
+    assert store.records[9, 0] == 2.0
