@@ -39,9 +39,9 @@ from models.row_tier import (
     RowCache,
     RowStore,
     TierStats,
-    _rows_key,
     parse_cache_size,
     record_layout,
+    rows_key,
 )
 from parallel.engram_table_parallel import ShardedEngramTable, ShardPlan, ShardPlanner
 
@@ -329,7 +329,7 @@ class OffloadedShardedTable(TierRows, ShardedEngramTable):
 
     def _route(self, unique, send: list[int]) -> tuple[list[int], np.ndarray]:
         unique = np.asarray(unique, dtype=np.int64)
-        route = self._routed.pop(_rows_key(unique), None)
+        route = self._routed.pop(rows_key(unique), None)
         round_ = route[0] if route is not None else -1
         recv, rounds = self._exchange_counts_and_rounds(send, round_)
         if route is not None and all(r == round_ for r in rounds):
@@ -350,7 +350,7 @@ class OffloadedShardedTable(TierRows, ShardedEngramTable):
             recv, _ = self._exchange_counts_and_rounds(send, -1)
             requested = self._exchange_ids(unique, send, recv)
             self._round += 1
-            self._routed[_rows_key(unique)] = (self._round, recv, requested)
+            self._routed[rows_key(unique)] = (self._round, recv, requested)
             while len(self._routed) > ROUTED_KEEP:
                 self._routed.pop(next(iter(self._routed)))
             self.cache.prefetch(np.unique(requested - self.row_start))

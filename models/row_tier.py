@@ -47,11 +47,16 @@ ENGRAM_STATES = {
 }
 
 
-def record_layout(state: str, head_dim: int) -> dict[str, int]:
-    """Field name -> width of one record: the table row, then its optimizer state."""
+def engram_state_fields(state: str) -> dict:
+    """``ENGRAM_STATES[state]``, or a clear error naming the choices."""
     if state not in ENGRAM_STATES:
         raise ValueError(f"optimizer.engram_state={state!r}: use one of {', '.join(ENGRAM_STATES)}")
-    fields = ENGRAM_STATES[state].items()
+    return ENGRAM_STATES[state]
+
+
+def record_layout(state: str, head_dim: int) -> dict[str, int]:
+    """Field name -> width of one record: the table row, then its optimizer state."""
+    fields = engram_state_fields(state).items()
     return {"weight": head_dim, **{k: head_dim if w == "dh" else w for k, w in fields}}
 
 
@@ -371,7 +376,7 @@ class RowCache:
     # ----- prefetch -----
     def prefetch(self, rows: np.ndarray) -> None:
         """Start making ``rows`` resident in a background thread (``acquire`` joins it)."""
-        key = _rows_key(rows)
+        key = rows_key(rows)
         if key in self._pending:
             return
         thread = threading.Thread(target=self._prefetch, args=(rows,), daemon=True)
@@ -392,7 +397,7 @@ class RowCache:
         ``train``: the rows stay pinned and are marked for the next optimizer step; otherwise
         (evaluation) they may be evicted right after, unless a step is pending."""
         started = time.perf_counter()
-        thread = self._pending.pop(_rows_key(rows), None)
+        thread = self._pending.pop(rows_key(rows), None)
         if thread is not None:
             thread.join()
         if self._failure is not None:
@@ -452,5 +457,5 @@ class RowCache:
             self.window_start = self.tick + 1
 
 
-def _rows_key(rows: np.ndarray) -> int:
+def rows_key(rows: np.ndarray) -> int:
     return hash(np.ascontiguousarray(rows).tobytes())

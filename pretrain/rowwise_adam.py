@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from models.row_tier import ENGRAM_STATES, record_layout, split_records
+from models.row_tier import engram_state_fields, record_layout, split_records
 
 
 def adam_rows_(w, m, v, grad, step: float, lr: float, betas, eps: float) -> None:
@@ -73,10 +73,7 @@ class RowwiseAdam(torch.optim.Optimizer):
     ):
         if lr < 0:
             raise ValueError(f"optimizer.lr={lr}: must be >= 0")
-        if state not in ENGRAM_STATES:
-            raise ValueError(
-                f"optimizer.engram_state={state!r}: use one of {', '.join(ENGRAM_STATES)}"
-            )
+        engram_state_fields(state)  # a clear error for an unknown state, before anything else
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps))
         self.kind = state
         for group in self.param_groups:
@@ -98,7 +95,7 @@ class RowwiseAdam(torch.optim.Optimizer):
     @property
     def state_names(self) -> list[str]:
         """The per-row state of every table (the optimizer state keys besides ``step``)."""
-        return list(ENGRAM_STATES[self.kind])
+        return list(engram_state_fields(self.kind))
 
     @torch.no_grad()
     def step(self, closure=None):
