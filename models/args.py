@@ -6,8 +6,10 @@ names the field and the fix (../STYLE rule 14).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
+from data.ngram_hash import EngramHashSpec
 from models.engram import EngramConfig
 
 
@@ -22,6 +24,10 @@ class MoEArgs:
     score_func: str = "sigmoid"  # "sigmoid" (DeepSeek-V3) or "softmax"
     normalize_weights: bool = True
     route_scale: float = 1.0
+    # group-limited routing (DeepSeek-V3): experts in n_group groups, only the topk_group groups
+    # with the best two-expert score sums are eligible; 1 and 1 = plain top-k
+    n_group: int = 1
+    topk_group: int = 1
     bias_update_speed: float = 1e-3  # auxiliary-loss-free balancing; 0 disables
     seq_aux_loss_coef: float = 0.0  # optional sequence-level balance loss
     use_grouped_mm: bool = True
@@ -134,6 +140,19 @@ class ModelArgs:
             )
             checks.append(
                 (
+                    moe.n_group >= 1
+                    and moe.num_routed_experts % moe.n_group == 0
+                    and (moe.n_group == 1 or moe.num_routed_experts // moe.n_group >= 2)
+                    and 1 <= moe.topk_group <= moe.n_group
+                    and moe.top_k <= moe.topk_group * (moe.num_routed_experts // moe.n_group),
+                    f"model.moe.n_group={moe.n_group}, topk_group={moe.topk_group}: n_group must "
+                    f"divide num_routed_experts={moe.num_routed_experts} into groups of 2 or "
+                    "more, 1 <= topk_group <= "
+                    "n_group, and the kept groups must hold at least top_k experts",
+                )
+            )
+            checks.append(
+                (
                     moe.score_func in ("sigmoid", "softmax"),
                     f"model.moe.score_func={moe.score_func!r}: use 'sigmoid' or 'softmax'",
                 )
@@ -145,3 +164,33 @@ class ModelArgs:
                 raise ValueError(message)
         if self.engram is not None:
             self.engram.validate(num_layers=self.num_layers)
+
+
+def _known(cls, values: dict) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in values.items() if k in names}
+
+
+def model_args_to_dict(args: ModelArgs) -> dict:
+    """Plain JSON-able fields of ``args`` (checkpoints' ``meta.json``, exported configs)."""
+    return dataclasses.asdict(args)
+
+
+def model_args_from_dict(values: dict) -> ModelArgs:
+    """Inverse of ``model_args_to_dict``."""
+    values = dict(values)
+    moe, yarn, engram = (
+        values.pop("moe", None),
+        values.pop("yarn", None),
+        values.pop("engram", None),
+    )
+    args = ModelArgs(**_known(ModelArgs, values))
+    args.moe = None if moe is None else MoEArgs(**_known(MoEArgs, moe))
+    args.yarn = YarnArgs(**_known(YarnArgs, yarn or {}))
+    if engram is not None:
+        engram = dict(engram)
+        spec = EngramHashSpec.from_dict(engram.pop("hash"))
+        args.engram = EngramConfig(hash=spec, **_known(EngramConfig, engram))
+    else:
+        args.engram = None
+    return args

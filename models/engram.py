@@ -33,6 +33,9 @@ class EngramConfig:
     variant: Literal["paper", "v4.1"] = "paper"  # v4.1: no conv, fused kv, fp32 gate
     conv_init: Literal["zero", "reference"] = "zero"  # zero: the paper; reference: the demo's
     sparse_grad: bool = True  # the table produces sparse (touched-row) gradients
+    # eps of the gate's key and query RMSNorms; None: PyTorch's default (the reference's).
+    # DeepSeek-V4.1 uses 1e-20.
+    gate_norm_eps: float | None = None
 
     @property
     def layer_ids(self) -> list[int]:
@@ -150,8 +153,9 @@ class Engram(nn.Module):
             )
         else:  # v4.1: one fused key/value projection without bias: G keys then one value
             self.kv_proj = nn.Linear(embed, (hc_mult + 1) * dim, bias=False)
-        self.key_norms = nn.ModuleList([nn.RMSNorm(dim) for _ in range(hc_mult)])
-        self.query_norms = nn.ModuleList([nn.RMSNorm(dim) for _ in range(hc_mult)])
+        eps = cfg.gate_norm_eps
+        self.key_norms = nn.ModuleList([nn.RMSNorm(dim, eps=eps) for _ in range(hc_mult)])
+        self.query_norms = nn.ModuleList([nn.RMSNorm(dim, eps=eps) for _ in range(hc_mult)])
         self.gate_probe = nn.Identity()  # no parameters: a hook point for gate statistics
 
     def forward(self, hidden: torch.Tensor, inputs: EngramInputs | torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,37 @@ def _demo() -> ModelArgs:
     )
 
 
+def _debug_v3() -> ModelArgs:
+    """Small DeepSeek-V3 shape (MLA, sigmoid-routed MoE with group-limited routing and routed
+    scaling, one stream, no Engram): exports to transformers' native DeepseekV3ForCausalLM."""
+    return ModelArgs(
+        vocab_size=DEEPSEEK_V3_VOCAB,
+        dim=64,
+        num_layers=2,
+        num_heads=4,
+        attention="mla",
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        ffn_hidden_dim=192,
+        num_dense_layers=1,
+        max_seq_len=128,
+        hc_mult=1,
+        moe=MoEArgs(
+            num_routed_experts=8,
+            num_shared_experts=1,
+            top_k=2,
+            expert_hidden_dim=64,
+            route_scale=2.5,
+            n_group=2,
+            topk_group=1,
+        ),
+        engram=None,
+    )
+
+
 def _ladder(dim: int, layers: int, experts: int, engram: bool) -> Callable[[], ModelArgs]:
     def build() -> ModelArgs:
         return ModelArgs(
@@ -159,6 +190,7 @@ def _engram(rows_per_head: int) -> Callable[[], ModelArgs]:
 FLAVORS: dict[str, Callable[[], ModelArgs]] = {
     "debug": _debug,
     "demo": _demo,
+    "debug-v3": _debug_v3,
     "ladder-moe-s": _ladder(256, 6, 16, engram=False),
     "ladder-engram-s": _ladder(256, 6, 12, engram=True),
     "ladder-moe-m": _ladder(512, 8, 16, engram=False),

@@ -41,13 +41,25 @@ class Router(nn.Module):
         """``x [N, D]`` -> ``(topk_idx [N, K], topk_weight [N, K], scores [N, E])``."""
         logits = self.gate(x).float()
         scores = logits.sigmoid() if self.args.score_func == "sigmoid" else logits.softmax(dim=-1)
-        topk_idx = (scores + self.expert_bias).topk(self.args.top_k, dim=-1).indices
+        choice = scores + self.expert_bias
+        if self.args.n_group > 1:
+            choice = self._group_limited(choice)
+        topk_idx = choice.topk(self.args.top_k, dim=-1).indices
         weights = scores.gather(1, topk_idx)
         if self.args.normalize_weights and self.args.top_k > 1:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)  # as DeepSeek-V3
         with torch.no_grad():
             self.tokens_per_expert += expert_counts(topk_idx, scores.shape[1])
         return topk_idx, (weights * self.args.route_scale).type_as(x), scores
+
+    def _group_limited(self, choice: torch.Tensor) -> torch.Tensor:
+        """DeepSeek-V3's group-limited routing: ``choice [N, E]`` with the experts of all but
+        the ``topk_group`` groups of best two-expert sums masked out (-inf)."""
+        grouped = choice.unflatten(-1, (self.args.n_group, -1))  # [N, n_group, E / n_group]
+        group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        kept = group_score.topk(self.args.topk_group, dim=-1).indices
+        keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, kept, True)
+        return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(1)
 
     @torch.no_grad()
     def update_bias(self, tokens_per_expert: torch.Tensor | None = None) -> None:

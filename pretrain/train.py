@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from data.loader import StatefulLoader
 from models.accounting import account
+from models.args import model_args_to_dict
 from models.engram import GateMonitor, unique_row_fraction
 from models.engram_offload import OffloadedTables, place_engram_tables, tier_scalars
 from models.flavors import resolve_model_args
@@ -182,6 +183,9 @@ class Trainer:
         identity = {
             "tokenizer_identity": self.tokenizer.identity,
             "engram_hash": self.hasher.to_config_dict() if self.hasher else None,
+            # what conversions (launch.convert) and pretrain.evaluate rebuild the model from
+            "model_args": model_args_to_dict(self.args),
+            "tokenizer_path": str(Path(self.tokenizer.path).resolve()),
         }
         ckpt = CheckpointManager(self.run_folder / c.folder, c.keep_last, identity, c.async_mode)
         if c.load:

@@ -1,0 +1,1 @@
+"""Hugging Face interchange: safetensors streaming, name maps, the remote-code Engram model."""

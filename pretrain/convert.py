@@ -1,0 +1,507 @@
+"""Checkpoint conversion: DCP <-> Hugging Face folders, reference and DeepSeek-V4.1 Engram layouts.
+
+Every conversion streams: a tensor is read and written in row blocks (``BLOCK_BYTES``), so memory
+holds a few blocks whatever the checkpoint's size. DCP checkpoints are read through DCP at any
+layout they were saved at (every key is a global tensor; tables are row blocks), and written
+through ``RowBlocks`` whose source reads the input lazily. Outputs are built in ``<out>.tmp`` and
+renamed when complete: an interrupted conversion leaves no folder under the output's name.
+
+Name maps live with the layouts: ``models.hf.names``. The command line is ``launch/convert.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from tqdm import tqdm
+
+from data.ngram_hash import CompressedTokenizer, NgramHasher, hash_config_mismatches
+from data.tokenizer import load_tokenizer
+from models.args import ModelArgs, model_args_from_dict, model_args_to_dict
+from models.hf.layouts import Source
+from models.hf.safetensors_io import INDEX, SINGLE, SafetensorsFolder, TensorEntry, write_folder
+from parallel.sharding import RowBlocks
+
+log = logging.getLogger(__name__)
+BLOCK_BYTES = 64 << 20  # rows moved per read/write: about this many bytes
+warnings.filterwarnings(
+    "ignore", message="torch.distributed is disabled, unavailable or uninitialized"
+)
+
+
+class ConversionError(ValueError):
+    """Bad input to a conversion; the message names the problem and the fix."""
+
+
+# ----- reading and writing DCP, a block at a time -----------------------------------------------
+
+
+class DcpCheckpoint:
+    """A DCP checkpoint folder (``step-*`` with ``.metadata`` and ``meta.json``), read one tensor
+    or row block at a time. A run's checkpoint folder (holding ``step-*``) means its newest
+    complete checkpoint."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if (path / INDEX).is_file() or (path / SINGLE).is_file():
+            raise ConversionError(
+                f"{path} is a Hugging Face safetensors folder, not a DCP checkpoint: use "
+                "hf-to-dcp to convert it"
+            )
+        if not (path / ".metadata").is_file():
+            steps = sorted(p for p in path.glob("step-*") if (p / ".metadata").is_file())
+            steps = [p for p in steps if p.suffix != ".tmp" and (p / "meta.json").is_file()]
+            if not steps:
+                raise ConversionError(
+                    f"{path} is not a DCP checkpoint (no .metadata) and holds no complete "
+                    "step-* checkpoint: point --checkpoint at <dump>/checkpoints/step-N"
+                )
+            path = steps[-1]
+        if not (path / "meta.json").is_file():
+            raise ConversionError(
+                f"{path} has no meta.json: the checkpoint is incomplete (an interrupted save)"
+            )
+        self.path = path
+        self.meta = json.loads((path / "meta.json").read_text())
+        self._reader = dcp.FileSystemReader(str(path))
+        self.metadata = self._reader.read_metadata()
+
+    def entries(self, prefix: str = "model.") -> dict[str, TensorEntry]:
+        """Tensors under ``prefix`` (the model's weights), without the prefix."""
+        out = {}
+        for key, md in self.metadata.state_dict_metadata.items():
+            if key.startswith(prefix) and isinstance(md, TensorStorageMetadata):
+                name = key[len(prefix) :]
+                out[name] = TensorEntry(name, tuple(md.size), md.properties.dtype)
+        return out
+
+    def model_args(self, config: str | None = None) -> ModelArgs:
+        if "model_args" in self.meta:
+            return model_args_from_dict(self.meta["model_args"])
+        if config is None:
+            raise ConversionError(
+                f"{self.path}/meta.json has no model_args (a checkpoint from before conversion "
+                "support): pass --config <the job's config.toml>"
+            )
+        from pretrain.builders import build_model_args
+        from pretrain.config import load_config
+
+        cfg = load_config(config)
+        return build_model_args(cfg.model, load_tokenizer(self.tokenizer_path()), cfg.data.seq_len)
+
+    def tokenizer_path(self, override: str | None = None) -> Path:
+        path = override or self.meta.get("tokenizer_path")
+        if not path or not Path(path).is_file():
+            raise ConversionError(
+                f"the tokenizer of {self.path} ({path or 'not recorded'}) is not on this machine: "
+                "pass --tokenizer <its tokenizer.model or tokenizer.json>"
+            )
+        return Path(path)
+
+    def read_rows(self, name: str, start: int, stop: int, entry: TensorEntry) -> torch.Tensor:
+        buffer = torch.empty(stop - start, *entry.shape[1:], dtype=entry.dtype)
+        blocks = RowBlocks(buffer, start, entry.shape[0], block_rows=max(1, stop - start))
+        dcp.load({"model": {name: blocks}}, storage_reader=self._reader, no_dist=True)
+        return buffer
+
+    def read(self, name: str, entry: TensorEntry) -> torch.Tensor:
+        if len(entry.shape) >= 1 and entry.shape[0] > 0:
+            return self.read_rows(name, 0, entry.shape[0], entry)
+        value = torch.empty(entry.shape, dtype=entry.dtype)
+        dcp.load({"model": {name: value}}, storage_reader=self._reader, no_dist=True)
+        return value
+
+
+class LazyRows:
+    """Rows of a tensor produced on demand by ``read_rows(start, stop)``: the source of a
+    ``RowBlocks`` that DCP saves block by block."""
+
+    def __init__(self, entry: TensorEntry, read_rows: Callable[[int, int], torch.Tensor]):
+        self.entry, self._read = entry, read_rows
+        self.shape, self.dtype = torch.Size(entry.shape), entry.dtype
+
+    def __getitem__(self, index: slice) -> torch.Tensor:
+        start, stop, _ = index.indices(self.shape[0])
+        if stop <= start:
+            return torch.empty(0, *self.shape[1:], dtype=self.dtype)
+        return self._read(start, stop)
+
+
+def block_rows(entry: TensorEntry) -> int:
+    """Rows per streamed block: about ``BLOCK_BYTES``."""
+    row = TensorEntry("", entry.shape[1:], entry.dtype).nbytes or 1
+    return max(1, BLOCK_BYTES // row)
+
+
+def save_dcp(folder: Path, sources: dict[str, Source], meta: dict, progress: tqdm) -> None:
+    """A DCP checkpoint of ``sources`` (model weights only) plus ``meta.json``; every tensor of
+    two or more dimensions is written in row blocks read lazily."""
+    state = {}
+    for name, src in sources.items():
+        entry = src.entry
+        if len(entry.shape) >= 2 and entry.shape[0] > 0:
+            state[name] = RowBlocks(
+                LazyRows(entry, _counted(src.read_rows, progress)),
+                0,
+                entry.shape[0],
+                block_rows=block_rows(entry),
+            )
+        else:
+            state[name] = src.read()
+            progress.update(entry.nbytes)
+    dcp.save({"model": state}, checkpoint_id=str(folder), no_dist=True)
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def _counted(read_rows, progress: tqdm):
+    def read(start: int, stop: int) -> torch.Tensor:
+        rows = read_rows(start, stop)
+        progress.update(rows.numel() * rows.element_size())
+        return rows
+
+    return read
+
+
+def pieces_of(src: Source) -> Iterator[torch.Tensor]:
+    entry = src.entry
+    if len(entry.shape) < 1 or entry.shape[0] == 0:
+        yield src.read()
+        return
+    step = block_rows(entry)
+    for start in range(0, entry.shape[0], step):
+        yield src.read_rows(start, min(entry.shape[0], start + step))
+
+
+# ----- outputs ----------------------------------------------------------------------------------
+
+
+@contextmanager
+def atomic_folder(out: str | Path, overwrite: bool = False):
+    """Yield ``<out>.tmp`` to fill; rename it to ``out`` when the block finishes. A failure
+    removes the temporary folder, so nothing under ``out`` ever looks complete but is not."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ConversionError(f"{out} exists and is not empty: remove it or pick another --out")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def progress_bar(total_bytes: int, what: str) -> tqdm:
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=what)
+
+
+# ----- identity: tokenizer and hash configuration -----------------------------------------------
+
+
+def hasher_for(args: ModelArgs, tokenizer_path: Path) -> NgramHasher | None:
+    if args.engram is None:
+        return None
+    return NgramHasher(args.engram.hash, CompressedTokenizer.from_file(tokenizer_path))
+
+
+def check_tokenizer(tokenizer_path: Path, identity: str | None, where: str) -> None:
+    """Refuse a tokenizer file other than the one ``where`` was made with."""
+    found = load_tokenizer(tokenizer_path).identity
+    if identity and found != identity:
+        raise ConversionError(
+            f"tokenizer {tokenizer_path} ({found}) is not the one {where} was made with "
+            f"({identity}): another tokenizer revision changes the Engram compressed map and "
+            "every hash id; use the original tokenizer file"
+        )
+
+
+def check_hash_config(saved: dict | None, hasher: NgramHasher | None, where: str) -> None:
+    if hasher is None and saved is None:
+        return
+    current = hasher.to_config_dict() if hasher is not None else None
+    fields = hash_config_mismatches(saved or {}, current or {})
+    if fields:
+        raise ConversionError(
+            f"{where} was made with another Engram hash configuration (differs in: "
+            f"{', '.join(fields)}); its tables would be read with the wrong ids. Convert with the "
+            "tokenizer and model settings it was trained with"
+        )
+
+
+def checkpoint_meta(args: ModelArgs, hasher, tokenizer_path: Path, source: str) -> dict:
+    """``meta.json`` of a converted DCP checkpoint (step 0, one rank)."""
+    return {
+        "step": 0,
+        "world_size": 1,
+        "tokenizer_identity": load_tokenizer(tokenizer_path).identity,
+        "tokenizer_path": str(Path(tokenizer_path).resolve()),
+        "engram_hash": hasher.to_config_dict() if hasher is not None else None,
+        "model_args": model_args_to_dict(args),
+        "converted_from": source,
+    }
+
+
+def expect_names(found: set[str], expected: set[str], where: str) -> None:
+    """Refuse unknown or missing tensors, naming a few of each."""
+    unknown, missing = sorted(found - expected), sorted(expected - found)
+    if unknown or missing:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors ({', '.join(missing[:4])})")
+        if unknown:
+            parts.append(f"{len(unknown)} unknown tensors ({', '.join(unknown[:4])})")
+        raise ConversionError(
+            f"{where}: {'; '.join(parts)}. The checkpoint does not match the model it describes "
+            "(another flavor or overrides, or a partial export)"
+        )
+
+
+def ceil_div(a: int, b: int) -> int:
+    return math.ceil(a / b)
+
+
+# ----- conversions ------------------------------------------------------------------------------
+
+LAYOUTS = ("auto", "engram", "deepseek_v3")
+TOKENIZER_FILES = {".json": "tokenizer.json", ".model": "tokenizer.model"}
+
+
+def _dcp_sources(ckpt: DcpCheckpoint) -> dict[str, Source]:
+    sources = {}
+    for name, entry in ckpt.entries().items():
+
+        def read_rows(a, b, name=name, entry=entry):
+            if not entry.shape:
+                return ckpt.read(name, entry)
+            return ckpt.read_rows(name, a, b, entry)
+
+        sources[name] = Source(entry, read_rows)
+    return sources
+
+
+def _folder_sources(folder: SafetensorsFolder) -> dict[str, Source]:
+    sources = {}
+    for name in folder.names():
+        entry = folder.entry(name)
+
+        def read_rows(a, b, name=name, entry=entry):
+            if not entry.shape:
+                return folder.read(name)
+            return folder.read_rows(name, a, b)
+
+        sources[name] = Source(entry, read_rows)
+    return sources
+
+
+def _expected_names(args: ModelArgs) -> set[str]:
+    """Our state-dict names of ``args`` (built on meta: nothing is allocated)."""
+    from models.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    return set(model.state_dict())
+
+
+def _write_hf(out: Path, sources: dict[str, Source], config: dict, max_shard_bytes: int) -> None:
+    entries = [s.entry for s in sources.values()]
+    total = sum(e.nbytes for e in entries)
+    with progress_bar(total, "dcp-to-hf") as bar:
+        write_folder(
+            out,
+            entries,
+            lambda entry: pieces_of(sources[entry.name]),
+            max_shard_bytes=max_shard_bytes,
+            metadata={"format": "pt"},
+            progress=bar.update,
+        )
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def dcp_to_hf(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    layout: str = "auto",
+    tokenizer: str | None = None,
+    config: str | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 2 << 30,
+    overwrite: bool = False,
+) -> Path:
+    """A DCP checkpoint (any layout it was saved at) as a Hugging Face folder.
+
+    ``layout``: ``engram`` (remote code, any flavor), ``deepseek_v3`` (native, flavors without
+    Engram or mHC such as ``debug-v3``), or ``auto`` (native when the flavor allows it).
+    """
+    from models.hf import layouts
+
+    if layout not in LAYOUTS:
+        raise ConversionError(f"--layout {layout!r}: use one of {', '.join(LAYOUTS)}")
+    ckpt = DcpCheckpoint(checkpoint)
+    args = ckpt.model_args(config)
+    tok_path = ckpt.tokenizer_path(tokenizer)
+    check_tokenizer(tok_path, ckpt.meta.get("tokenizer_identity"), str(ckpt.path))
+    hasher = hasher_for(args, tok_path)
+    check_hash_config(ckpt.meta.get("engram_hash"), hasher, str(ckpt.path))
+    ours = _dcp_sources(ckpt)
+    expect_names(set(ours), _expected_names(args), str(ckpt.path))
+    reasons = layouts.v3_unsupported(args)
+    if layout == "auto":
+        layout = "deepseek_v3" if not reasons else "engram"
+    tok = load_tokenizer(tok_path)
+    if layout == "deepseek_v3":
+        if reasons:
+            raise ConversionError(
+                "this model cannot be a native DeepseekV3ForCausalLM: "
+                + "; ".join(reasons)
+                + ". Use --layout engram (remote code)"
+            )
+        hf, hf_config = layouts.to_v3(ours), layouts.v3_config(args, tok)
+    else:
+        lookup = hasher.compressed_tokenizer.lookup_table if hasher is not None else None
+        hash_config = hasher.to_config_dict() if hasher is not None else None
+        hf = layouts.to_engram_hf(ours, lookup)
+        hf_config = layouts.engram_hf_config(args, hash_config, tok)
+    hf = {name: layouts.cast(src, dtype) for name, src in hf.items()}
+    hf_config["torch_dtype"] = str(dtype or torch.float32).removeprefix("torch.")
+    hf_config["engram_pretrain"] = {
+        "model_args": model_args_to_dict(args),
+        "tokenizer_identity": tok.identity,
+        "source_checkpoint": str(ckpt.path),
+        "step": ckpt.meta.get("step"),
+    }
+    with atomic_folder(out, overwrite) as tmp:
+        _write_hf(tmp, hf, hf_config, max_shard_bytes)
+        shutil.copyfile(tok_path, tmp / TOKENIZER_FILES[tok_path.suffix])
+        (tmp / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(tok), indent=2))
+        if layout == "engram":
+            shutil.copyfile(layouts.REMOTE_CODE, tmp / layouts.REMOTE_CODE.name)
+    log.info("wrote %s (%s layout)", out, layout)
+    return Path(out)
+
+
+def _tokenizer_config(tok) -> dict:
+    special = {}
+    for key, token_id in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id)):
+        if token_id is not None and token_id >= 0:
+            special[key] = tok.token_string(token_id)
+    if Path(tok.path).suffix == ".json":
+        return {"tokenizer_class": "PreTrainedTokenizerFast", **special}
+    return {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, **special}
+
+
+def _hf_folder(folder: str | Path) -> tuple[SafetensorsFolder, dict, Path]:
+    folder = Path(folder)
+    if (folder / ".metadata").is_file() or any(folder.glob("step-*")):
+        raise ConversionError(
+            f"{folder} is a DCP checkpoint, not a Hugging Face folder: use dcp-to-hf to convert it"
+        )
+    if not (folder / "config.json").is_file():
+        raise ConversionError(f"{folder} has no config.json: not a complete Hugging Face export")
+    config = json.loads((folder / "config.json").read_text())
+    tokenizers = [folder / f for f in TOKENIZER_FILES.values() if (folder / f).is_file()]
+    if not tokenizers:
+        raise ConversionError(f"{folder} has no tokenizer.json or tokenizer.model")
+    return SafetensorsFolder(folder), config, tokenizers[0]
+
+
+def hf_to_dcp(
+    folder: str | Path,
+    out: str | Path,
+    *,
+    tokenizer: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """An exported Hugging Face folder (``engram`` or ``deepseek_v3`` layout) back to a DCP
+    checkpoint of one rank (``checkpoint.initial_load_path`` starts a job from it; DCP reshards
+    it to any layout on load). Bit-exact with the checkpoint it was exported from."""
+    from models.hf import layouts
+
+    st, config, folder_tok = _hf_folder(folder)
+    if "engram_pretrain" not in config:
+        raise ConversionError(
+            f"{folder}/config.json has no engram_pretrain section: only folders exported by "
+            "dcp-to-hf carry the model settings this converter needs"
+        )
+    args = model_args_from_dict(config["engram_pretrain"]["model_args"])
+    tok_path = Path(tokenizer) if tokenizer else folder_tok
+    check_tokenizer(tok_path, config["engram_pretrain"].get("tokenizer_identity"), str(folder))
+    hasher = hasher_for(args, tok_path)
+    saved_hash = (config.get("engram") or {}).get("hash") if config.get("engram") else None
+    check_hash_config(saved_hash, hasher, str(folder))
+    hf = _folder_sources(st)
+    if config.get("model_type") == "deepseek_v3":
+        ours = layouts.from_v3(hf)
+    elif config.get("model_type") == "engram_deepseek":
+        ours = layouts.from_engram_hf(hf)
+        if hasher is not None:
+            stored = st.read(layouts.COMPRESSED_MAP).numpy()
+            if (stored != hasher.compressed_tokenizer.lookup_table).any():
+                raise ConversionError(
+                    f"{folder}: the stored Engram compressed map differs from the one its "
+                    "tokenizer gives: the folder mixes files of two exports"
+                )
+    else:
+        raise ConversionError(
+            f"{folder}: model_type {config.get('model_type')!r} is not one this converter "
+            "writes (engram_deepseek, deepseek_v3)"
+        )
+    expect_names(set(ours), _expected_names(args), str(folder))
+    dtypes = {s.entry.dtype for s in ours.values() if s.entry.dtype.is_floating_point}
+    if dtypes != {torch.float32}:
+        log.warning(
+            "%s holds %s weights; they are stored as they are", folder, sorted(map(str, dtypes))
+        )
+    meta = checkpoint_meta(args, hasher, tok_path, f"hf:{Path(folder).resolve()}")
+    total = sum(s.entry.nbytes for s in ours.values())
+    with atomic_folder(out, overwrite) as tmp, progress_bar(total, "hf-to-dcp") as bar:
+        save_dcp(tmp, ours, meta, bar)
+    return Path(out)
+
+
+def load_model(checkpoint: str | Path, config: str | None = None, tokenizer: str | None = None):
+    """Our model (one process, CPU, float32) with a DCP checkpoint's weights, plus its args and
+    tokenizer path: what evaluation and conversion checks run."""
+    from models.transformer import build_model
+
+    ckpt = DcpCheckpoint(checkpoint)
+    args = ckpt.model_args(config)
+    model = build_model(args)  # non-persistent buffers (RoPE, offsets) initialised here
+    state = model.state_dict()
+    dcp.load({"model": state}, storage_reader=ckpt._reader, no_dist=True)
+    model.load_state_dict(state)
+    return model.eval(), args, ckpt.tokenizer_path(tokenizer)
+
+
+def save_model(model, args: ModelArgs, tokenizer_path: Path, out: str | Path, source: str) -> Path:
+    """A one-rank DCP checkpoint of ``model``'s weights (a fresh initialisation, or weights made
+    elsewhere), in the layout ``hf-to-dcp`` writes."""
+    hasher = hasher_for(args, Path(tokenizer_path))
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    sources = {
+        k: Source(
+            TensorEntry(k, tuple(v.shape), v.dtype), lambda a, b, v=v: v[a:b] if v.dim() else v
+        )
+        for k, v in state.items()
+    }
+    meta = checkpoint_meta(args, hasher, Path(tokenizer_path), source)
+    total = sum(s.entry.nbytes for s in sources.values())
+    with atomic_folder(out) as tmp, progress_bar(total, "save") as bar:
+        save_dcp(tmp, sources, meta, bar)
+    return Path(out)
