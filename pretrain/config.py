@@ -121,6 +121,9 @@ class CheckpointConfig:
     interval: int = 50  # steps between saves (the last step is always saved)
     keep_last: int = 3  # complete checkpoints kept
     load: bool = True  # resume from the newest complete checkpoint in the folder
+    # a DCP checkpoint whose model weights start the job when there is nothing to resume (for
+    # example `python -m launch.convert hf-to-dcp` output); "" = initialise afresh
+    initial_load_path: str = ""
     # "async": write in a background thread from a host copy while training goes on
     async_mode: Literal["disabled", "async"] = "disabled"
 

@@ -505,3 +505,169 @@ def save_model(model, args: ModelArgs, tokenizer_path: Path, out: str | Path, so
     with atomic_folder(out) as tmp, progress_bar(total, "save") as bar:
         save_dcp(tmp, sources, meta, bar)
     return Path(out)
+
+
+def _merge_into_base(
+    base: DcpCheckpoint, replacements: dict[str, Source], where: str
+) -> dict[str, Source]:
+    """The base checkpoint's tensors with ``replacements`` (same names and shapes) swapped in."""
+    ours = _dcp_sources(base)
+    unknown = sorted(set(replacements) - set(ours))
+    if unknown:
+        raise ConversionError(
+            f"{where}: {len(unknown)} tensors have no place in the base checkpoint's model "
+            f"({', '.join(unknown[:4])}); the base must be the model these weights belong to"
+        )
+    for name, src in replacements.items():
+        if src.entry.shape != ours[name].entry.shape:
+            raise ConversionError(
+                f"{where}: {name} is {list(src.entry.shape)} but the base model's is "
+                f"{list(ours[name].entry.shape)} (another hash configuration or model width)"
+            )
+        ours[name] = cast_to(src, ours[name].entry.dtype)
+    return ours
+
+
+def cast_to(src: Source, dtype: torch.dtype) -> Source:
+    from models.hf import layouts
+
+    return layouts.cast(src, dtype)
+
+
+def _save_with_base_meta(base: DcpCheckpoint, ours: dict[str, Source], out, source, overwrite):
+    meta = {**base.meta, "step": 0, "world_size": 1, "converted_from": source}
+    total = sum(s.entry.nbytes for s in ours.values())
+    with atomic_folder(out, overwrite) as tmp, progress_bar(total, "write dcp") as bar:
+        save_dcp(tmp, ours, meta, bar)
+    return Path(out)
+
+
+def _reference_sources(path: Path) -> dict[str, Source]:
+    """Tensors of a ``.safetensors``, ``.npz`` or ``.pt`` file, by name."""
+    if not path.is_file():
+        raise ConversionError(f"{path} does not exist")
+    if path.suffix == ".safetensors":
+        return _folder_sources(SafetensorsFolder(path))
+    if path.suffix == ".npz":
+        import numpy as np
+
+        arrays = np.load(path)
+        values = {k: torch.from_numpy(arrays[k]) for k in arrays.files}
+    elif path.suffix in (".pt", ".pth", ".bin"):
+        values = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    else:
+        raise ConversionError(f"{path}: use a .safetensors, .npz or .pt file of reference weights")
+    from models.hf.layouts import constant
+
+    return {k: constant(k, v) for k, v in values.items()}
+
+
+def reference_to_dcp(
+    weights: str | Path, base: str | Path, out: str | Path, *, overwrite: bool = False
+) -> Path:
+    """Engram weights saved under the public reference module's names (``layer{L}.<name>`` or
+    ``layers.{L}.engram.<name>``; ``models.engram.reference_state_dict_map``) into a copy of the
+    ``base`` checkpoint, whose model has the same Engram configuration."""
+    import re
+
+    from models.engram import reference_state_dict_map
+
+    base_ckpt = DcpCheckpoint(base)
+    args = base_ckpt.model_args()
+    if args.engram is None:
+        raise ConversionError(f"the base checkpoint {base_ckpt.path} has no Engram layers")
+    mapping = reference_state_dict_map(args.hc_mult, args.engram.variant)
+    pattern = re.compile(r"^(?:layer(\d+)\.|layers\.(\d+)\.engram\.)(.+)$")
+    replacements, unknown = {}, []
+    for name, src in _reference_sources(Path(weights)).items():
+        match = pattern.match(name)
+        if match is None or match.group(3) not in mapping:
+            unknown.append(name)
+            continue
+        layer = match.group(1) or match.group(2)
+        ours = f"layers.{layer}.engram.{mapping[match.group(3)]}"
+        replacements[ours] = src
+    if unknown:
+        raise ConversionError(
+            f"{weights}: {len(unknown)} tensors are not reference Engram weights "
+            f"({', '.join(sorted(unknown)[:4])}); expected layer{{L}}.<name> with names such as "
+            + ", ".join(sorted(mapping)[:3])
+        )
+    layers = {name.split(".")[1] for name in replacements}
+    expected = {f"layers.{layer}.engram.{v}" for layer in layers for v in mapping.values()}
+    expect_names(set(replacements), expected, str(weights))
+    return _save_with_base_meta(
+        base_ckpt,
+        _merge_into_base(base_ckpt, replacements, str(weights)),
+        out,
+        f"reference:{Path(weights).resolve()}",
+        overwrite,
+    )
+
+
+def dcp_to_v41(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    fp8: bool = False,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 2 << 30,
+    overwrite: bool = False,
+) -> Path:
+    """The Engram layers of a ``v4.1``-variant checkpoint under DeepSeek-V4.1's names and shapes
+    (FP8 E4M3 + E8M0 scales with ``fp8``, else in ``dtype``), with V4.1's config fields in
+    ``config.json``."""
+    from models.hf import layouts
+
+    ckpt = DcpCheckpoint(checkpoint)
+    args = ckpt.model_args()
+    if args.engram is None or args.engram.variant != "v4.1":
+        raise ConversionError(
+            f"{ckpt.path}: the V4.1 layout holds Engram layers of the v4.1 variant (fused kv, no "
+            f"conv); this model's is {args.engram.variant if args.engram else 'absent'}"
+        )
+    ours = {name: layouts.cast(src, dtype) for name, src in _dcp_sources(ckpt).items()}
+    v41 = layouts.to_v41(ours, fp8)
+    config = layouts.v41_config(args, ckpt.meta.get("engram_hash"))
+    config["engram_pretrain"] = {"model_args": model_args_to_dict(args), "fp8": fp8}
+    with atomic_folder(out, overwrite) as tmp:
+        _write_hf(tmp, v41, config, max_shard_bytes)
+    return Path(out)
+
+
+def v41_to_dcp(
+    folder: str | Path,
+    base: str | Path,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """V4.1-layout Engram tensors (bf16, fp32 or FP8) into a copy of the ``base`` checkpoint;
+    the hash configurations must agree."""
+    from models.hf import layouts
+
+    folder = Path(folder)
+    base_ckpt = DcpCheckpoint(base)
+    args = base_ckpt.model_args()
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ConversionError(f"{folder} has no config.json: not a complete V4.1 export")
+    config = json.loads(config_path.read_text())
+    saved, current = config.get("engram_hash"), base_ckpt.meta.get("engram_hash")
+    if saved is not None and current is not None:
+        fields = hash_config_mismatches(saved, current)
+        if fields:
+            raise ConversionError(
+                f"{folder} was made with another Engram hash configuration than {base_ckpt.path} "
+                f"(differs in: {', '.join(fields)}): its tables would be read with wrong ids"
+            )
+    if args.engram is None or args.engram.variant != "v4.1":
+        raise ConversionError(f"the base checkpoint {base_ckpt.path} has no v4.1 Engram layers")
+    ours = layouts.from_v41(_folder_sources(SafetensorsFolder(folder)))
+    return _save_with_base_meta(
+        base_ckpt,
+        _merge_into_base(base_ckpt, ours, str(folder)),
+        out,
+        f"v4.1:{folder.resolve()}",
+        overwrite,
+    )

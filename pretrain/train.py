@@ -188,12 +188,13 @@ class Trainer:
             "tokenizer_path": str(Path(self.tokenizer.path).resolve()),
         }
         ckpt = CheckpointManager(self.run_folder / c.folder, c.keep_last, identity, c.async_mode)
-        if c.load:
-            state = ckpt.load_latest(self.sm.model, self.optimizers)
-            if state is not None:
-                if "loader" in state:
-                    self.loader.load_state_dict(state["loader"])
-                self.step, self.last_checkpoint = state["step"], state["path"]
+        state = ckpt.load_latest(self.sm.model, self.optimizers) if c.load else None
+        if state is not None:
+            if "loader" in state:
+                self.loader.load_state_dict(state["loader"])
+            self.step, self.last_checkpoint = state["step"], state["path"]
+        elif c.initial_load_path:
+            ckpt.load_initial(c.initial_load_path, self.sm.model)
         return ckpt
 
     @property

@@ -178,7 +178,10 @@ class SafetensorsFolder:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         index = self.folder / INDEX
-        if index.is_file():
+        if self.folder.is_file():  # one file
+            weight_map, files = None, [self.folder.name]
+            self.folder = self.folder.parent
+        elif index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
             files = sorted(set(weight_map.values()))
         elif (self.folder / SINGLE).is_file():

@@ -1,0 +1,92 @@
+"""``python -m pretrain.evaluate --checkpoint DIR (--text FILE | --ids FILE.npy)``
+
+The mean next-token loss of a DCP checkpoint's model on one document, to compare with the same
+number from an exported Hugging Face folder (docs/conversion.md).
+
+- ``--text``: the file is tokenised as one document exactly as the data loader does it (the
+  tokenizer's ids, then EOS).
+- ``--ids``: a 1-D ``.npy`` array of token ids, used as given.
+
+The ids are cut into consecutive windows of ``--seq_len`` tokens (default: the model's
+``max_seq_len``); each window is a sequence of its own (positions from 0, Engram look-back padded)
+and predicts its next tokens, the last one included when the document goes on. Prints
+``tokens: N`` (ids in the document) and ``loss: X`` (mean over the ``N - 1`` predictions).
+With one window, transformers' ``model(ids, labels=ids).loss`` is the same number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data.tokenizer import load_tokenizer
+from pretrain.convert import ConversionError, hasher_for, load_model
+
+
+def document_ids(text_file: str | None, ids_file: str | None, tokenizer_path: Path) -> np.ndarray:
+    if (text_file is None) == (ids_file is None):
+        raise ValueError("pass exactly one of --text FILE and --ids FILE.npy")
+    if ids_file is not None:
+        ids = np.load(ids_file)
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(
+                f"{ids_file}: expected a 1-D integer array, got {ids.dtype}{ids.shape}"
+            )
+        return ids.astype(np.int64)
+    tok = load_tokenizer(tokenizer_path)
+    text = Path(text_file).read_text(encoding="utf-8", errors="replace")
+    return np.asarray(tok.encode(text) + [tok.eos_id], dtype=np.int64)  # as data.prepare
+
+
+@torch.no_grad()
+def mean_loss(model, args, hasher, ids: np.ndarray, seq_len: int) -> float:
+    if ids.size < 2:
+        raise ValueError("the document has fewer than 2 tokens: nothing to predict")
+    if ids.max() >= args.vocab_size:
+        raise ValueError(f"token id {int(ids.max())} is outside the model's {args.vocab_size}")
+    total, count = 0.0, 0
+    for start in range(0, ids.size - 1, seq_len):
+        window = ids[start : start + seq_len]
+        labels = ids[start + 1 : start + seq_len + 1]
+        window = window[: labels.size]
+        tokens = torch.from_numpy(window).unsqueeze(0)
+        engram = None
+        if hasher is not None:
+            engram = {k: torch.from_numpy(v) for k, v in hasher.hash(window[None]).items()}
+        logits = model(tokens, engram=engram).logits[0].float()
+        total += F.cross_entropy(logits, torch.from_numpy(labels), reduction="sum").item()
+        count += labels.size
+    return total / count
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.evaluate", description=__doc__)
+    parser.add_argument("--checkpoint", required=True, help="a DCP step folder or run folder")
+    parser.add_argument("--text", help="a UTF-8 text file: one document")
+    parser.add_argument("--ids", help="a 1-D .npy array of token ids")
+    parser.add_argument("--tokenizer", help="the tokenizer file, when not where it was trained")
+    parser.add_argument("--config", help="an old checkpoint without model_args: config.toml")
+    parser.add_argument("--seq_len", type=int, default=0, help="window length (0: max_seq_len)")
+    ns = parser.parse_args(argv)
+    try:
+        model, args, tok_path = load_model(ns.checkpoint, ns.config, ns.tokenizer)
+        ids = document_ids(ns.text, ns.ids, tok_path)
+        seq_len = ns.seq_len or args.max_seq_len
+        if seq_len > args.max_seq_len:
+            raise ValueError(f"--seq_len {seq_len} exceeds the model's max_seq_len")
+        loss = mean_loss(model, args, hasher_for(args, tok_path), ids, seq_len)
+    except (ConversionError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"tokens: {ids.size}")
+    print(f"loss: {loss:.6f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
