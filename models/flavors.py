@@ -98,6 +98,34 @@ def _debug_v3() -> ModelArgs:
     )
 
 
+def v41_flash_engram() -> EngramConfig:
+    """DeepSeek-V4.1-Flash's Engram (public serving code and safetensors headers): layers 1 and
+    14, N = 4, 8 heads of dim 256 per order, prime base 16,000,000 (about 384 M rows per layer),
+    fused key/value, no conv, gate RMSNorm eps 1e-20, look-back stopping at document starts."""
+    return EngramConfig(
+        hash=EngramHashSpec(
+            layer_ids=[1, 14],
+            engram_vocab_size=[16_000_000] * 3,
+            max_ngram_size=4,
+            n_head_per_ngram=8,
+            document_reset=True,
+        ),
+        n_embed_per_ngram=8 * 256,
+        variant="v4.1",
+        gate_norm_eps=1e-20,
+    )
+
+
+def _debug_v41() -> ModelArgs:
+    """``debug`` with V4.1-Flash's Engram settings (small tables): N = 4, head dim 256."""
+    args = _debug()
+    engram = v41_flash_engram()
+    engram.hash.layer_ids = [0]
+    engram.hash.engram_vocab_size = [2003] * 3
+    args.engram = engram
+    return args
+
+
 def _ladder(dim: int, layers: int, experts: int, engram: bool) -> Callable[[], ModelArgs]:
     def build() -> ModelArgs:
         return ModelArgs(
@@ -191,6 +219,7 @@ FLAVORS: dict[str, Callable[[], ModelArgs]] = {
     "debug": _debug,
     "demo": _demo,
     "debug-v3": _debug_v3,
+    "debug-v41": _debug_v41,
     "ladder-moe-s": _ladder(256, 6, 16, engram=False),
     "ladder-engram-s": _ladder(256, 6, 12, engram=True),
     "ladder-moe-m": _ladder(512, 8, 16, engram=False),

@@ -366,3 +366,22 @@ def test_cli_reports_bad_input_in_one_line(trained, tmp_path, capsys):
     code = main(["dcp-to-hf", "--checkpoint", str(hf), "--out", str(tmp_path / "x")])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and last.startswith("error: ") and "hf-to-dcp" in last
+
+
+def test_v41_settings_are_configs():
+    from data.ngram_hash import EngramHashSpec
+    from models.flavors import get_flavor, v41_flash_engram
+    from models.transformer import build_model
+
+    flash = v41_flash_engram()
+    assert (flash.max_ngram_size, flash.head_dim, flash.gate_norm_eps) == (4, 256, 1e-20)
+    assert flash.document_reset and flash.variant == "v4.1"
+    rows = EngramHashSpec.from_dict(flash.hash.to_dict()).num_rows(1)
+    assert 383e6 < rows < 385e6  # "two tables of about 384 M rows"
+    args = get_flavor("debug-v41")
+    model = build_model(args)
+    assert model.layers["0"].engram.key_norms[0].eps == 1e-20
+    assert model.layers["0"].engram.table.weight.shape[1] == 256
+    ids = torch.randint(0, 1000, (2, 16))
+    hash_ids = torch.randint(0, 2003, (2, 16, args.engram.num_heads))
+    assert model(ids, engram={0: hash_ids}).logits.isfinite().all()
