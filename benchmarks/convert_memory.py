@@ -91,7 +91,9 @@ def main() -> None:
     try:
         start = time.perf_counter()
         total = synthetic_checkpoint(work / "dcp", ns.gib)
-        print(f"synthetic checkpoint: {total / 2**30:.2f} GiB in {time.perf_counter() - start:.0f} s")
+        print(
+            f"synthetic checkpoint: {total / 2**30:.2f} GiB in {time.perf_counter() - start:.0f} s"
+        )
         rows = []
         for command, src, out in (
             ("dcp-to-hf", "dcp", "hf"),

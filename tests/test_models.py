@@ -291,3 +291,24 @@ def test_flex_attention_matches_dense_mask(attention):
     assert mask.dense is None and mask.block is not None
     assert resolve_attention_backend("auto", torch.device("cuda")) == "flex"
     assert resolve_attention_backend("auto", torch.device("cpu")) == "sdpa"
+
+
+def test_group_limited_routing_keeps_experts_in_the_best_groups():
+    from models.args import MoEArgs
+    from models.moe import Router
+
+    args = MoEArgs(num_routed_experts=8, top_k=3, n_group=4, topk_group=2)
+    router = Router(16, args)
+    router.init_weights(0.5)
+    x = torch.randn(64, 16)
+    topk_idx, _, scores = router(x)
+    groups = topk_idx // 2  # 4 groups of 2 experts
+    best = scores.view(64, 4, 2).sum(-1).topk(2, dim=-1).indices  # top-2 sums = whole group
+    for row in range(64):
+        assert set(groups[row].tolist()) <= set(best[row].tolist())
+    with pytest.raises(ValueError, match="n_group"):
+        from models.flavors import get_flavor
+
+        bad = get_flavor("debug-v3")
+        bad.moe.n_group = 3  # does not divide 8 experts
+        bad.validate()
