@@ -268,6 +268,13 @@ def test_reference_weights_load_and_match_the_reference_output(tmp_path):
     # everything else is the base's
     base_model, _, _ = convert.load_model(base)
     assert torch.equal(model.output.weight, base_model.output.weight)
+    # the embedding (129,280 rows) is larger than the tokenizer (128,815 ids): the export's
+    # compressed map covers the tokenizer
+    hf = _hf(convert.dcp_to_hf(out, tmp_path / "hf"), remote=True)
+    ids = torch.from_numpy(inputs["input_ids"][:, :24])
+    with torch.no_grad():
+        theirs = hf(ids, use_cache=False).logits
+    assert (theirs - _ours_logits(out, ids)).abs().max().item() < 1e-5
 
 
 # ----- errors -----------------------------------------------------------------------------------

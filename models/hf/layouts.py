@@ -90,6 +90,8 @@ def engram_hf_config(args: ModelArgs, hash_config: dict | None, tokenizer) -> di
     if args.engram is not None:
         e = model_args_to_dict(args)["engram"]
         engram = {**{k: v for k, v in e.items() if k != "hash"}, "hash": hash_config}
+        # raw ids the compressed map covers (the tokenizer's; the embedding may have more rows)
+        engram["compressed_map_size"] = tokenizer.vocab_size
     return {
         "architectures": ["EngramDeepseekForCausalLM"],
         "model_type": "engram_deepseek",

@@ -492,9 +492,8 @@ class EngramDeepseekModel(EngramDeepseekPreTrainedModel):
         self.rope_dim = rope
         self.hash = EngramHash(config.engram["hash"]) if config.engram else None
         if self.hash is not None:  # raw id -> compressed id, saved with the weights
-            self.register_buffer(
-                "engram_compressed_map", torch.zeros(config.vocab_size, dtype=torch.long)
-            )
+            size = config.engram.get("compressed_map_size", config.vocab_size)  # tokenizer ids
+            self.register_buffer("engram_compressed_map", torch.zeros(size, dtype=torch.long))
         self._map_checked = False
         self.post_init()
 
