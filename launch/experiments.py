@@ -1,0 +1,310 @@
+"""``python -m launch.experiments {iso_flop,allocation,memory_scaling} --corpus DIR --out DIR
+--steps N --seeds 0,1,2 [--size s|m]``
+
+The paper's three comparisons at small scale. Arms are derived from a budget
+(``models/derive.py``) and checked against ``models.accounting`` (printed; an iso-parameter or
+iso-FLOP arm off by more than 1% stops the sweep). Every arm x seed is one training job in
+``<out>/runs/<arm>/seed<S>/``:
+
+- ``--launcher serial`` (default) trains them one after another here. A finished run leaves
+  ``result.json`` and is skipped next time; an interrupted one resumes from its checkpoint, so
+  re-running the command finishes a half-done sweep.
+- ``--launcher slurm`` writes ``<out>/sweep.sbatch``, one array task per arm x seed (each a
+  ``torchrun`` of ``pretrain.train`` with the run's ``config.toml``), and exits. Submit it, then
+  run the same command with ``--launcher collect`` to gather the results.
+
+Writes ``<out>/results.json`` (``{"experiment", "arms": [{"name", "rho" or "table_rows",
+"total_params", "activated_params", "engram_params", "flops_per_token", "tokens",
+"val_loss": [one per seed]}]}``), PNG plots (needs the ``[analysis]`` extra: matplotlib) and
+``<out>/report.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from models.derive import EXPERIMENTS, Arm, check, derive
+from pretrain.config import apply, load_config, to_toml
+
+BASE_CONFIG = "pretrain/configs/demo.toml"
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m launch.experiments", description=__doc__)
+    p.add_argument("experiment", choices=EXPERIMENTS)
+    p.add_argument("--corpus", required=True, help="a data.prepare output folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--size", default="s", choices=("s", "m"))
+    p.add_argument("--seq_len", type=int, default=256)
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--eval_batches", type=int, default=16)
+    p.add_argument("--launcher", default="serial", choices=("serial", "slurm", "collect"))
+    p.add_argument("--config", default=BASE_CONFIG, help="base job config the arms override")
+    ns = p.parse_args(argv)
+    ns.seeds = [int(s) for s in ns.seeds.split(",") if s != ""]
+    if not ns.seeds:
+        p.error("--seeds needs at least one seed, e.g. 0,1,2")
+    return ns
+
+
+def corpus_vocab(corpus: Path) -> int:
+    from data.tokenizer import load_tokenizer
+
+    candidates = [corpus / "tokenizer.model", corpus / "tokenizer.json"]
+    found = [c for c in candidates if c.is_file()]
+    if not (corpus / "manifest.json").is_file() or not found:
+        raise SystemExit(
+            f"error: {corpus} is not a prepared corpus (needs manifest.json and a tokenizer); "
+            "build one with python -m data.prepare --out DIR --input FILES"
+        )
+    return load_tokenizer(found[0]).vocab_size
+
+
+def run_config(ns, arm: Arm, seed: int, folder: Path):
+    cfg = load_config(
+        ns.config,
+        [
+            f"--job.dump_folder={folder}",
+            f"--job.description={ns.experiment} {arm.name} seed {seed}",
+            f"--data.dataset_path={ns.corpus}",
+            "--data.prepare_if_missing=false",
+            f"--data.seq_len={ns.seq_len}",
+            f"--model.flavor={arm.flavor}",
+            f"--training.steps={ns.steps}",
+            f"--training.seed={seed}",
+            f"--training.batch_size={ns.batch_size}",
+            f"--optimizer.lr={ns.lr}",
+            f"--lr_scheduler.warmup_steps={ns.steps // 10}",
+            f"--checkpoint.interval={max(1, ns.steps // 4)}",
+            "--checkpoint.keep_last=1",
+            f"--metrics.eval_freq={ns.steps}",
+            f"--metrics.eval_batches={ns.eval_batches}",
+            f"--metrics.log_freq={max(1, ns.steps // 10)}",
+            "--metrics.progress_bar=false",
+        ],
+    )
+    for key, value in arm.overrides.items():
+        apply(cfg, "model", f"overrides.{key}", value)
+    cfg.model.overrides["max_seq_len"] = max(ns.seq_len, 256)
+    return cfg
+
+
+def train_run(ns, arm: Arm, seed: int, folder: Path) -> dict:
+    """Train one arm x seed here (resuming a checkpoint there); its ``result.json``."""
+    from pretrain.train import Trainer
+
+    done = folder / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    start = time.perf_counter()
+    trainer = Trainer(run_config(ns, arm, seed, folder))
+    summary = trainer.fit()
+    trainer.loader.close()
+    cfg = trainer.cfg
+    result = {
+        "val_loss": summary["val_loss"],
+        "tokens": cfg.training.steps * cfg.training.batch_size * cfg.data.seq_len,
+        "seconds": time.perf_counter() - start,
+    }
+    done.write_text(json.dumps(result) + "\n")
+    return result
+
+
+def write_slurm(ns, runs: list[tuple[Arm, int, Path]], out: Path) -> Path:
+    lines = []
+    for arm, seed, folder in runs:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.toml").write_text(to_toml(run_config(ns, arm, seed, folder)))
+        lines.append(str(folder / "config.toml"))
+    (out / "sweep_configs.txt").write_text("\n".join(lines) + "\n")
+    script = out / "sweep.sbatch"
+    script.write_text(
+        f"""#!/bin/bash
+#SBATCH --job-name=engram-{ns.experiment}
+#SBATCH --array=0-{len(runs) - 1}
+#SBATCH --nodes=1
+#SBATCH --gpus-per-node=1
+#SBATCH --output={out}/logs/%A_%a.out
+# one arm x seed per array task; re-submitting resumes unfinished runs from their checkpoints
+CONFIG=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {out}/sweep_configs.txt)
+torchrun --standalone --nproc_per_node=1 -m pretrain.train --config "$CONFIG"
+"""
+    )
+    return script
+
+
+def collect_run(folder: Path) -> dict | None:
+    """A run trained elsewhere (slurm): its final validation loss from ``metrics.jsonl``."""
+    done = folder / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    metrics = folder / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    evals = [json.loads(line) for line in metrics.read_text().splitlines() if "val_loss" in line]
+    return {"val_loss": evals[-1]["val_loss"], "tokens": None} if evals else None
+
+
+def results(ns, arms: list[Arm], vocab: int, per_arm: dict[str, list[dict]]) -> dict:
+    out = {"experiment": ns.experiment, "size": ns.size, "steps": ns.steps, "seeds": ns.seeds}
+    rows = []
+    for arm in arms:
+        acc = arm.accounting(vocab, ns.seq_len)
+        runs = per_arm[arm.name]
+        row = {"name": arm.name}
+        if ns.experiment == "allocation":
+            row["rho"] = arm.rho
+        else:
+            row["table_rows"] = arm.table_rows
+        row.update(
+            total_params=acc.total_params,
+            activated_params=acc.activated_params,
+            engram_params=acc.engram_params,
+            flops_per_token=acc.flops_per_token,
+            tokens=runs[0].get("tokens") if runs else None,
+            val_loss=[r["val_loss"] for r in runs],
+            seconds=[r.get("seconds") for r in runs],
+        )
+        rows.append(row)
+    out["arms"] = rows
+    return out
+
+
+def summary_stats(losses: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(losses)
+    return mean, statistics.stdev(losses) if len(losses) > 1 else 0.0
+
+
+def fit_log_linear(rows: list[dict]) -> tuple[float, float, float]:
+    """Least squares of mean loss on log10(rows): (slope, intercept, R^2)."""
+    xs = [math.log10(r["table_rows"]) for r in rows]
+    ys = [summary_stats(r["val_loss"])[0] for r in rows]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+    intercept = my - slope * mx
+    ss_res = sum((y - (slope * x + intercept)) ** 2 for x, y in zip(xs, ys, strict=True))
+    ss_tot = sum((y - my) ** 2 for y in ys) or 1e-30
+    return slope, intercept, 1 - ss_res / ss_tot
+
+
+def plot(res: dict, out: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[analysis]'): no plot written")
+        return None
+    rows = [r for r in res["arms"] if r["val_loss"]]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    means = [summary_stats(r["val_loss"])[0] for r in rows]
+    stds = [summary_stats(r["val_loss"])[1] for r in rows]
+    if res["experiment"] == "allocation":
+        xs = [100 * r["rho"] for r in rows]
+        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3)
+        ax.set_xlabel("rho: share of the sparse budget kept by experts (%)")
+    elif res["experiment"] == "memory_scaling":
+        xs = [r["table_rows"] for r in rows]
+        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, linestyle="none")
+        ax.set_xscale("log")
+        if len(rows) >= 2:
+            slope, intercept, r2 = fit_log_linear(rows)
+            line = [slope * math.log10(x) + intercept for x in xs]
+            ax.plot(xs, line, label=f"slope {slope:.4f} per decade, R² {r2:.3f}")
+            ax.legend()
+        ax.set_xlabel("Engram table rows (all layers)")
+    else:
+        for i, r in enumerate(rows):
+            ax.scatter([i] * len(r["val_loss"]), r["val_loss"], alpha=0.5)
+            ax.errorbar([i], [means[i]], yerr=[stds[i]], marker="_", markersize=20, capsize=6)
+        ax.set_xticks(range(len(rows)), [r["name"] for r in rows])
+    ax.set_ylabel("validation loss")
+    ax.set_title(f"{res['experiment']} (size {res['size']}, {res['steps']} steps)")
+    fig.tight_layout()
+    path = out / f"{res['experiment']}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def report(res: dict, checks: list[str], out: Path, png: Path | None) -> str:
+    lines = [f"# {res['experiment']} (size {res['size']}, {res['steps']} steps)", ""]
+    lines += ["Accounting (relative to the first arm):", "", "```", *checks, "```", ""]
+    lines += ["| arm | val loss (mean +- std) | seeds | tokens |", "|---|---|---|---|"]
+    for r in res["arms"]:
+        if not r["val_loss"]:
+            lines.append(f"| {r['name']} | (not run) | 0 | - |")
+            continue
+        mean, std = summary_stats(r["val_loss"])
+        lines.append(
+            f"| {r['name']} | {mean:.4f} +- {std:.4f} | {len(r['val_loss'])} | {r['tokens']} |"
+        )
+    rows = [r for r in res["arms"] if r["val_loss"]]
+    if res["experiment"] == "iso_flop" and len(rows) == 2:
+        (m_mean, m_std), (e_mean, e_std) = (summary_stats(r["val_loss"]) for r in rows)
+        spread = 2 * max(m_std, e_std)
+        verdict = "beats" if m_mean - e_mean > spread else "does not clearly beat"
+        lines += [
+            "",
+            f"Engram {verdict} MoE: difference {m_mean - e_mean:+.4f}, twice the "
+            f"larger seed std {spread:.4f}.",
+        ]
+    if res["experiment"] == "allocation" and rows:
+        best = min(rows, key=lambda r: summary_stats(r["val_loss"])[0])
+        lines += ["", f"Minimum at rho = {best['rho']:.2f}."]
+    if res["experiment"] == "memory_scaling" and len(rows) >= 2:
+        slope, _, r2 = fit_log_linear(rows)
+        lines += ["", f"Log-linear fit: slope {slope:.4f} per decade of rows, R² {r2:.3f}."]
+    if png is not None:
+        lines += ["", f"![{res['experiment']}]({png.name})"]
+    text = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(text)
+    return text
+
+
+def main(argv=None) -> int:
+    ns = parse(argv)
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = corpus_vocab(Path(ns.corpus))
+    arms = derive(ns.experiment, ns.size, vocab, ns.seq_len)
+    checks = check(ns.experiment, arms, vocab, ns.seq_len)
+    print("\n".join(checks), flush=True)
+    runs = [(a, s, out / "runs" / a.name / f"seed{s}") for a in arms for s in ns.seeds]
+    if ns.launcher == "slurm":
+        print(
+            f"wrote {write_slurm(ns, runs, out)}; submit it, then run again with --launcher collect"
+        )
+        return 0
+    per_arm: dict[str, list[dict]] = {a.name: [] for a in arms}
+    for i, (arm, seed, folder) in enumerate(runs):
+        if ns.launcher == "collect":
+            result = collect_run(folder)
+        else:
+            print(f"[{i + 1}/{len(runs)}] {arm.name} seed {seed} -> {folder}", flush=True)
+            result = train_run(ns, arm, seed, folder)
+            print(
+                f"[{i + 1}/{len(runs)}] {arm.name} seed {seed}: val_loss {result['val_loss']:.4f}"
+            )
+        if result is not None:
+            per_arm[arm.name].append(result)
+    res = results(ns, arms, vocab, per_arm)
+    (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+    png = plot(res, out)
+    print(report(res, checks, out, png))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
