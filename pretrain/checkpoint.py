@@ -76,6 +76,19 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def complete_steps(folder: Path) -> list[int]:
+    """Steps of the complete checkpoints (``meta.json`` and ``.metadata``) in ``folder``."""
+    steps = []
+    for path in folder.glob(f"{PREFIX}*"):
+        if path.suffix == ".tmp" or not path.is_dir():
+            continue
+        if not (path / "meta.json").is_file() or not (path / ".metadata").is_file():
+            log.warning("skipping incomplete checkpoint %s (no meta.json or .metadata)", path)
+            continue
+        steps.append(int(path.name[len(PREFIX) :]))
+    return sorted(steps)
+
+
 class CheckpointManager:
     """Saves every ``interval`` steps, keeps the last ``keep_last``, resumes the newest complete
     one."""
@@ -99,15 +112,7 @@ class CheckpointManager:
         barrier()
 
     def complete_steps(self) -> list[int]:
-        steps = []
-        for path in self.folder.glob(f"{PREFIX}*"):
-            if path.suffix == ".tmp" or not path.is_dir():
-                continue
-            if not (path / "meta.json").is_file() or not (path / ".metadata").is_file():
-                log.warning("skipping incomplete checkpoint %s (no meta.json or .metadata)", path)
-                continue
-            steps.append(int(path.name[len(PREFIX) :]))
-        return sorted(steps)
+        return complete_steps(self.folder)
 
     def path(self, step: int) -> Path:
         return self.folder / f"{PREFIX}{step:08d}"
@@ -237,22 +242,37 @@ class CheckpointManager:
             )
         return None
 
-    def load_initial(self, path: str | Path, model) -> None:
-        """Start a new job from the model weights of the DCP checkpoint ``path`` (for example
-        one ``launch.convert hf-to-dcp`` wrote): no optimizer state, loader or RNG state. The
-        tokenizer and Engram hash configuration must be this job's."""
+    def load_initial(self, path: str | Path, model, optimizers=None) -> Path:
+        """Start a new job from the DCP checkpoint ``path`` (a step folder, or a run's checkpoint
+        folder: its newest complete step): the model weights, and the optimizer states too when
+        ``optimizers`` is given (a continuation job; the checkpoint must hold them). The LR
+        schedule, data order and RNG start afresh. The tokenizer and Engram hash configuration
+        must be this job's. Returns the step folder loaded."""
         path = Path(path)
+        if not (path / ".metadata").is_file() and path.is_dir():  # a run's checkpoint folder
+            found = complete_steps(path)
+            path = path / f"{PREFIX}{found[-1]:08d}" if found else path
         if not (path / ".metadata").is_file() or not (path / "meta.json").is_file():
             raise FileNotFoundError(
                 f"checkpoint.initial_load_path={path} is not a complete DCP checkpoint (needs "
-                ".metadata and meta.json)"
+                ".metadata and meta.json) nor a folder of step-* checkpoints"
             )
         self.check_identity(path)
         saved = dcp.FileSystemReader(str(path)).read_metadata()
-        state = _state(model, _NoOptimizers(), blocked=False, saved=saved)
+        opts = optimizers if optimizers is not None else _NoOptimizers()
+        if optimizers is not None:
+            if not any(k.startswith("optim0.") for k in saved.state_dict_metadata):
+                raise ValueError(
+                    f"checkpoint.initial_load_model_only=false but {path} holds no optimizer "
+                    "state (a converted checkpoint holds weights only): set it to true"
+                )
+            _check_table_state(path, saved, optimizers)
+        state = _state(model, opts, blocked=False, saved=saved)
         dcp.load(state, checkpoint_id=str(path))
-        _set_state(model, _NoOptimizers(), state)
-        log.info("initial weights loaded from %s", path)
+        _set_state(model, opts, state)
+        what = "weights" if optimizers is None else "weights and optimizer states"
+        log.info("initial %s loaded from %s", what, path)
+        return path
 
 
 class _NoOptimizers:

@@ -124,6 +124,9 @@ class CheckpointConfig:
     # a DCP checkpoint whose model weights start the job when there is nothing to resume (for
     # example `python -m launch.convert hf-to-dcp` output); "" = initialise afresh
     initial_load_path: str = ""
+    # with initial_load_path: load the model only (true), or the optimizer states too (false);
+    # the LR schedule and data state start afresh either way
+    initial_load_model_only: bool = True
     # "async": write in a background thread from a host copy while training goes on
     async_mode: Literal["disabled", "async"] = "disabled"
 

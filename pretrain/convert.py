@@ -60,14 +60,15 @@ class DcpCheckpoint:
                 "hf-to-dcp to convert it"
             )
         if not (path / ".metadata").is_file():
-            steps = sorted(p for p in path.glob("step-*") if (p / ".metadata").is_file())
-            steps = [p for p in steps if p.suffix != ".tmp" and (p / "meta.json").is_file()]
+            from pretrain.checkpoint import PREFIX, complete_steps
+
+            steps = complete_steps(path) if path.is_dir() else []
             if not steps:
                 raise ConversionError(
                     f"{path} is not a DCP checkpoint (no .metadata) and holds no complete "
                     "step-* checkpoint: point --checkpoint at <dump>/checkpoints/step-N"
                 )
-            path = steps[-1]
+            path = path / f"{PREFIX}{steps[-1]:08d}"
         if not (path / "meta.json").is_file():
             raise ConversionError(
                 f"{path} has no meta.json: the checkpoint is incomplete (an interrupted save)"

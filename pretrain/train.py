@@ -194,7 +194,8 @@ class Trainer:
                 self.loader.load_state_dict(state["loader"])
             self.step, self.last_checkpoint = state["step"], state["path"]
         elif c.initial_load_path:
-            ckpt.load_initial(c.initial_load_path, self.sm.model)
+            optimizers = None if c.initial_load_model_only else self.optimizers
+            ckpt.load_initial(c.initial_load_path, self.sm.model, optimizers)
         return ckpt
 
     @property

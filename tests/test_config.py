@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pretrain.config import load_config, to_toml
 
-REPO_CONFIGS = ["pretrain/configs/debug.toml", "pretrain/configs/demo.toml"]
+REPO_CONFIGS = sorted(str(p) for p in Path("pretrain/configs").glob("*.toml"))
 
 
 @pytest.mark.parametrize("path", REPO_CONFIGS)
 def test_repo_configs_load(path):
+    from models.flavors import resolve_model_args
+
     cfg = load_config(path)
     assert cfg.model.flavor in ("debug", "demo")
+    args = resolve_model_args(cfg.model.flavor, cfg.model.overrides, seq_len=cfg.data.seq_len)
+    assert args.max_seq_len >= cfg.data.seq_len
 
 
 def test_overrides_and_types():

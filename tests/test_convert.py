@@ -392,3 +392,48 @@ def test_v41_settings_are_configs():
     ids = torch.randint(0, 1000, (2, 16))
     hash_ids = torch.randint(0, 2003, (2, 16, args.engram.num_heads))
     assert model(ids, engram={0: hash_ids}).logits.isfinite().all()
+
+
+def test_a_continuation_job_loads_weights_and_optimizer_and_starts_afresh(
+    trained, corpus, tmp_path
+):
+    run = trained["debug"].parent  # the run's checkpoint folder: its newest step is used
+    overrides = [
+        f"--job.dump_folder={tmp_path / 'job'}",
+        f"--data.dataset_path={corpus}",
+        "--data.prepare_if_missing=false",
+        "--data.seq_len=96",  # longer than the original 64
+        "--data.num_workers=0",
+        f"--checkpoint.initial_load_path={run}",
+        "--checkpoint.initial_load_model_only=false",
+        "--model.overrides.yarn.factor=2.0",
+        "--model.overrides.yarn.original_max_position_embeddings=64",
+        "--metrics.enable_tensorboard=false",
+    ]
+    trainer = Trainer(load_config("pretrain/configs/debug.toml", overrides))
+    assert trainer.step == 0  # a fresh schedule and data state
+    import torch.distributed.checkpoint as dcp
+
+    from pretrain.checkpoint import _state
+
+    state = _state(trainer.model, trainer.optimizers, blocked=False)
+    loaded = {k: v for k, v in state.items() if k.startswith("optim")}
+    saved = {
+        name: {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.items()}
+        for name, opt in loaded.items()
+    }
+    dcp.load(saved, checkpoint_id=str(trained["debug"]))
+    moments = [
+        (name, k) for name, opt in loaded.items() for k in opt if k.endswith(("exp_avg", "_sq"))
+    ]
+    assert len(moments) > 10 and any(".table." in k for _, k in moments)
+    for name, key in moments:
+        assert loaded[name][key].abs().sum() > 0, key  # trained moments, not fresh zeros
+        assert torch.equal(loaded[name][key], saved[name][key]), key
+    trainer.loader.close()
+    # a converted checkpoint holds weights only
+    back = convert.hf_to_dcp(convert.dcp_to_hf(trained["debug"], tmp_path / "hf"), tmp_path / "b")
+    overrides[5] = f"--checkpoint.initial_load_path={back}"
+    overrides[0] = f"--job.dump_folder={tmp_path / 'job2'}"
+    with pytest.raises(ValueError, match="initial_load_model_only=false"):
+        Trainer(load_config("pretrain/configs/debug.toml", overrides))
