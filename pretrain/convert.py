@@ -87,22 +87,32 @@ class DcpCheckpoint:
                 out[name] = TensorEntry(name, tuple(md.size), md.properties.dtype)
         return out
 
+    def _job_config(self, config: str | None):
+        """The job's config: ``config``, or the run folder's ``config.toml`` (older checkpoints
+        record no model_args; the trainer writes its config beside its checkpoints)."""
+        from pretrain.config import load_config
+
+        path = Path(config) if config else self.path.parent.parent / "config.toml"
+        if not path.is_file():
+            raise ConversionError(
+                f"{self.path}/meta.json has no model_args (a checkpoint from before conversion "
+                "support) and no config.toml is beside the run: pass --config <its config.toml>"
+            )
+        return load_config(str(path))
+
     def model_args(self, config: str | None = None) -> ModelArgs:
         if "model_args" in self.meta:
             return model_args_from_dict(self.meta["model_args"])
-        if config is None:
-            raise ConversionError(
-                f"{self.path}/meta.json has no model_args (a checkpoint from before conversion "
-                "support): pass --config <the job's config.toml>"
-            )
         from pretrain.builders import build_model_args
-        from pretrain.config import load_config
 
-        cfg = load_config(config)
+        cfg = self._job_config(config)
         return build_model_args(cfg.model, load_tokenizer(self.tokenizer_path()), cfg.data.seq_len)
 
     def tokenizer_path(self, override: str | None = None) -> Path:
         path = override or self.meta.get("tokenizer_path")
+        if not path and "model_args" not in self.meta:  # an older checkpoint: the job's config
+            data = self._job_config(None).data
+            path = data.tokenizer or str(Path(data.dataset_path) / "tokenizer.model")
         if not path or not Path(path).is_file():
             raise ConversionError(
                 f"the tokenizer of {self.path} ({path or 'not recorded'}) is not on this machine: "

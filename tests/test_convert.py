@@ -100,8 +100,9 @@ def test_engram_export_loads_in_transformers_with_our_logits(trained, tmp_path):
     assert (theirs - ours).abs().max().item() < 1e-5
 
 
-def test_generate_matches_a_full_forward_at_every_step(trained, tmp_path):
-    out = convert.dcp_to_hf(trained["debug"], tmp_path / "hf")
+@pytest.mark.parametrize("flavor", ["debug", "debug-v3"])  # GQA + Engram; MLA (latent cache)
+def test_generate_matches_a_full_forward_at_every_step(trained, tmp_path, flavor):
+    out = convert.dcp_to_hf(trained[flavor], tmp_path / "hf", layout="engram")
     model = _hf(out, remote=True)
     prompt = torch.randint(3, 1000, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -437,3 +438,39 @@ def test_a_continuation_job_loads_weights_and_optimizer_and_starts_afresh(
     overrides[0] = f"--job.dump_folder={tmp_path / 'job2'}"
     with pytest.raises(ValueError, match="initial_load_model_only=false"):
         Trainer(load_config("pretrain/configs/debug.toml", overrides))
+
+
+@pytest.mark.parametrize("flavor", ["debug", "debug-v3"])
+def test_generate_cli_logits_equal_our_full_forward_at_every_step(trained, flavor, capsys):
+    from pretrain.generate import generate, inference_model, main
+
+    model, tok = inference_model(trained[flavor])
+    prompt = torch.randint(3, 1000, (1, 7), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = model.generate(
+            prompt,
+            max_new_tokens=8,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
+    tokens = out.sequences
+    ours_model, args, tok_path = convert.load_model(trained[flavor])
+    hasher = convert.hasher_for(args, tok_path)
+    for step, logits in enumerate(out.logits):
+        prefix = tokens[:, : prompt.shape[1] + step]
+        engram = None
+        if hasher is not None:
+            engram = {k: torch.from_numpy(v) for k, v in hasher.hash(prefix.numpy()).items()}
+        with torch.no_grad():
+            ours = ours_model(prefix, engram=engram).logits[:, -1]
+        assert (logits - ours).abs().max().item() < 1e-5, step
+    assert torch.equal(generate(model, prompt, 8), tokens)
+    sampled = [generate(model, prompt, 8, temperature=1.0, top_p=0.9, seed=s) for s in (0, 0, 1)]
+    assert torch.equal(sampled[0], sampled[1]) and sampled[0].shape == tokens.shape
+    assert (
+        main(["--checkpoint", str(trained[flavor]), "--prompt", "def f", "--max_new_tokens", "4"])
+        == 0
+    )
+    assert capsys.readouterr().out.startswith("def f")

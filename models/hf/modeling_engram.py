@@ -167,30 +167,37 @@ class Attention(nn.Module):
             self.wo = nn.Linear(heads * hd, dim, bias=False)
             self.scale = hd**-0.5 * _mscale(cfg.yarn, cfg.yarn.get("mscale", 1.0)) ** 2
 
-    def _qkv(self, x, angles):
+    def _qkv(self, x, angles, cache: Cache | None):
+        """q, k, v ``[B, H, T, D]``; k and v cover the cached positions too. The cache holds
+        GQA's keys and values, or MLA's compressed latent (after its norm) and the shared
+        rotated rope key, from which every step rebuilds the keys and values."""
         b, t, _ = x.shape
         c = self.cfg
         if not self.mla:
-            q = _rotate(self.wq(x).view(b, t, -1, c.head_dim), angles)
-            k = _rotate(self.wk(x).view(b, t, -1, c.head_dim), angles)
-            return q, k, self.wv(x).view(b, t, -1, c.head_dim)
+            q = _rotate(self.wq(x).view(b, t, -1, c.head_dim), angles).transpose(1, 2)
+            k = _rotate(self.wk(x).view(b, t, -1, c.head_dim), angles).transpose(1, 2)
+            v = self.wv(x).view(b, t, -1, c.head_dim).transpose(1, 2)
+            if cache is not None:
+                k, v = cache.update(k, v, self.index)
+            return q, k, v
         nope, rope = c.qk_nope_head_dim, c.qk_rope_head_dim
         q = self.wq_b(self.q_norm(self.wq_a(x))) if c.q_lora_rank > 0 else self.wq(x)
         q_nope, q_pe = q.view(b, t, -1, nope + rope).split([nope, rope], dim=-1)
+        q = torch.cat([q_nope, _rotate(q_pe, angles)], dim=-1).transpose(1, 2)
         latent, k_pe = self.wkv_a(x).split([c.kv_lora_rank, rope], dim=-1)
-        k_pe = _rotate(k_pe.unsqueeze(2), angles)
-        kv = self.wkv_b(self.kv_norm(latent)).view(b, t, -1, nope + c.v_head_dim)
+        latent = self.kv_norm(latent).unsqueeze(1)  # [B, 1, T, rank]: one latent for all heads
+        k_pe = _rotate(k_pe.unsqueeze(2), angles).transpose(1, 2)  # [B, 1, T, Dr]
+        if cache is not None:
+            latent, k_pe = cache.update(latent, k_pe, self.index)
+        total = latent.shape[2]
+        kv = self.wkv_b(latent[:, 0]).view(b, total, -1, nope + c.v_head_dim).transpose(1, 2)
         k_nope, v = kv.split([nope, c.v_head_dim], dim=-1)
-        q = torch.cat([q_nope, _rotate(q_pe, angles)], dim=-1)
-        k = torch.cat([k_nope, k_pe.expand(-1, -1, q.shape[2], -1)], dim=-1)
+        k = torch.cat([k_nope, k_pe.expand(-1, k_nope.shape[1], -1, -1)], dim=-1)
         return q, k, v
 
     def forward(self, x, angles, cache: Cache | None):
-        q, k, v = (y.transpose(1, 2) for y in self._qkv(x, angles))  # [B, H, T, D]
-        past = 0
-        if cache is not None:
-            past = cache.get_seq_length(self.index)
-            k, v = cache.update(k, v, self.index)
+        past = cache.get_seq_length(self.index) if cache is not None else 0
+        q, k, v = self._qkv(x, angles, cache)
         if q.shape[1] != k.shape[1]:
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
