@@ -1,4 +1,6 @@
 """``python -m pretrain.evaluate --checkpoint DIR (--text FILE | --ids FILE.npy)``
+``python -m pretrain.evaluate --checkpoint DIR --probe niah_mq,vt,ppl_by_position --lengths
+512,1024,2048 --text HAYSTACK_FILE_OR_DIR [--samples 8] [--out DIR]`` (``pretrain.probes``)
 
 The mean next-token loss of a DCP checkpoint's model on one document, to compare with the same
 number from an exported Hugging Face folder (docs/conversion.md).
@@ -72,7 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", help="the tokenizer file, when not where it was trained")
     parser.add_argument("--config", help="an old checkpoint without model_args: config.toml")
     parser.add_argument("--seq_len", type=int, default=0, help="window length (0: max_seq_len)")
+    parser.add_argument("--probe", default="", help="niah_mq,vt,ppl_by_position (pretrain.probes)")
+    parser.add_argument("--lengths", default="512,1024,2048", help="probe context lengths")
+    parser.add_argument("--samples", type=int, default=8, help="probe samples per length")
+    parser.add_argument("--out", default="", help="probes: folder for probes.json and probes.png")
     ns = parser.parse_args(argv)
+    if ns.probe:
+        return probe_main(ns)
     try:
         model, args, tok_path = load_model(ns.checkpoint, ns.config, ns.tokenizer)
         ids = document_ids(ns.text, ns.ids, tok_path)
@@ -85,6 +93,67 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"tokens: {ids.size}")
     print(f"loss: {loss:.6f}")
+    return 0
+
+
+def probe_main(ns) -> int:
+    """``--probe``: RULER-style probes over haystacks cut from ``--text`` (a file or folder)."""
+    import json
+
+    from pretrain.generate import inference_model
+    from pretrain.probes import Haystack, plot_probes, run_probes
+
+    try:
+        if not ns.text:
+            raise ValueError("--probe needs --text FILE_OR_DIR: the haystack's filler text")
+        lengths = [int(x) for x in ns.lengths.split(",") if x]
+        model, args, tok_path = load_model(ns.checkpoint, ns.config, ns.tokenizer)
+        longest = max(lengths) + 48  # room for the answer
+        if longest > args.max_seq_len:
+            raise ValueError(
+                f"--lengths up to {max(lengths)} need max_seq_len >= {longest}, the model has "
+                f"{args.max_seq_len}: extend it first (pretrain/configs/demo_extend_2k.toml)"
+            )
+        from pretrain.analyze import _text_ids
+
+        haystack = Haystack(_text_ids([Path(ns.text)], tok_path))
+        generator, tok = inference_model(ns.checkpoint, ns.tokenizer, ns.config)
+
+        @torch.no_grad()
+        def generate(prompt: list[int], max_new: int) -> list[int]:
+            room = args.max_seq_len - len(prompt)
+            if room <= 0:
+                raise ValueError(
+                    f"a probe prompt of {len(prompt)} tokens leaves no room within max_seq_len="
+                    f"{args.max_seq_len}: lower --lengths"
+                )
+            max_new = min(max_new, room)
+            ids = torch.tensor([prompt])
+            out = generator.generate(ids, max_new_tokens=max_new, do_sample=False, pad_token_id=0)
+            return out[0, ids.shape[1] :].tolist()
+
+        results = run_probes(
+            ns.probe.split(","),
+            lengths,
+            generate=generate,
+            encode=tok.encode,
+            decode=tok.decode,
+            haystack=haystack,
+            samples=ns.samples,
+            model=model,
+            hasher=hasher_for(args, tok_path),
+        )
+    except (ConversionError, ValueError, FileNotFoundError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    results["checkpoint"] = str(ns.checkpoint)
+    print(json.dumps(results))
+    if ns.out:
+        out = Path(ns.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "probes.json").write_text(json.dumps(results, indent=1) + "\n")
+        if plot_probes(results, out / "probes.png"):
+            print(f"wrote {out / 'probes.png'}")
     return 0
 
 
