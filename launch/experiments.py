@@ -238,6 +238,29 @@ def plot(res: dict, out: Path) -> Path | None:
     return path
 
 
+def iso_flop_verdict(rows: list[dict]) -> list[str]:
+    """MoE minus Engram loss, over the seeds (unpaired) and seed by seed (paired: both arms see
+    the same data order and initial seed, so the per-seed difference removes the order's
+    effect, which dominates at small step counts)."""
+    (m_mean, m_std), (e_mean, e_std) = (summary_stats(r["val_loss"]) for r in rows)
+    spread = 2 * max(m_std, e_std)
+    verdict = "beats" if m_mean - e_mean > spread else "does not clearly beat"
+    lines = [
+        f"Unpaired: Engram {verdict} MoE: mean difference {m_mean - e_mean:+.4f}, twice the "
+        f"larger seed std {spread:.4f}."
+    ]
+    moe, engram = rows[0]["val_loss"], rows[1]["val_loss"]
+    if len(moe) == len(engram) and len(moe) > 1:
+        diffs = [m - e for m, e in zip(moe, engram, strict=True)]
+        d_mean, d_std = summary_stats(diffs)
+        paired = "beats" if d_mean > 2 * d_std else "does not clearly beat"
+        lines.append(
+            f"Paired by seed: Engram {paired} MoE: differences "
+            f"{', '.join(f'{d:+.4f}' for d in diffs)} (mean {d_mean:+.4f}, std {d_std:.4f})."
+        )
+    return lines
+
+
 def report(res: dict, checks: list[str], out: Path, png: Path | None) -> str:
     lines = [f"# {res['experiment']} (size {res['size']}, {res['steps']} steps)", ""]
     lines += ["Accounting (relative to the first arm):", "", "```", *checks, "```", ""]
@@ -252,14 +275,7 @@ def report(res: dict, checks: list[str], out: Path, png: Path | None) -> str:
         )
     rows = [r for r in res["arms"] if r["val_loss"]]
     if res["experiment"] == "iso_flop" and len(rows) == 2:
-        (m_mean, m_std), (e_mean, e_std) = (summary_stats(r["val_loss"]) for r in rows)
-        spread = 2 * max(m_std, e_std)
-        verdict = "beats" if m_mean - e_mean > spread else "does not clearly beat"
-        lines += [
-            "",
-            f"Engram {verdict} MoE: difference {m_mean - e_mean:+.4f}, twice the "
-            f"larger seed std {spread:.4f}.",
-        ]
+        lines += ["", *iso_flop_verdict(rows)]
     if res["experiment"] == "allocation" and rows:
         best = min(rows, key=lambda r: summary_stats(r["val_loss"])[0])
         lines += ["", f"Minimum at rho = {best['rho']:.2f}."]
