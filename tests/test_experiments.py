@@ -133,3 +133,14 @@ def test_gate_values_cover_every_token_and_branch():
         assert ((values > 0) & (values < 1)).all()
     page = analyze.gate_html([f"t{i}" for i in range(wins[0].size - 1)], gates)
     assert page.count("<span") == len(gates) * (wins[0].size - 1)
+
+
+def test_iso_flop_verdict_pairs_seeds():
+    from launch.experiments import iso_flop_verdict
+
+    rows = [{"val_loss": [5.5, 6.0, 6.3]}, {"val_loss": [5.4, 5.91, 6.19]}]
+    unpaired, paired = iso_flop_verdict(rows)
+    assert "does not clearly beat" in unpaired  # the data order's spread hides the difference
+    assert "Paired by seed: Engram beats" in paired and "+0.1000" in paired
+    rows[1]["val_loss"] = [5.6, 5.9, 6.35]
+    assert "does not clearly beat" in iso_flop_verdict(rows)[1]
