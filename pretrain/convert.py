@@ -486,13 +486,22 @@ def hf_to_dcp(
     return Path(out)
 
 
-def load_model(checkpoint: str | Path, config: str | None = None, tokenizer: str | None = None):
+def load_model(
+    checkpoint: str | Path,
+    config: str | None = None,
+    tokenizer: str | None = None,
+    max_seq_len: int | None = None,
+):
     """Our model (one process, CPU, float32) with a DCP checkpoint's weights, plus its args and
-    tokenizer path: what evaluation and conversion checks run."""
+    tokenizer path: what evaluation and conversion checks run. ``max_seq_len`` runs the model at
+    more positions than it was trained for (RoPE as it is: no YaRN), to measure a model before
+    a long-context extension."""
     from models.transformer import build_model
 
     ckpt = DcpCheckpoint(checkpoint)
     args = ckpt.model_args(config)
+    if max_seq_len:
+        args.max_seq_len = max_seq_len
     model = build_model(args)  # non-persistent buffers (RoPE, offsets) initialised here
     state = model.state_dict()
     dcp.load({"model": state}, storage_reader=ckpt._reader, no_dist=True)

@@ -78,11 +78,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", default="512,1024,2048", help="probe context lengths")
     parser.add_argument("--samples", type=int, default=8, help="probe samples per length")
     parser.add_argument("--out", default="", help="probes: folder for probes.json and probes.png")
+    parser.add_argument(
+        "--max_seq_len",
+        type=int,
+        default=0,
+        help="run the model at more positions than trained (no YaRN): a before-extension baseline",
+    )
     ns = parser.parse_args(argv)
     if ns.probe:
         return probe_main(ns)
     try:
-        model, args, tok_path = load_model(ns.checkpoint, ns.config, ns.tokenizer)
+        model, args, tok_path = load_model(
+            ns.checkpoint, ns.config, ns.tokenizer, ns.max_seq_len or None
+        )
         ids = document_ids(ns.text, ns.ids, tok_path)
         seq_len = ns.seq_len or args.max_seq_len
         if seq_len > args.max_seq_len:
@@ -107,7 +115,9 @@ def probe_main(ns) -> int:
         if not ns.text:
             raise ValueError("--probe needs --text FILE_OR_DIR: the haystack's filler text")
         lengths = [int(x) for x in ns.lengths.split(",") if x]
-        model, args, tok_path = load_model(ns.checkpoint, ns.config, ns.tokenizer)
+        model, args, tok_path = load_model(
+            ns.checkpoint, ns.config, ns.tokenizer, ns.max_seq_len or None
+        )
         longest = max(lengths) + 48  # room for the answer
         if longest > args.max_seq_len:
             raise ValueError(
@@ -117,7 +127,7 @@ def probe_main(ns) -> int:
         from pretrain.analyze import _text_ids
 
         haystack = Haystack(_text_ids([Path(ns.text)], tok_path))
-        generator, tok = inference_model(ns.checkpoint, ns.tokenizer, ns.config)
+        generator, tok = inference_model(ns.checkpoint, ns.tokenizer, ns.config, ns.max_seq_len)
 
         @torch.no_grad()
         def generate(prompt: list[int], max_new: int) -> list[int]:

@@ -20,15 +20,18 @@ from data.tokenizer import load_tokenizer
 from pretrain.convert import ConversionError, hasher_for, load_model
 
 
-def inference_model(checkpoint, tokenizer: str | None = None, config: str | None = None):
-    """``(model, tokenizer)``: the checkpoint's weights in the cached inference model."""
+def inference_model(
+    checkpoint, tokenizer: str | None = None, config: str | None = None, max_seq_len: int = 0
+):
+    """``(model, tokenizer)``: the checkpoint's weights in the cached inference model
+    (``max_seq_len``: see ``pretrain.convert.load_model``)."""
     try:
         from models.hf.modeling_engram import EngramDeepseekConfig, EngramDeepseekForCausalLM
     except ImportError as err:
         raise ImportError("generation needs transformers: pip install -e '.[hf]'") from err
     from models.hf.layouts import COMPRESSED_MAP, engram_hf_config
 
-    ours, args, tok_path = load_model(checkpoint, config, tokenizer)
+    ours, args, tok_path = load_model(checkpoint, config, tokenizer, max_seq_len or None)
     tok = load_tokenizer(tok_path)
     hasher = hasher_for(args, tok_path)
     values = engram_hf_config(args, hasher.to_config_dict() if hasher else None, tok)

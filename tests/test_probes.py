@@ -98,3 +98,6 @@ def test_probe_cli_runs_from_a_checkpoint(corpus, tmp_path):
     assert len(losses) == probes.BUCKETS and all(np.isfinite(losses))
     too_long = ["--checkpoint", str(ckpt), "--probe", "niah_mq", "--lengths", "4096"]
     assert main([*too_long, "--text", str(text)]) == 2
+    # a baseline beyond the trained positions (debug: 128) without YaRN
+    beyond = ["--checkpoint", str(ckpt), "--probe", "ppl_by_position", "--lengths", "200"]
+    assert main([*beyond, "--max_seq_len", "256", "--samples", "1", "--text", str(text)]) == 0
