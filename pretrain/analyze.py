@@ -199,10 +199,33 @@ def _text_ids(paths: list[Path], tokenizer_path: Path) -> np.ndarray:
 
     files = []
     for path in paths:
-        files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        files += sorted(p for p in path.rglob("*") if _is_text(p)) if path.is_dir() else [path]
     if not files:
         raise ValueError(f"no text files under {', '.join(map(str, paths))}")
     return np.concatenate([document_ids(str(f), None, tokenizer_path) for f in files])
+
+
+def short_labels(paths: list[str]) -> list[str]:
+    """The parts of checkpoint paths that tell them apart (common leading and trailing folders
+    dropped)."""
+    parts = [Path(p).parts for p in paths]
+    if len(parts) < 2:
+        return [Path(p).name for p in paths]
+    head = 0
+    while all(len(p) > head + 1 for p in parts) and len({p[head] for p in parts}) == 1:
+        head += 1
+    tail = 0
+    while all(len(p) > head + tail + 1 for p in parts) and len({p[-1 - tail] for p in parts}) == 1:
+        tail += 1
+    return ["/".join(p[head : len(p) - tail]) for p in parts]
+
+
+def _is_text(path: Path) -> bool:
+    """A file of text (folders also hold bytecode caches and the like): no NUL byte up front."""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as handle:
+        return b"\0" not in handle.read(4096)
 
 
 def _plot(kind: str, data, out: Path, labels=None) -> Path | None:
@@ -288,16 +311,17 @@ def main(argv=None) -> int:
             ids = _text_ids([Path(t) for t in ns.text], tok)
             wins = windows(ids, seq_len, ns.windows)
             if ns.tool == "logit_lens":
+                names = short_labels(ns.checkpoint)
                 result = {
                     c: logit_lens(m, hasher_for(a, t), wins)
-                    for c, (m, a, t) in zip(ns.checkpoint, loaded, strict=True)
+                    for c, (m, a, t) in zip(names, loaded, strict=True)
                 }
                 png = _plot("logit_lens", result, out)
             else:
                 feats = [layer_features(m, hasher_for(a, t), wins) for m, a, t in loaded]
                 result = {"a": ns.checkpoint[0], "b": ns.checkpoint[1]}
                 result["cka"] = cka_matrix(*feats)
-                png = _plot("cka", result["cka"], out, labels=ns.checkpoint)
+                png = _plot("cka", result["cka"], out, labels=short_labels(ns.checkpoint))
     except (ConversionError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

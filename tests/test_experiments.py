@@ -144,3 +144,9 @@ def test_iso_flop_verdict_pairs_seeds():
     assert "Paired by seed: Engram beats" in paired and "+0.1000" in paired
     rows[1]["val_loss"] = [5.6, 5.9, 6.35]
     assert "does not clearly beat" in iso_flop_verdict(rows)[1]
+
+
+def test_short_labels_keep_what_differs():
+    paths = ["out/iso/runs/engram/seed0/checkpoints", "out/iso/runs/moe/seed0/checkpoints"]
+    assert analyze.short_labels(paths) == ["engram", "moe"]
+    assert analyze.short_labels(["a/b"]) == ["b"]
