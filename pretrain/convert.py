@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import warnings
@@ -29,7 +28,7 @@ from tqdm import tqdm
 from data.ngram_hash import CompressedTokenizer, NgramHasher, hash_config_mismatches
 from data.tokenizer import load_tokenizer
 from models.args import ModelArgs, model_args_from_dict, model_args_to_dict
-from models.hf.layouts import Source
+from models.hf.layouts import Source, cast
 from models.hf.safetensors_io import INDEX, SINGLE, SafetensorsFolder, TensorEntry, write_folder
 from parallel.sharding import RowBlocks
 
@@ -283,10 +282,6 @@ def expect_names(found: set[str], expected: set[str], where: str) -> None:
         )
 
 
-def ceil_div(a: int, b: int) -> int:
-    return math.ceil(a / b)
-
-
 # ----- conversions ------------------------------------------------------------------------------
 
 LAYOUTS = ("auto", "engram", "deepseek_v3")
@@ -329,10 +324,12 @@ def _expected_names(args: ModelArgs) -> set[str]:
     return set(model.state_dict())
 
 
-def _write_hf(out: Path, sources: dict[str, Source], config: dict, max_shard_bytes: int) -> None:
+def _write_hf(
+    out: Path, sources: dict[str, Source], config: dict, max_shard_bytes: int, what: str
+) -> None:
     entries = [s.entry for s in sources.values()]
     total = sum(e.nbytes for e in entries)
-    with progress_bar(total, "dcp-to-hf") as bar:
+    with progress_bar(total, what) as bar:
         write_folder(
             out,
             entries,
@@ -398,7 +395,7 @@ def dcp_to_hf(
         "step": ckpt.meta.get("step"),
     }
     with atomic_folder(out, overwrite) as tmp:
-        _write_hf(tmp, hf, hf_config, max_shard_bytes)
+        _write_hf(tmp, hf, hf_config, max_shard_bytes, "dcp-to-hf")
         shutil.copyfile(tok_path, tmp / TOKENIZER_FILES[tok_path.suffix])
         (tmp / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(tok), indent=2))
         if layout == "engram":
@@ -544,14 +541,8 @@ def _merge_into_base(
                 f"{where}: {name} is {list(src.entry.shape)} but the base model's is "
                 f"{list(ours[name].entry.shape)} (another hash configuration or model width)"
             )
-        ours[name] = cast_to(src, ours[name].entry.dtype)
+        ours[name] = cast(src, ours[name].entry.dtype)
     return ours
-
-
-def cast_to(src: Source, dtype: torch.dtype) -> Source:
-    from models.hf import layouts
-
-    return layouts.cast(src, dtype)
 
 
 def _save_with_base_meta(base: DcpCheckpoint, ours: dict[str, Source], out, source, overwrite):
@@ -651,7 +642,7 @@ def dcp_to_v41(
     config = layouts.v41_config(args, ckpt.meta.get("engram_hash"))
     config["engram_pretrain"] = {"model_args": model_args_to_dict(args), "fp8": fp8}
     with atomic_folder(out, overwrite) as tmp:
-        _write_hf(tmp, v41, config, max_shard_bytes)
+        _write_hf(tmp, v41, config, max_shard_bytes, "dcp-to-v41")
     return Path(out)
 
 
