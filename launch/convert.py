@@ -25,7 +25,6 @@ import sys
 
 import torch
 
-from models.hf.safetensors_io import SafetensorsError
 from pretrain import convert
 
 COMMANDS = ("dcp-to-hf", "hf-to-dcp", "reference-to-dcp", "dcp-to-v41", "v41-to-dcp")
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = parse(argv)
     try:
         out = run(ns)
-    except (convert.ConversionError, SafetensorsError) as err:
+    except (ValueError, FileNotFoundError, KeyError) as err:  # ConversionError, SafetensorsError
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
