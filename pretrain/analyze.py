@@ -26,26 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from models.engram import Engram, GateMonitor
+from pretrain.evaluate import forward_window, windows, windows_loss
 
 # ----- inputs -----------------------------------------------------------------------------------
-
-
-def windows(ids: np.ndarray, seq_len: int, limit: int | None = None) -> list[np.ndarray]:
-    """Consecutive windows of ``seq_len + 1`` ids (inputs and their next tokens)."""
-    out = [ids[s : s + seq_len + 1] for s in range(0, max(1, ids.size - 1), seq_len)]
-    out = [w for w in out if w.size >= 2]
-    return out[:limit] if limit else out
-
-
-def engram_inputs(hasher, window: np.ndarray):
-    if hasher is None:
-        return None
-    return {k: torch.from_numpy(v) for k, v in hasher.hash(window[None]).items()}
-
-
-def _forward(model, hasher, window: np.ndarray):
-    tokens = torch.from_numpy(window[:-1]).unsqueeze(0)
-    return model(tokens, engram=engram_inputs(hasher, window[:-1]))
 
 
 @contextlib.contextmanager
@@ -89,7 +72,7 @@ def logit_lens(model, hasher, wins: list[np.ndarray]) -> list[float]:
     count = 0
     for window in wins:
         with capture_layers(model) as outs:
-            final = F.log_softmax(_forward(model, hasher, window).logits.float(), dim=-1)
+            final = F.log_softmax(forward_window(model, hasher, window).logits.float(), dim=-1)
         kls = []
         for x in outs:
             early = F.log_softmax(model.output(model.norm(model.merge(x))).float(), dim=-1)
@@ -116,7 +99,7 @@ def layer_features(model, hasher, wins: list[np.ndarray]) -> list[torch.Tensor]:
     per_layer: list[list[torch.Tensor]] = []
     for window in wins:
         with capture_layers(model) as outs:
-            _forward(model, hasher, window)
+            forward_window(model, hasher, window)
         for i, x in enumerate(outs):
             if len(per_layer) <= i:
                 per_layer.append([])
@@ -136,7 +119,7 @@ def gate_values(model, hasher, window: np.ndarray) -> dict[int, np.ndarray]:
     """Per Engram layer, the gates ``[T, G]`` of every token and branch."""
     monitor = GateMonitor(model)
     try:
-        _forward(model, hasher, window)
+        forward_window(model, hasher, window)
         return {k: v[0, :, :, 0].float().numpy() for k, v in monitor._last.items()}
     finally:
         monitor.remove()
@@ -162,26 +145,15 @@ def gate_html(tokens: list[str], gates: dict[int, np.ndarray]) -> str:
 # ----- ablation ---------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def mean_loss(model, hasher, wins: list[np.ndarray]) -> float:
-    total, count = 0.0, 0
-    for window in wins:
-        logits = _forward(model, hasher, window).logits[0].float()
-        labels = torch.from_numpy(window[1:])
-        total += F.cross_entropy(logits, labels, reduction="sum").item()
-        count += labels.numel()
-    return total / count
-
-
 def ablation(model, hasher, sources: dict[str, list[np.ndarray]], vocab_size: int) -> dict:
     """Loss per source with and without Engram's output, and the retained fraction of the gain
     over a uniform guess: ``(ln V - ablated) / (ln V - full)``."""
     chance = math.log(vocab_size)
     out = {}
     for name, wins in sources.items():
-        full = mean_loss(model, hasher, wins)
+        full = windows_loss(model, hasher, wins)
         with engram_ablated(model):
-            ablated = mean_loss(model, hasher, wins)
+            ablated = windows_loss(model, hasher, wins)
         out[name] = {
             "loss": full,
             "loss_engram_ablated": ablated,

@@ -1,224 +1,41 @@
 """Checkpoint conversion: DCP <-> Hugging Face folders, reference and DeepSeek-V4.1 Engram layouts.
 
-Every conversion streams: a tensor is read and written in row blocks (``BLOCK_BYTES``), so memory
-holds a few blocks whatever the checkpoint's size. DCP checkpoints are read through DCP at any
-layout they were saved at (every key is a global tensor; tables are row blocks), and written
-through ``RowBlocks`` whose source reads the input lazily. Outputs are built in ``<out>.tmp`` and
-renamed when complete: an interrupted conversion leaves no folder under the output's name.
+Every conversion streams (``pretrain/dcp_stream.py``): a tensor is read and written in row blocks
+of about ``BLOCK_BYTES``, so memory holds a few blocks whatever the checkpoint's size. DCP
+checkpoints are read through DCP at any layout they were saved at (every key is a global tensor;
+tables are row blocks), and written through ``RowBlocks`` whose source reads the input lazily.
+Outputs are built in ``<out>.tmp`` and renamed when complete: an interrupted conversion leaves no
+folder under the output's name.
 
-Name maps live with the layouts: ``models.hf.names``. The command line is ``launch/convert.py``.
+Name maps live with the layouts: ``models.hf.layouts``. The command line is ``launch/convert.py``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from tqdm import tqdm
 
 from data.ngram_hash import CompressedTokenizer, NgramHasher, hash_config_mismatches
 from data.tokenizer import load_tokenizer
 from models.args import ModelArgs, model_args_from_dict, model_args_to_dict
-from models.hf.layouts import Source, cast
-from models.hf.safetensors_io import INDEX, SINGLE, SafetensorsFolder, TensorEntry, write_folder
-from parallel.sharding import RowBlocks
-
-log = logging.getLogger(__name__)
-BLOCK_BYTES = 64 << 20  # rows moved per read/write: about this many bytes
-warnings.filterwarnings(
-    "ignore", message="torch.distributed is disabled, unavailable or uninitialized"
+from models.hf.layouts import Source, cast, constant
+from models.hf.safetensors_io import SafetensorsFolder, write_folder
+from pretrain.dcp_stream import (  # noqa: F401 - the conversion API re-exports these
+    BLOCK_BYTES,
+    ConversionError,
+    DcpCheckpoint,
+    atomic_folder,
+    pieces_of,
+    progress_bar,
+    save_dcp,
 )
 
-
-class ConversionError(ValueError):
-    """Bad input to a conversion; the message names the problem and the fix."""
-
-
-# ----- reading and writing DCP, a block at a time -----------------------------------------------
-
-
-class DcpCheckpoint:
-    """A DCP checkpoint folder (``step-*`` with ``.metadata`` and ``meta.json``), read one tensor
-    or row block at a time. A run's checkpoint folder (holding ``step-*``) means its newest
-    complete checkpoint."""
-
-    def __init__(self, path: str | Path):
-        path = Path(path)
-        if (path / INDEX).is_file() or (path / SINGLE).is_file():
-            raise ConversionError(
-                f"{path} is a Hugging Face safetensors folder, not a DCP checkpoint: use "
-                "hf-to-dcp to convert it"
-            )
-        if not (path / ".metadata").is_file():
-            from pretrain.checkpoint import PREFIX, complete_steps
-
-            steps = complete_steps(path) if path.is_dir() else []
-            if not steps:
-                raise ConversionError(
-                    f"{path} is not a DCP checkpoint (no .metadata) and holds no complete "
-                    "step-* checkpoint: point --checkpoint at <dump>/checkpoints/step-N"
-                )
-            path = path / f"{PREFIX}{steps[-1]:08d}"
-        if not (path / "meta.json").is_file():
-            raise ConversionError(
-                f"{path} has no meta.json: the checkpoint is incomplete (an interrupted save)"
-            )
-        self.path = path
-        self.meta = json.loads((path / "meta.json").read_text())
-        self._reader = dcp.FileSystemReader(str(path))
-        self.metadata = self._reader.read_metadata()
-
-    def entries(self, prefix: str = "model.") -> dict[str, TensorEntry]:
-        """Tensors under ``prefix`` (the model's weights), without the prefix."""
-        out = {}
-        for key, md in self.metadata.state_dict_metadata.items():
-            if key.startswith(prefix) and isinstance(md, TensorStorageMetadata):
-                name = key[len(prefix) :]
-                out[name] = TensorEntry(name, tuple(md.size), md.properties.dtype)
-        return out
-
-    def _job_config(self, config: str | None):
-        """The job's config: ``config``, or the run folder's ``config.toml`` (older checkpoints
-        record no model_args; the trainer writes its config beside its checkpoints)."""
-        from pretrain.config import load_config
-
-        path = Path(config) if config else self.path.parent.parent / "config.toml"
-        if not path.is_file():
-            raise ConversionError(
-                f"{self.path}/meta.json has no model_args (a checkpoint from before conversion "
-                "support) and no config.toml is beside the run: pass --config <its config.toml>"
-            )
-        return load_config(str(path))
-
-    def model_args(self, config: str | None = None) -> ModelArgs:
-        if "model_args" in self.meta:
-            return model_args_from_dict(self.meta["model_args"])
-        from pretrain.builders import build_model_args
-
-        cfg = self._job_config(config)
-        return build_model_args(cfg.model, load_tokenizer(self.tokenizer_path()), cfg.data.seq_len)
-
-    def tokenizer_path(self, override: str | None = None) -> Path:
-        path = override or self.meta.get("tokenizer_path")
-        if not path and "model_args" not in self.meta:  # an older checkpoint: the job's config
-            data = self._job_config(None).data
-            path = data.tokenizer or str(Path(data.dataset_path) / "tokenizer.model")
-        if not path or not Path(path).is_file():
-            raise ConversionError(
-                f"the tokenizer of {self.path} ({path or 'not recorded'}) is not on this machine: "
-                "pass --tokenizer <its tokenizer.model or tokenizer.json>"
-            )
-        return Path(path)
-
-    def read_rows(self, name: str, start: int, stop: int, entry: TensorEntry) -> torch.Tensor:
-        buffer = torch.empty(stop - start, *entry.shape[1:], dtype=entry.dtype)
-        blocks = RowBlocks(buffer, start, entry.shape[0], block_rows=max(1, stop - start))
-        dcp.load({"model": {name: blocks}}, storage_reader=self._reader, no_dist=True)
-        return buffer
-
-    def read(self, name: str, entry: TensorEntry) -> torch.Tensor:
-        if len(entry.shape) >= 1 and entry.shape[0] > 0:
-            return self.read_rows(name, 0, entry.shape[0], entry)
-        value = torch.empty(entry.shape, dtype=entry.dtype)
-        dcp.load({"model": {name: value}}, storage_reader=self._reader, no_dist=True)
-        return value
-
-
-class LazyRows:
-    """Rows of a tensor produced on demand by ``read_rows(start, stop)``: the source of a
-    ``RowBlocks`` that DCP saves block by block."""
-
-    def __init__(self, entry: TensorEntry, read_rows: Callable[[int, int], torch.Tensor]):
-        self.entry, self._read = entry, read_rows
-        self.shape, self.dtype = torch.Size(entry.shape), entry.dtype
-
-    def __getitem__(self, index: slice) -> torch.Tensor:
-        start, stop, _ = index.indices(self.shape[0])
-        if stop <= start:
-            return torch.empty(0, *self.shape[1:], dtype=self.dtype)
-        return self._read(start, stop)
-
-
-def block_rows(entry: TensorEntry) -> int:
-    """Rows per streamed block: about ``BLOCK_BYTES``."""
-    row = TensorEntry("", entry.shape[1:], entry.dtype).nbytes or 1
-    return max(1, BLOCK_BYTES // row)
-
-
-def save_dcp(folder: Path, sources: dict[str, Source], meta: dict, progress: tqdm) -> None:
-    """A DCP checkpoint of ``sources`` (model weights only) plus ``meta.json``; every tensor of
-    two or more dimensions is written in row blocks read lazily."""
-    state = {}
-    for name, src in sources.items():
-        entry = src.entry
-        if len(entry.shape) >= 2 and entry.shape[0] > 0:
-            state[name] = RowBlocks(
-                LazyRows(entry, _counted(src.read_rows, progress)),
-                0,
-                entry.shape[0],
-                block_rows=block_rows(entry),
-            )
-        else:
-            state[name] = src.read()
-            progress.update(entry.nbytes)
-    dcp.save({"model": state}, checkpoint_id=str(folder), no_dist=True)
-    (folder / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-
-
-def _counted(read_rows, progress: tqdm):
-    def read(start: int, stop: int) -> torch.Tensor:
-        rows = read_rows(start, stop)
-        progress.update(rows.numel() * rows.element_size())
-        return rows
-
-    return read
-
-
-def pieces_of(src: Source) -> Iterator[torch.Tensor]:
-    entry = src.entry
-    if len(entry.shape) < 1 or entry.shape[0] == 0:
-        yield src.read()
-        return
-    step = block_rows(entry)
-    for start in range(0, entry.shape[0], step):
-        yield src.read_rows(start, min(entry.shape[0], start + step))
-
-
-# ----- outputs ----------------------------------------------------------------------------------
-
-
-@contextmanager
-def atomic_folder(out: str | Path, overwrite: bool = False):
-    """Yield ``<out>.tmp`` to fill; rename it to ``out`` when the block finishes. A failure
-    removes the temporary folder, so nothing under ``out`` ever looks complete but is not."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ConversionError(f"{out} exists and is not empty: remove it or pick another --out")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-
-
-def progress_bar(total_bytes: int, what: str) -> tqdm:
-    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=what)
+log = logging.getLogger(__name__)
 
 
 # ----- identity: tokenizer and hash configuration -----------------------------------------------
@@ -288,31 +105,32 @@ LAYOUTS = ("auto", "engram", "deepseek_v3")
 TOKENIZER_FILES = {".json": "tokenizer.json", ".model": "tokenizer.model"}
 
 
-def _dcp_sources(ckpt: DcpCheckpoint) -> dict[str, Source]:
+def _sources(entries, read_rows, read) -> dict[str, Source]:
+    """Sources of ``entries``: ``read_rows(entry, a, b)`` for tensors with rows, ``read(entry)``
+    for scalars (whose one row is the value)."""
     sources = {}
-    for name, entry in ckpt.entries().items():
-
-        def read_rows(a, b, name=name, entry=entry):
-            if not entry.shape:
-                return ckpt.read(name, entry)
-            return ckpt.read_rows(name, a, b, entry)
-
-        sources[name] = Source(entry, read_rows)
+    for entry in entries:
+        if entry.shape:
+            sources[entry.name] = Source(entry, lambda a, b, e=entry: read_rows(e, a, b))
+        else:
+            sources[entry.name] = Source(entry, lambda a, b, e=entry: read(e).reshape(1))
     return sources
+
+
+def _dcp_sources(ckpt: DcpCheckpoint) -> dict[str, Source]:
+    return _sources(
+        ckpt.entries().values(),
+        lambda e, a, b: ckpt.read_rows(e.name, a, b, e),
+        lambda e: ckpt.read(e.name, e),
+    )
 
 
 def _folder_sources(folder: SafetensorsFolder) -> dict[str, Source]:
-    sources = {}
-    for name in folder.names():
-        entry = folder.entry(name)
-
-        def read_rows(a, b, name=name, entry=entry):
-            if not entry.shape:
-                return folder.read(name)
-            return folder.read_rows(name, a, b)
-
-        sources[name] = Source(entry, read_rows)
-    return sources
+    return _sources(
+        [folder.entry(n) for n in folder.names()],
+        lambda e, a, b: folder.read_rows(e.name, a, b),
+        lambda e: folder.read(e.name),
+    )
 
 
 def _expected_names(args: ModelArgs) -> set[str]:
@@ -510,13 +328,7 @@ def save_model(model, args: ModelArgs, tokenizer_path: Path, out: str | Path, so
     """A one-rank DCP checkpoint of ``model``'s weights (a fresh initialisation, or weights made
     elsewhere), in the layout ``hf-to-dcp`` writes."""
     hasher = hasher_for(args, Path(tokenizer_path))
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    sources = {
-        k: Source(
-            TensorEntry(k, tuple(v.shape), v.dtype), lambda a, b, v=v: v[a:b] if v.dim() else v
-        )
-        for k, v in state.items()
-    }
+    sources = {k: constant(k, v.detach()) for k, v in model.state_dict().items()}
     meta = checkpoint_meta(args, hasher, Path(tokenizer_path), source)
     total = sum(s.entry.nbytes for s in sources.values())
     with atomic_folder(out) as tmp, progress_bar(total, "save") as bar:
@@ -568,8 +380,6 @@ def _reference_sources(path: Path) -> dict[str, Source]:
         values = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     else:
         raise ConversionError(f"{path}: use a .safetensors, .npz or .pt file of reference weights")
-    from models.hf.layouts import constant
-
     return {k: constant(k, v) for k, v in values.items()}
 
 

@@ -45,25 +45,45 @@ def document_ids(text_file: str | None, ids_file: str | None, tokenizer_path: Pa
     return np.asarray(tok.encode(text) + [tok.eos_id], dtype=np.int64)  # as data.prepare
 
 
+def windows(ids: np.ndarray, seq_len: int, limit: int | None = None) -> list[np.ndarray]:
+    """Consecutive windows of ``seq_len + 1`` ids (inputs and their next tokens); each is a
+    sequence of its own."""
+    out = [ids[s : s + seq_len + 1] for s in range(0, max(1, ids.size - 1), seq_len)]
+    out = [w for w in out if w.size >= 2]
+    return out[:limit] if limit else out
+
+
+def engram_inputs(hasher, tokens: np.ndarray):
+    """The hash ids of ``tokens [T]`` (a batch of one) as the model takes them."""
+    if hasher is None:
+        return None
+    return {k: torch.from_numpy(v) for k, v in hasher.hash(tokens[None]).items()}
+
+
+def forward_window(model, hasher, window: np.ndarray):
+    """The model's output on a window's inputs (all but its last id)."""
+    tokens = torch.from_numpy(window[:-1]).unsqueeze(0)
+    return model(tokens, engram=engram_inputs(hasher, window[:-1]))
+
+
 @torch.no_grad()
+def windows_loss(model, hasher, wins: list[np.ndarray]) -> float:
+    """Mean next-token loss over every prediction of ``wins``."""
+    total, count = 0.0, 0
+    for window in wins:
+        logits = forward_window(model, hasher, window).logits[0].float()
+        labels = torch.from_numpy(window[1:])
+        total += F.cross_entropy(logits, labels, reduction="sum").item()
+        count += labels.numel()
+    return total / count
+
+
 def mean_loss(model, args, hasher, ids: np.ndarray, seq_len: int) -> float:
     if ids.size < 2:
         raise ValueError("the document has fewer than 2 tokens: nothing to predict")
     if ids.max() >= args.vocab_size:
         raise ValueError(f"token id {int(ids.max())} is outside the model's {args.vocab_size}")
-    total, count = 0.0, 0
-    for start in range(0, ids.size - 1, seq_len):
-        window = ids[start : start + seq_len]
-        labels = ids[start + 1 : start + seq_len + 1]
-        window = window[: labels.size]
-        tokens = torch.from_numpy(window).unsqueeze(0)
-        engram = None
-        if hasher is not None:
-            engram = {k: torch.from_numpy(v) for k, v in hasher.hash(window[None]).items()}
-        logits = model(tokens, engram=engram).logits[0].float()
-        total += F.cross_entropy(logits, torch.from_numpy(labels), reduction="sum").item()
-        count += labels.size
-    return total / count
+    return windows_loss(model, hasher, windows(ids, seq_len))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pretrain.evaluate import forward_window
+
 NEEDLES, QUERIES, CHAIN, BUCKETS = 4, 2, 4, 8
 KEYS = (
     "apple", "river", "stone", "cloud", "maple", "tiger", "ocean", "piano", "lemon", "forest",
@@ -115,11 +117,7 @@ def loss_by_position(model, hasher, haystack: Haystack, length: int, count: int)
     bucket = torch.arange(length) * BUCKETS // length
     for _ in range(count):
         window = np.asarray(haystack.take(length + 1), dtype=np.int64)
-        tokens = torch.from_numpy(window[:-1]).unsqueeze(0)
-        engram = None
-        if hasher is not None:
-            engram = {k: torch.from_numpy(v) for k, v in hasher.hash(window[None, :-1]).items()}
-        logits = model(tokens, engram=engram).logits[0].float()
+        logits = forward_window(model, hasher, window).logits[0].float()
         loss = F.cross_entropy(logits, torch.from_numpy(window[1:]), reduction="none")
         sums.index_add_(0, bucket, loss.double())
         counts.index_add_(0, bucket, torch.ones(length))

@@ -133,7 +133,9 @@ def test_native_deepseek_v3_export_matches_our_logits(trained, tmp_path):
 
 @pytest.mark.parametrize("flavor", ["debug", "debug-v3"])
 def test_dcp_hf_dcp_round_trip_is_bit_exact(trained, tmp_path, monkeypatch, flavor):
-    monkeypatch.setattr(convert, "BLOCK_BYTES", 4096)  # many blocks per tensor
+    from pretrain import dcp_stream
+
+    monkeypatch.setattr(dcp_stream, "BLOCK_BYTES", 4096)  # many blocks per tensor
     hf = convert.dcp_to_hf(trained[flavor], tmp_path / "hf", max_shard_bytes=200_000)
     assert len(list(hf.glob("model-*.safetensors"))) > 1
     back = convert.hf_to_dcp(hf, tmp_path / "back")

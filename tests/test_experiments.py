@@ -116,7 +116,7 @@ def test_engram_ablation_equals_the_model_without_engram():
     hasher = _RandomHasher(model.args)
     window = wins[0]
     with torch.no_grad(), analyze.engram_ablated(model):
-        ablated = analyze._forward(model, hasher, window).logits
+        ablated = analyze.forward_window(model, hasher, window).logits
     for layer in model.layers.values():
         layer.engram = None
     with torch.no_grad():

@@ -47,8 +47,9 @@ def renamed(src: Source, name: str) -> Source:
 
 
 def constant(name: str, value: torch.Tensor) -> Source:
-    value = value.contiguous()
-    return Source(TensorEntry(name, tuple(value.shape), value.dtype), lambda a, b: value[a:b])
+    """A tensor in memory as a source (a scalar's one row is its value)."""
+    rows = value.contiguous().reshape(1) if value.dim() == 0 else value.contiguous()
+    return Source(TensorEntry(name, tuple(value.shape), value.dtype), lambda a, b: rows[a:b])
 
 
 def cast(src: Source, dtype: torch.dtype | None) -> Source:
