@@ -125,6 +125,44 @@ class Batch:
         return replace(self, engram={k: e for k, e in self.engram.items() if k in keep})
 
 
+def zigzag_index(seq: int, degree: int, rank: int) -> np.ndarray:
+    """The positions context-parallel rank ``rank`` of ``degree`` holds of a row of ``seq``:
+    chunks ``rank`` and ``2 * degree - 1 - rank`` of ``2 * degree`` equal chunks (zigzag, so every
+    rank gets the same share of causal attention)."""
+    if seq % (2 * degree):
+        raise ValueError(
+            f"data.seq_len={seq} must be divisible by 2 * parallelism.context_parallel_degree "
+            f"= {2 * degree} (each rank holds two equal chunks of every row)"
+        )
+    chunk = seq // (2 * degree)
+    second = 2 * degree - 1 - rank
+    return np.concatenate(
+        [
+            np.arange(rank * chunk, (rank + 1) * chunk),
+            np.arange(second * chunk, (second + 1) * chunk),
+        ]
+    )
+
+
+def context_shard(batch: Batch, degree: int, rank: int) -> Batch:
+    """This context-parallel rank's zigzag share of every row (``zigzag_index``), taken after the
+    whole rows were hashed and before the lookups are planned. Positions and document ids stay
+    the whole row's, so the shard needs nothing else to be exact."""
+    if degree == 1:
+        return batch
+    index = zigzag_index(int(batch.tokens.shape[1]), degree, rank)
+
+    def take(value):
+        if torch.is_tensor(value):
+            return value[:, torch.from_numpy(index).to(value.device)]
+        return np.ascontiguousarray(value[:, index])
+
+    return Batch(
+        *(take(v) for v in (batch.tokens, batch.labels, batch.positions, batch.doc_ids)),
+        engram={k: EngramInputs(take(e.hash_ids)) for k, e in batch.engram.items()},
+    )
+
+
 def plan_lookups(batch: Batch, planners: dict, num_chunks: int = 1) -> Batch:
     """Apply each layer's planner to its hash ids (numpy, or CPU tensors in tests)."""
     if num_chunks < 1 or batch.batch_size % num_chunks:

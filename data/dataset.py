@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.batch import Batch, EngramInputs, plan_lookups
+from data.batch import Batch, EngramInputs, context_shard, plan_lookups, zigzag_index
 from data.shards import CorruptShardError, load_index, read_shard
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,8 @@ class PackedShardStream:
         planners: ``{layer: planner}`` of the Engram tables that plan their lookups on the host
             (``data.batch`` describes the protocol); applied after hashing.
         plan_chunks: plan each of this many row chunks on its own (pipeline microbatches).
+        cp_rank, cp_degree: context parallelism: every row is hashed whole, then this rank keeps
+            its zigzag share of it (``data.batch.context_shard``), and only that is planned.
     """
 
     def __init__(
@@ -83,6 +85,8 @@ class PackedShardStream:
         url_prefix: str | None = None,
         planners: dict | None = None,
         plan_chunks: int = 1,
+        cp_rank: int = 0,
+        cp_degree: int = 1,
     ):
         self.folder, self.split = Path(folder), split
         self.index = load_index(self.folder, split)
@@ -97,6 +101,8 @@ class PackedShardStream:
         )
         self.hasher, self.strict = hasher, strict
         self.planners, self.plan_chunks = planners or {}, plan_chunks
+        self.cp_rank, self.cp_degree = cp_rank, cp_degree
+        zigzag_index(seq_len, cp_degree, cp_rank)  # a seq_len the chunks cannot split fails here
         self.corrupt_shards: list[str] = []
         consumers = dp_degree * num_roles
         names = [s["name"] for s in self.index["shards"]]
@@ -183,11 +189,12 @@ class PackedShardStream:
         )
 
     def _engram_stage(self, batch: Batch) -> Batch:
-        """Hash ids of every Engram layer, then the tables' lookup plans."""
-        if self.hasher is None:
-            return batch
-        hashed = self.hasher.hash(batch.tokens, batch.doc_ids)
-        batch.engram = {layer: EngramInputs(ids) for layer, ids in hashed.items()}
+        """Hash ids of every Engram layer over whole rows, this rank's context-parallel share,
+        then the tables' lookup plans."""
+        if self.hasher is not None:
+            hashed = self.hasher.hash(batch.tokens, batch.doc_ids)
+            batch.engram = {layer: EngramInputs(ids) for layer, ids in hashed.items()}
+        batch = context_shard(batch, self.cp_degree, self.cp_rank)
         return plan_lookups(batch, self.planners, self.plan_chunks)
 
 

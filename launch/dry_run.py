@@ -69,16 +69,18 @@ def dry_run(
         seq_len=cfg.data.seq_len,
     )
     dims = ParallelDims.from_config(cfg.parallelism, world_size)  # errors before any group work
-    validate_parallelism(args, dims)
+    validate_parallelism(args, dims, cfg.parallelism.sequence_parallel, cfg.data.seq_len)
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
         ac = cfg.activation_checkpoint.mode == "full"
         _, (_, inner, _) = rank_model(cfg, args, dims, dry_run=True)
-        counts = rank_counts(inner, fsdp=dims.dp_shard > 1)
+        counts = rank_counts(inner, fsdp=dims.dp_shard * dims.cp > 1)
     finally:
         dist.destroy_process_group()
-    tokens = cfg.training.batch_size * cfg.data.seq_len
-    memory = estimate_memory(args, counts, tokens, dims.dp_degree, dims.engram_shard > 1, ac)
+    tokens = cfg.training.batch_size * cfg.data.seq_len // dims.cp  # this rank's chunks
+    memory = estimate_memory(
+        args, counts, tokens, dims.batch_degree, dims.engram_shard > 1, ac, dims.cp
+    )
     accounting = account(args, cfg.data.seq_len)
     result = {
         "flavor": cfg.model.flavor,

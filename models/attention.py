@@ -21,9 +21,13 @@ def attend(q, k, v, mask: AttentionMask | None, scale: float) -> torch.Tensor:
     """q ``[B, T, H, Dq]``, k ``[B, T, Hkv, Dq]``, v ``[B, T, Hkv, Dv]`` -> ``[B, T, H, Dv]``.
 
     A block mask runs flex_attention (compiled on CUDA; grouped kv heads are read in place),
-    otherwise SDPA with the dense mask, or causal when there is none (``mask=None`` too).
+    otherwise SDPA with the dense mask, or causal when there is none (``mask=None`` too). A mask
+    with a ``sequence`` (context parallelism) attends the local queries to the keys and values
+    of the whole sequence, gathered from every rank.
     """
     mask = mask or AttentionMask()
+    if mask.sequence is not None:  # context parallelism: keys and values of the whole sequence
+        k, v = mask.sequence.gather(k, dim=1), mask.sequence.gather(v, dim=1)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     if mask.block is not None:
         out = _flex(q.device)(

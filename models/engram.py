@@ -21,6 +21,7 @@ from data.batch import EngramInputs
 from data.ngram_hash import EngramHashSpec
 from models import sharded_init
 from models.engram_table import EngramTable
+from models.sequence import LOCAL_SEQUENCE
 
 
 @dataclass
@@ -113,12 +114,34 @@ class ShortConv(nn.Module):
             dilation=dilation,
         )
         self.norms = nn.ModuleList([nn.RMSNorm(dim, eps=1e-5) for _ in range(hc_mult)])
+        # the sequence seam: under context parallelism the left context of each local chunk
+        # (its halo) comes from the rank holding the chunk before it
+        self.sequence = LOCAL_SEQUENCE
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, streams, dim = x.shape
         normed = torch.cat([self.norms[i](x[:, :, i, :]) for i in range(streams)], dim=-1)
-        y = self.conv(normed.transpose(1, 2))[..., :seq]  # [B, G*D, T + pad] -> causal crop
-        return F.silu(y).transpose(1, 2).reshape(batch, seq, streams, dim)
+        if self.sequence.degree == 1:
+            y = self.conv(normed.transpose(1, 2))[..., :seq]  # [B, G*D, T + pad] -> causal crop
+            return F.silu(y).transpose(1, 2).reshape(batch, seq, streams, dim)
+        return self._chunked(normed).reshape(batch, seq, streams, dim)
+
+    def _chunked(self, normed: torch.Tensor) -> torch.Tensor:
+        """The conv of each local chunk after its halo (context parallelism):
+        ``[B, L*S, C]`` -> ``[B, L*S, C]``."""
+        batch, seq, channels = normed.shape
+        width = (self.kernel_size - 1) * self.dilation
+        halo = self.sequence.halo(normed, width)  # [B, S, W, C]
+        chunks = halo.shape[1]
+        local = normed.view(batch, chunks, seq // chunks, channels)
+        padded = torch.cat([halo, local], dim=2).flatten(0, 1)  # [B*S, W + L, C]
+        y = F.conv1d(
+            padded.transpose(1, 2),
+            self.conv.weight,
+            dilation=self.dilation,
+            groups=channels,
+        )  # [B*S, C, L]: no padding, the halo is the left context
+        return F.silu(y).transpose(1, 2).reshape(batch, seq, channels)
 
     @torch.no_grad()
     def init_weights(self) -> None:

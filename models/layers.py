@@ -112,12 +112,14 @@ class AttentionMask:
     """Causal attention, plus document boundaries, for one batch (built once per forward).
 
     ``block``: a flex_attention ``BlockMask`` (fully masked blocks are skipped, nothing dense is
-    built); ``dense``: a boolean ``[B, 1, T, T]`` mask for SDPA (the fallback); neither: plain
-    causal (SDPA's ``is_causal``, the flash kernel).
+    built); ``dense``: a boolean ``[B, 1, Tq, Tk]`` mask for SDPA (the fallback); neither: plain
+    causal (SDPA's ``is_causal``, the flash kernel). ``sequence``: where the keys and values
+    come from (context parallelism gathers them from every rank; None: the local sequence).
     """
 
     dense: torch.Tensor | None = None
     block: object = None
+    sequence: object = None
 
 
 def attention_mask(doc_ids: torch.Tensor | None, backend: str = "sdpa") -> AttentionMask:
@@ -127,20 +129,59 @@ def attention_mask(doc_ids: torch.Tensor | None, backend: str = "sdpa") -> Atten
     """
     if doc_ids is None:
         return AttentionMask()
-    batch, seq = doc_ids.shape
+    return _mask(doc_ids, doc_ids, None, backend, None)
+
+
+def context_mask(
+    positions: torch.Tensor, doc_ids: torch.Tensor | None, documents: bool, backend: str, sequence
+) -> AttentionMask:
+    """Context parallelism: this rank's queries against the whole gathered sequence.
+
+    ``positions``/``doc_ids`` ``[B, L]`` are the local shares; ``documents``: mask across
+    document boundaries too (doc ids None: derived from the whole row's positions, where the
+    documents really start). ``sequence``: the ``ContextParallelSequence``.
+    """
+    query_index = sequence.query_index(positions.shape[1], positions.device)
+    if not documents:
+        doc_ids = torch.zeros_like(positions)
+        key_docs = sequence.gather_ids(doc_ids)
+    elif doc_ids is None:
+        key_docs = doc_ids_from_positions(sequence.gather_ids(positions))
+        doc_ids = key_docs[:, query_index]
+    else:
+        key_docs = sequence.gather_ids(doc_ids)
+    return _mask(doc_ids, key_docs, query_index, backend, sequence)
+
+
+def _mask(query_docs, key_docs, query_index, backend: str, sequence) -> AttentionMask:
+    """Causal and same-document; ``query_index`` ``[Tq]``: each query's index among the keys
+    (None: the queries are the keys)."""
+    batch, num_q = query_docs.shape
+    num_k = key_docs.shape[1]
     if backend == "flex":
         from torch.nn.attention.flex_attention import create_block_mask
 
-        def causal_same_document(b, h, q, kv):
-            return (q >= kv) & (doc_ids[b, q] == doc_ids[b, kv])
+        if query_index is None:
+
+            def causal_same_document(b, h, q, kv):
+                return (q >= kv) & (query_docs[b, q] == key_docs[b, kv])
+
+        else:
+
+            def causal_same_document(b, h, q, kv):
+                return (query_index[q] >= kv) & (query_docs[b, q] == key_docs[b, kv])
 
         block = create_block_mask(
-            causal_same_document, batch, None, seq, seq, device=doc_ids.device
+            causal_same_document, batch, None, num_q, num_k, device=query_docs.device
         )
-        return AttentionMask(block=block)
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=doc_ids.device).tril()
-    same_doc = doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)  # [B, T, T]
-    return AttentionMask(dense=(same_doc & causal).unsqueeze(1))
+        return AttentionMask(block=block, sequence=sequence)
+    if query_index is None:
+        causal = torch.ones(num_q, num_k, dtype=torch.bool, device=query_docs.device).tril()
+    else:
+        keys = torch.arange(num_k, device=query_docs.device)
+        causal = query_index.unsqueeze(1) >= keys.unsqueeze(0)  # [Tq, Tk]
+    same_doc = query_docs.unsqueeze(2) == key_docs.unsqueeze(1)  # [B, Tq, Tk]
+    return AttentionMask(dense=(same_doc & causal).unsqueeze(1), sequence=sequence)
 
 
 def resolve_attention_backend(backend: str, device: torch.device) -> str:

@@ -39,11 +39,17 @@ class MemoryEstimate:
         return {k: round(v, 2) for k, v in asdict(self).items()}
 
 
-def block_activation_bytes(args: ModelArgs, tokens: int, layer: int) -> int:
-    """Bytes one block saves for backward without recomputation."""
+def block_activation_bytes(
+    args: ModelArgs, tokens: int, layer: int, context_parallel: int = 1
+) -> int:
+    """Bytes one block saves for backward without recomputation (``tokens`` of this rank;
+    ``context_parallel`` ranks share each sequence: attention keeps the keys and values
+    gathered from all of them)."""
     d, g, heads = args.dim, args.hc_mult, args.num_heads
     streams = 6 * g * d * 4  # stream inputs, mixes and outputs of two sublayers, float32
+    kv = heads * (args.qk_head_dim + args.attn_v_head_dim)
     attention = 10 * d + heads * (2 * args.qk_head_dim + 2 * args.attn_v_head_dim)
+    attention += (context_parallel - 1) * kv  # the other ranks' keys and values
     if args.attention == "mla":
         attention += args.kv_lora_rank + args.qk_rope_head_dim + args.q_lora_rank
     if args.is_moe_layer(layer):
@@ -69,8 +75,10 @@ def estimate_memory(
     dp_degree: int,
     table_parallel: bool,
     activation_checkpoint: bool,
+    context_parallel: int = 1,
 ) -> MemoryEstimate:
-    """Peak bytes per rank for one micro-batch of ``tokens`` tokens."""
+    """Peak bytes per rank for one micro-batch of ``tokens`` tokens on this rank
+    (``dp_degree``: the ranks holding different tokens, context-parallel ones included)."""
     params = 4 * (counts.dense_params + counts.table_params)
     heads = args.engram.num_heads if args.engram is not None else 0
     touched = tokens * heads * (1 if table_parallel else dp_degree)
@@ -79,7 +87,9 @@ def estimate_memory(
     grads = 4 * counts.dense_params + 8 * touched_rows * head_dim  # sparse: rows + values
     optimizer = 8 * (counts.dense_params + counts.table_params)
     fsdp = 2 * 4 * counts.largest_block_params
-    per_block = [block_activation_bytes(args, tokens, i) for i in range(args.num_layers)]
+    per_block = [
+        block_activation_bytes(args, tokens, i, context_parallel) for i in range(args.num_layers)
+    ]
     if activation_checkpoint:
         activations = args.num_layers * tokens * args.hc_mult * args.dim * 4 + max(per_block)
     else:

@@ -21,6 +21,7 @@ from torch import nn
 from models import sharded_init
 from models.args import MoEArgs
 from models.layers import FeedForward
+from models.sequence import LOCAL_SEQUENCE
 from models.sharded_init import local_rows
 
 
@@ -212,6 +213,7 @@ class MoE(nn.Module):
             else None
         )
         self.dispatcher = LocalDispatcher()
+        self.sequence = LOCAL_SEQUENCE  # context parallelism: the sequence's other chunks
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``x [B, T, D]`` -> ``(out [B, T, D], seq_aux_loss or None)``."""
@@ -237,8 +239,12 @@ class MoE(nn.Module):
         counts = torch.zeros(batch, experts, device=scores.device).scatter_add_(
             1, topk_idx.flatten(1), torch.ones(batch, topk_idx[0].numel(), device=scores.device)
         )
+        # the statistics are the whole sequence's: summed over its context-parallel chunks
+        counts = self.sequence.sum(counts.detach())
+        seq = seq * self.sequence.degree
         frac = counts * experts / (self.args.top_k * seq)  # f_i
-        prob = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)  # P_i
+        prob_sum = self.sequence.sum((scores / scores.sum(dim=-1, keepdim=True)).sum(dim=1))
+        prob = prob_sum / seq  # P_i
         return self.args.seq_aux_loss_coef * (frac * prob).sum(dim=1).mean()
 
     @torch.no_grad()

@@ -136,11 +136,50 @@ def validate_parallelism(
                 "parallelism (use the auxiliary-loss-free balancing)",
             )
         )
+    if dims.cp > 1:
+        checks += _context_parallel_checks(args, dims, sequence_parallel, seq_len)
     if dims.engram_shard > 1 and args.engram is None:
         checks.append((False, "parallelism.engram_shard_degree > 1 needs Engram layers"))
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+
+
+def _context_parallel_checks(args: ModelArgs, dims: ParallelDims, sp: bool, seq_len: int) -> list:
+    cp = dims.cp
+    checks = [
+        (
+            dims.pp == 1,
+            f"parallelism.context_parallel_degree={cp} with pipeline_parallel_degree={dims.pp} "
+            "is not supported; use context parallelism with data, tensor, expert and table "
+            "parallelism",
+        ),
+        (
+            not sp,
+            "parallelism.sequence_parallel with context_parallel_degree > 1 is not supported; "
+            "set sequence_parallel=false (tensor parallelism alone composes with it)",
+        ),
+    ]
+    if seq_len:
+        checks.append(
+            (
+                seq_len % (2 * cp) == 0,
+                f"data.seq_len={seq_len} must be divisible by 2 * "
+                f"parallelism.context_parallel_degree = {2 * cp} (two equal chunks per rank)",
+            )
+        )
+        engram = args.engram
+        if seq_len % (2 * cp) == 0 and engram is not None and engram.variant == "paper":
+            halo = (engram.kernel_size - 1) * engram.max_ngram_size
+            checks.append(
+                (
+                    seq_len // (2 * cp) >= halo,
+                    f"data.seq_len={seq_len} over 2 * context_parallel_degree={2 * cp} chunks "
+                    f"gives {seq_len // (2 * cp)} tokens per chunk, fewer than the Engram "
+                    f"ShortConv's left context of {halo}; raise data.seq_len or lower the degree",
+                )
+            )
+    return checks
 
 
 def split_pipeline(model: nn.Module, pp_rank: int, pp_degree: int, stages_per_rank: int):

@@ -20,6 +20,7 @@ from torch import nn
 from models.engram_table import init_table_rows
 from models.moe import GroupedExperts
 from models.parallel_plans import sequence_local_params, split_pipeline, tensor_parallel_plan
+from parallel.context_parallel import ContextParallelSequence
 from parallel.data_parallel import apply_ddp, apply_fsdp
 from parallel.dims import ParallelDims
 from parallel.distributed import cpu_group_for
@@ -81,20 +82,28 @@ def parallelize_deepseek_engram(
         plan.pp_group = pp_mesh.get_group()
         plan.pp_cpu_group = cpu_group_for(plan.pp_group)
     plan.dp_group = dims.dp_group(mesh)
+    plan.cp_group = dims.cp_group(mesh)
     plan.vocab_parallel = dims.tp > 1 and dims.pp == 1
-    dp_group = plan.dp_group or dist.group.WORLD
+    # gradients are averaged over every rank holding different tokens: data x context parallel
+    batch_group = dims.batch_group(mesh) or dist.group.WORLD
+    if dims.cp > 1:
+        apply_context_parallel(
+            model, ContextParallelSequence(plan.cp_group, dims.cp, mesh["cp"].get_local_rank())
+        )
+        plan.token_groups.append(plan.cp_group)
     if dims.tp > 1:
         apply_tensor_parallel(
             model, mesh["tp"], tensor_parallel_plan(model, dims.pp == 1, sequence_parallel)
         )
-    sharded = _apply_sharded_tables_and_experts(model, dims, device, dp_group, place_tables)
+    sharded = _apply_sharded_tables_and_experts(model, dims, device, batch_group, place_tables)
     apply_block_wrappers(model.layers, activation_checkpoint, compile_blocks)
-    if dims.dp_shard > 1:
+    fsdp = dims.dp_shard * dims.cp > 1
+    if fsdp:
         _check_no_replicated_sparse(model)
         ignored = {p for modules, *_ in sharded for module in modules for p in module.parameters()}
         apply_fsdp(
             model,
-            mesh,
+            dims.fsdp_mesh(mesh),
             list(model.layers.values()),
             ignored_params=ignored,
             extra_units=[
@@ -115,9 +124,10 @@ def parallelize_deepseek_engram(
         plan.sharded_groups.append((params, cpu_group))
         if divisor is not None:
             plan.rules.append(GradSyncRule(params, group, divisor))
-    if dims.dp_shard > 1 or dims.dp_degree == 1:  # FSDP already syncs; no replicas otherwise
+    if fsdp or dims.dp_degree == 1:  # FSDP already syncs; no replicas otherwise
         return model, model, plan
     replicated_sparse = sparse_grad_params(model)
+    dp_group = plan.dp_group or dist.group.WORLD
     if replicated_sparse:
         plan.rules.append(GradSyncRule(replicated_sparse, dp_group, dims.dp_degree))
     managed = {id(p) for rule in plan.rules for p in rule.params}
@@ -131,25 +141,42 @@ def parallelize_deepseek_engram(
     return apply_ddp(model, mesh, names), model, plan
 
 
-def _apply_sharded_tables_and_experts(model, dims: ParallelDims, device, dp_group, place) -> list:
+def _apply_sharded_tables_and_experts(
+    model, dims: ParallelDims, device, batch_group, place
+) -> list:
     """Expert and Engram-table sharding, then the tables' placement (``place(model)``); returns
-    ``(modules, norm group, sync group, divisor)``."""
+    ``(modules, norm group, sync group, divisor)``. Both average their gradients over the ranks
+    holding different tokens (``batch_group``: data x context parallel)."""
     sharded = []
     if dims.ep > 1:
         ep_mesh = dims.build_ep_mesh(torch.device(device).type)
-        ep_group, rest = ep_mesh["ep"].get_group(), ep_mesh["ep_replicate"].get_group()
+        ep_group = ep_mesh["ep"].get_group()
         experts = apply_expert_parallel(model, ep_group, ep_mesh["ep"].get_local_rank())
-        sync = rest if dims.dp_degree > dims.ep else None
-        sharded.append((experts, cpu_group_for(ep_group), sync, dims.dp_degree))
+        sync = None  # the replicas of an expert shard: other ep groups, other cp ranks
+        if dims.batch_degree > dims.ep:
+            replicas = ep_mesh["ep_replicate", "cp"]._flatten("ep_replicate_cp")
+            sync = replicas.get_group()
+        sharded.append((experts, cpu_group_for(ep_group), sync, dims.batch_degree))
     if dims.engram_shard > 1:
-        cpu_group = cpu_group_for(dp_group)
-        apply_engram_table_parallel(model, dp_group, cpu_group, dims.dp_degree)
+        cpu_group = cpu_group_for(batch_group)
+        apply_engram_table_parallel(model, batch_group, cpu_group, dims.batch_degree)
         place(model)
         tables = [e.table for e in model.engram_layers()]
         sharded.append((tables, cpu_group, None, None))  # owners already hold the scaled sum
     else:
         place(model)
     return sharded
+
+
+def apply_context_parallel(model: nn.Module, sequence) -> None:
+    """Swap the model's sequence seams (the mask and attention's keys and values, the Engram
+    ShortConv's halo, the MoE balance statistics) for ``sequence``, this rank's zigzag share."""
+    model.sequence = sequence
+    for engram in model.engram_layers():
+        if hasattr(engram, "short_conv"):
+            engram.short_conv.sequence = sequence
+    for moe in model.moe_layers():
+        moe.sequence = sequence
 
 
 def _check_no_replicated_sparse(model) -> None:

@@ -23,10 +23,12 @@ from models.layers import (
     RMSNorm,
     RotaryEmbedding,
     attention_mask,
+    context_mask,
     doc_ids_from_positions,
     resolve_attention_backend,
 )
 from models.moe import MoE
+from models.sequence import LOCAL_SEQUENCE
 
 
 @dataclass
@@ -111,6 +113,8 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        # the sequence seam: context parallelism swaps in its sharded sequence
+        self.sequence = LOCAL_SEQUENCE
 
     def forward(
         self,
@@ -126,11 +130,14 @@ class Transformer(nn.Module):
                 f"sequence length {seq} exceeds model.max_seq_len={self.args.max_seq_len}"
             )
         if positions is None:
-            positions = torch.arange(seq, device=tokens.device).expand(batch, seq)
-        if doc_ids is None and self.args.document_mask:  # documents restart their positions
-            doc_ids = doc_ids_from_positions(positions)
+            positions = self.sequence.query_index(seq, tokens.device).expand(batch, seq)
         backend = resolve_attention_backend(self.args.attention_backend, tokens.device)
-        mask = attention_mask(doc_ids if self.args.document_mask else None, backend)
+        if self.sequence.degree > 1:  # context parallelism: this rank holds chunks of each row
+            mask = context_mask(positions, doc_ids, self.args.document_mask, backend, self.sequence)
+        else:
+            if doc_ids is None and self.args.document_mask:  # documents restart their positions
+                doc_ids = doc_ids_from_positions(positions)
+            mask = attention_mask(doc_ids if self.args.document_mask else None, backend)
         rope = self.rope(positions)
         x = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if x.dim() == 3:  # [B, T, D] -> [B, T, G, D]: every stream starts as the embedding

@@ -84,8 +84,8 @@ def apply_fsdp(
     extra_units: list[nn.Module] = (),
     param_dtype: torch.dtype | None = None,
 ):
-    """FSDP2 per block (and per ``extra_units`` module), then the root; HSDP when the mesh has a
-    replicate axis of size > 1.
+    """FSDP2 per block (and per ``extra_units`` module), then the root, over ``mesh``
+    (``ParallelDims.fsdp_mesh``: 2-D for HSDP).
 
     ``ignored_params`` stay local (row-sharded tables, expert shards: sharded by their own plan).
     ``extra_units``: modules a pipeline stage calls without going through the root's forward.
@@ -94,11 +94,8 @@ def apply_fsdp(
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    dp_mesh = (
-        mesh["dp_replicate", "dp_shard"] if mesh["dp_replicate"].size() > 1 else mesh["dp_shard"]
-    )
     kwargs = dict(
-        mesh=dp_mesh,
+        mesh=mesh,
         reshard_after_forward=reshard_after_forward,
         ignored_params=ignored_params or None,
         mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),

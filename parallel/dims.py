@@ -3,9 +3,10 @@
 Every axis is built here: the main mesh ``(pp, dp_replicate, dp_shard, cp, tp)`` (pipeline
 outermost, tensor parallel innermost: the ranks of one node), the expert mesh
 ``(pp, ep_replicate, ep, cp, tp)`` over the same ranks, and the data-parallel group, which is also
-the group the Engram tables are row-sharded over (``engram_shard``; ``etp`` is expert *tensor*
-parallelism in torchtitan, so that name is not used). ``cp`` is a real axis of size 1 until
-context parallelism lands.
+the context-parallel group. Data- and context-parallel ranks together hold different tokens
+(``batch_degree``): FSDP shards over ``dp_shard x cp`` and the Engram tables are row-sharded over
+all of them (``engram_shard``; ``etp`` is expert *tensor* parallelism in torchtitan, so that name
+is not used).
 
 This module knows nothing of models (../STYLE rule 1): model-dependent checks (heads, experts,
 layers) live in the model family's parallel plan.
@@ -14,8 +15,6 @@ layers) live in the model family's parallel plan.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-AVAILABLE = {"dp_replicate", "dp_shard"}  # axes the trainer can apply today
 
 
 @dataclass
@@ -80,24 +79,26 @@ class ParallelDims:
                 f"parallelism.expert_parallel_degree={self.ep} must divide the data-parallel "
                 f"degree {self.dp_degree} (experts are sharded over data-parallel ranks)"
             )
-        if self.engram_shard > 1 and self.engram_shard != self.dp_degree:
+        if self.engram_shard > 1 and self.engram_shard != self.batch_degree:
             raise ValueError(
                 f"parallelism.engram_shard_degree={self.engram_shard}: the tables are sharded over "
-                f"the data-parallel ranks; set it to {self.dp_degree} (dp_replicate * dp_shard) "
-                "or 1"
-            )
-        pending = {"parallelism.context_parallel_degree": self.cp}
-        pending = {k: v for k, v in pending.items() if v > 1}
-        if pending:
-            raise ValueError(
-                f"{', '.join(f'{k}={v}' for k, v in pending.items())}: context parallelism is not "
-                "in the trainer yet (reserved for long-context extension); use the data, tensor, "
-                "pipeline, expert and Engram-table degrees"
+                "the ranks that hold different tokens (data parallel x context parallel); set it "
+                f"to {self.batch_degree} (dp_replicate * dp_shard * cp) or 1"
             )
 
     @property
     def dp_degree(self) -> int:
         return self.dp_replicate * self.dp_shard
+
+    @property
+    def batch_degree(self) -> int:
+        """Ranks holding different tokens of a step: data parallel x context parallel. Gradients
+        are averaged over them (each rank's loss is the mean over its own tokens)."""
+        return self.dp_degree * self.cp
+
+    def cp_rank(self, rank: int) -> int:
+        """The context-parallel index of global ``rank``: which chunks of every row it holds."""
+        return (rank // self.tp) % self.cp
 
     def dp_rank(self, rank: int) -> int:
         """The data-parallel index of global ``rank`` (its loader shard): tp and cp peers, and the
@@ -130,6 +131,27 @@ class ParallelDims:
         if self.dp_degree == self.world_size:
             return None
         return mesh["dp_replicate", "dp_shard"]._flatten("dp").get_group()
+
+    def cp_group(self, mesh):
+        """The ``cp`` group (None without context parallelism)."""
+        return mesh["cp"].get_group() if self.cp > 1 else None
+
+    def batch_group(self, mesh):
+        """The group of every rank holding different tokens (dp x cp; None: the whole world)."""
+        if self.batch_degree == self.world_size:
+            return None
+        if self.cp == 1:
+            return self.dp_group(mesh)
+        return mesh["dp_replicate", "dp_shard", "cp"]._flatten("batch").get_group()
+
+    def fsdp_mesh(self, mesh):
+        """The mesh FSDP shards over: ``dp_shard`` and ``cp`` flattened (context-parallel ranks
+        hold different tokens, so they share the parameter shards like data-parallel ones), with
+        ``dp_replicate`` outside it for HSDP."""
+        if self.cp == 1:
+            return mesh["dp_replicate", "dp_shard"] if self.dp_replicate > 1 else mesh["dp_shard"]
+        flat = mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        return mesh["dp_replicate", "dp_shard_cp"] if self.dp_replicate > 1 else flat
 
     def layout(self) -> dict[str, int]:
         return {

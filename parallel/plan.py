@@ -39,6 +39,8 @@ class ParallelPlan:
     pp_cpu_group: object = None
     # the data-parallel group (None: the whole world, or a single process)
     dp_group: object = None
+    # the context-parallel group (None: none); its ranks hold chunks of the same rows
+    cp_group: object = None
     # groups over which MoE load counts are summed besides data parallel (sequence parallel: tp)
     token_groups: list = field(default_factory=list)
     # the LM head's logits are vocab-sharded DTensors (tensor parallelism): use the parallel loss

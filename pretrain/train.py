@@ -27,7 +27,13 @@ from models.parallel_plans import validate_parallelism
 from models.parallelize import parallelize_deepseek_engram
 from models.transformer import Transformer
 from parallel.dims import ParallelDims
-from parallel.distributed import cpu_group_for, destroy, env_world_size, init_distributed
+from parallel.distributed import (
+    all_reduce_sum_,
+    cpu_group_for,
+    destroy,
+    env_world_size,
+    init_distributed,
+)
 from pretrain.builders import build_hasher, build_model_args, build_tokenizer, ensure_dataset
 from pretrain.checkpoint import CheckpointManager
 from pretrain.config import Config, parse_args, to_toml
@@ -90,6 +96,7 @@ class Trainer:
             self.dims.dp_degree,
             self.sm.plan.dp_group,
             self.device,
+            self.sm.plan.cp_group,
         )
         self.step, self.last_checkpoint, self.last_batch = 0, None, None
         self.ckpt = self._resume()
@@ -138,12 +145,12 @@ class Trainer:
                 f"engram_table.placement={e.placement!r} but model.flavor="
                 f"{self.cfg.model.flavor!r} has no Engram layers; use placement='device'"
             )
-        if self.dims.dp_degree > 1 and self.dims.engram_shard == 1:
+        if self.dims.batch_degree > 1 and self.dims.engram_shard == 1:
             raise ValueError(
-                f"engram_table.placement={e.placement!r} with {self.dims.dp_degree} data-parallel "
-                "replicas would keep a whole table in every replica's tier; set "
-                f"parallelism.engram_shard_degree={self.dims.dp_degree} so each rank's tier holds "
-                "its row shard"
+                f"engram_table.placement={e.placement!r} with {self.dims.batch_degree} "
+                "data/context-parallel ranks would keep a whole table in every rank's tier; set "
+                f"parallelism.engram_shard_degree={self.dims.batch_degree} so each rank's tier "
+                "holds its row shard"
             )
         t = self.cfg.training
         lookups = t.batch_size * self.cfg.data.seq_len * self.args.engram.num_heads
@@ -169,6 +176,8 @@ class Trainer:
             seed=t.seed,
             dp_rank=self.dims.dp_rank(self.rank),
             dp_degree=self.dims.dp_degree,
+            cp_rank=self.dims.cp_rank(self.rank),
+            cp_degree=self.dims.cp,
             hasher=self.hasher,
             strict=d.strict,
             url_prefix=d.url_prefix or None,
@@ -223,6 +232,9 @@ class Trainer:
             ce_sum += out.ce / t.grad_accum_steps
             for k, v in out.aux.items():
                 aux_sum[k] = aux_sum.get(k, 0.0) + v / t.grad_accum_steps
+        if self.sm.plan.cp_group is not None:  # the whole rows' loss, not this rank's chunks
+            all_reduce_sum_(ce_sum, self.sm.plan.cp_group)
+            ce_sum /= self.dims.cp
         loss_value = ce_sum.item()
         if not math.isfinite(loss_value):
             raise FloatingPointError(

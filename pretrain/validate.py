@@ -24,6 +24,8 @@ class Validator:
         stream_kwargs: the training stream's arguments (folder, shapes, hasher, planners, ...).
         num_batches: ``metrics.eval_batches``.
         dp_rank, dp_degree, dp_group: this rank's data-parallel index, the degree, the group.
+        cp_group: the context-parallel group (None: none), whose ranks hold chunks of the same
+            rows: the loss sums are reduced over it too.
         device: where the model runs.
     """
 
@@ -35,6 +37,7 @@ class Validator:
         dp_degree: int,
         dp_group,
         device: torch.device,
+        cp_group=None,
     ):
         self.stream_kwargs = {
             **stream_kwargs,
@@ -45,6 +48,7 @@ class Validator:
         }
         self.num_batches = num_batches
         self.dp_rank, self.dp_degree, self.dp_group = dp_rank, dp_degree, dp_group
+        self.cp_group = cp_group
         self.device = device
         self._batches: list[Batch] | None = None
 
@@ -76,5 +80,7 @@ class Validator:
                 tokens = batch.num_tokens
                 total += torch.stack([ce.double() * tokens, ce.new_tensor(tokens).double()])
         all_reduce_sum_(total, self.dp_group)
+        if self.cp_group is not None:
+            all_reduce_sum_(total, self.cp_group)
         sm.model.train()
         return (total[0] / total[1]).item(), int(total[1].item())

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.batch import Batch
+from data.batch import Batch, zigzag_index
 from data.dataset import PackedShardStream
 from data.loader import StatefulLoader
 from data.ngram_hash import CompressedTokenizer, EngramHashSpec, NgramHasher
@@ -230,3 +230,32 @@ def test_shards_from_a_webdataset_url(corpus):
     piped = PackedShardStream(**_kwargs(corpus, url_prefix=f"pipe:cat {corpus}"))
     remote = next(piped.batches())[0]
     np.testing.assert_array_equal(remote.tokens, local.tokens)
+
+
+@pytest.mark.parametrize("document_reset", [False, True])
+def test_hash_ids_under_context_parallel_equal_single_process(corpus, document_reset):
+    """Every context-parallel rank's share is the whole row's hash ids, positions and documents
+    at its zigzag positions: the rows are hashed whole, then split. Hashing a chunk on its own
+    (what slicing before hashing does) gets the first N-1 positions of the chunk wrong."""
+    hasher = _hasher(corpus, document_reset)
+    whole, _ = next(PackedShardStream(**_kwargs(corpus, hasher=hasher)).batches())
+    for degree in (2, 4):
+        for rank in range(degree):
+            stream = PackedShardStream(
+                **_kwargs(corpus, hasher=hasher, cp_rank=rank, cp_degree=degree)
+            )
+            part, _ = next(stream.batches())
+            index = zigzag_index(64, degree, rank)
+            for name in ("tokens", "labels", "positions", "doc_ids"):
+                np.testing.assert_array_equal(getattr(part, name), getattr(whole, name)[:, index])
+            for layer, inputs in whole.engram.items():
+                np.testing.assert_array_equal(
+                    part.engram[layer].hash_ids, inputs.hash_ids[:, index]
+                )
+    chunk = 64 // 4  # cp 4, rank 1: chunks 1 and 6
+    alone = hasher.hash(whole.tokens[:, chunk : 2 * chunk], whole.doc_ids[:, chunk : 2 * chunk])
+    edge = whole.engram[0].hash_ids[:, chunk : chunk + 2]
+    assert (alone[0][:, :2] != edge).any()  # the naive split differs at the chunk edge
+    np.testing.assert_array_equal(
+        alone[0][:, 2:], whole.engram[0].hash_ids[:, chunk + 2 : 2 * chunk]
+    )

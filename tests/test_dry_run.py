@@ -58,7 +58,7 @@ def test_cli_json_and_exit_code_when_it_does_not_fit():
                 "--parallelism.engram_shard_degree=16",
             ],
             32,
-            "not in the trainer yet",
+            "engram_shard_degree=16: the tables are sharded over the ranks that hold different",
         ),
     ],
 )

@@ -312,3 +312,29 @@ def test_group_limited_routing_keeps_experts_in_the_best_groups():
         bad = get_flavor("debug-v3")
         bad.moe.n_group = 3  # does not divide 8 experts
         bad.validate()
+
+
+def test_context_parallel_masks_flex_and_dense_match_full_attention():
+    """The context-parallel mask (local queries at their global indices against the whole
+    sequence's keys) gives the rows of full-sequence attention, as a dense SDPA mask and as the
+    flex block mask CUDA runs (CPU flex: forward only). Keys arrive whole here: the sequence's
+    gather is the identity, which is what ``ContextParallelSequence.gather`` returns in order."""
+    from data.batch import zigzag_index
+    from models.attention import attend
+    from models.layers import _mask
+    from models.sequence import LocalSequence
+
+    class WholeKeys(LocalSequence):
+        degree = 2
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 32, 4, 8, generator=g) for _ in range(3))
+    positions = torch.cat([torch.arange(11), torch.arange(21)]).expand(2, 32)
+    docs = doc_ids_from_positions(positions)
+    full = attend(q, k, v, attention_mask(docs, "sdpa"), 8**-0.5)
+    for rank in range(2):
+        index = torch.from_numpy(zigzag_index(32, 2, rank))
+        for backend in ("sdpa", "flex"):
+            mask = _mask(docs[:, index], docs, index, backend, WholeKeys())
+            out = attend(q[:, index], k, v, mask, 8**-0.5)
+            torch.testing.assert_close(out, full[:, index], rtol=1e-5, atol=1e-5)

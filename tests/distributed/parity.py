@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-from data.batch import Batch, EngramInputs, plan_lookups
+from data.batch import Batch, EngramInputs, context_shard, plan_lookups
 from models.engram_offload import OffloadedTables, place_engram_tables
 from models.parallelize import parallelize_deepseek_engram
 from models.transformer import Transformer
@@ -83,13 +83,19 @@ def load_initial(inner, ckpt: str) -> None:
     set_model_state_dict(inner, state)
 
 
-def make_batch(step: int) -> Batch:
-    """The full batch of step ``step`` (two documents per row; Engram layer 0's hash ids)."""
+def make_batch(
+    step: int, seq: int = SEQ, doc_starts: tuple[int, ...] | None = None, vocab: int = 97
+) -> Batch:
+    """The full batch of step ``step`` (documents starting at ``doc_starts`` in every row, by
+    default two halves; token ids below ``vocab``; Engram layer 0's hash ids)."""
     g = torch.Generator().manual_seed(100 + step)
-    tokens = torch.randint(0, 97, (ROWS, SEQ + 1), generator=g)
-    doc_ids = (torch.arange(SEQ) >= SEQ // 2).long().expand(ROWS, SEQ).clone()
-    positions = torch.arange(SEQ) - (SEQ // 2) * doc_ids
-    hash_ids = torch.randint(0, 50, (ROWS, SEQ, 4), generator=g)
+    tokens = torch.randint(0, vocab, (ROWS, seq + 1), generator=g)
+    starts = torch.zeros(seq, dtype=torch.bool)
+    starts[list(doc_starts or (0, seq // 2))] = True
+    doc_ids = (starts.long().cumsum(0) - 1).expand(ROWS, seq).clone()
+    index = torch.arange(seq)
+    positions = (index - torch.cummax(torch.where(starts, index, 0), 0).values).expand(ROWS, seq)
+    hash_ids = torch.randint(0, 50, (ROWS, seq, 4), generator=g)
     return Batch(tokens[:, :-1], tokens[:, 1:], positions, doc_ids, {0: EngramInputs(hash_ids)})
 
 
@@ -143,10 +149,14 @@ def train(
     accum: int = 1,
     steps: int = STEPS,
     prefetch: bool = False,
+    cp: tuple[int, int] = (1, 0),
+    make=make_batch,
 ) -> Trace:
     """``steps`` steps of the real step on ``rows`` of every batch, in ``accum`` accumulated
     microbatches; lookups planned by the tables' own planners, as the loader does.
-    ``prefetch``: offloaded tables prefetch the next microbatch's rows, as the trainer does."""
+    ``prefetch``: offloaded tables prefetch the next microbatch's rows, as the trainer does.
+    ``cp``: (degree, rank): take this context-parallel rank's share of every row, as the loader
+    does. ``make(step)``: the full batch of a step."""
     trace = Trace()
     planners = lookup_planners(sm.inner)
     tables = OffloadedTables(sm.inner)
@@ -158,8 +168,11 @@ def train(
     per = (rows.stop - rows.start) // accum
     batches = [
         plan_lookups(
-            make_batch(step).select_rows(
-                slice(rows.start + micro * per, rows.start + (micro + 1) * per)
+            context_shard(
+                make(step).select_rows(
+                    slice(rows.start + micro * per, rows.start + (micro + 1) * per)
+                ),
+                *cp,
             ),
             planners,
             plan_chunks,
@@ -185,10 +198,10 @@ def train(
     return trace
 
 
-def reference(args) -> Trace:
+def reference(args, make=make_batch) -> Trace:
     model = initial_model(args)
     sm = StepModel(model, model, ParallelPlan())
-    trace = train(sm, Optimizers(model, OptimizerConfig(lr=LR)), slice(0, ROWS))
+    trace = train(sm, Optimizers(model, OptimizerConfig(lr=LR)), slice(0, ROWS), make=make)
     trace.losses = [x.item() for x in trace.losses]
     return trace
 
@@ -202,6 +215,7 @@ def run_layout(
     accum: int = 1,
     steps: int = STEPS,
     tables: dict | None = None,
+    make=make_batch,
 ) -> Trace:
     """One rank of ``layout`` (``ParallelismConfig`` fields): parallelise, load the initial
     weights, train on this rank's data-parallel rows (in ``accum`` microbatches); losses are the
@@ -249,12 +263,16 @@ def run_layout(
         accum=accum,
         steps=steps,
         prefetch=prefetch,
+        cp=(dims.cp, dims.cp_rank(rank)),
+        make=make,
     )
     losses = []
-    for loss in trace.losses:
+    for loss in trace.losses:  # the mean over data-parallel rows and context-parallel chunks
         total = loss.detach().clone().double()
         dist.all_reduce(total, group=plan.dp_group)
-        losses.append(total.item() / dims.dp_degree)
+        if plan.cp_group is not None:
+            dist.all_reduce(total, group=plan.cp_group)
+        losses.append(total.item() / dims.batch_degree)
     trace.losses = losses
     return trace
 

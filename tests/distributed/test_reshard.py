@@ -1,7 +1,8 @@
 """Checkpoints reshard: a run saved with one layout evaluates to the same held-out loss when loaded
 at another (Engram-table parallel 4 -> 2 ranks -> 1 process; TP2 x PP2 -> 1 process; 5 experts
 over EP 2, padding slot included, <-> 1 process; table-parallel shards on disk -> one table in
-host memory -> the device)."""
+host memory -> the device; context parallel 2 -> 1 process, its validation loss computed on
+chunks of every row)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ LAYOUTS = {
     "tp2pp2": dict(
         tensor_parallel_degree=2, pipeline_parallel_degree=2, data_parallel_shard_degree=1
     ),
+    # context parallel 2 (FSDP over the cp ranks), tables row-sharded over both
+    "cp2": dict(context_parallel_degree=2, engram_shard_degree=2),
     "single": {},
     "single_host": {},
     # 5 experts over EP 2: 3 slots per rank, the last one padding (kept out of checkpoints)
@@ -73,6 +76,7 @@ def _single(corpus, dump, experts5=False) -> float:
         ("single", 1, "ep2_uneven", 2, True),
         # row shards on disk (prefetched, routed a step ahead) -> one host table -> device
         ("tables2_disk", 2, "single_host", 1, False),
+        ("cp2", 2, None, None, False),
     ],
 )
 def test_checkpoint_reshards(corpus, tmp_path, saved, world, loaded, loaded_world, experts5):
