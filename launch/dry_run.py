@@ -120,7 +120,7 @@ def simulated(
         trace.collectives,
         microbatches=trace.microbatches,
         tokens_per_microbatch=trace.tokens_per_microbatch,
-        data_parallel_degree=dims.dp_degree,
+        data_parallel_degree=dims.batch_degree,  # ranks holding different tokens
         world_size=world_size,
         flops_per_token=flops_per_token,
         recompute=recompute,

@@ -15,8 +15,9 @@ storages, no values), and driven through the real step: ``grad_accum_steps`` mic
 Values a fake tensor cannot give are modelled, and said so: the routed-token splits of expert
 parallelism are balanced (the auxiliary-loss-free bias balances load), every rank asks a table
 shard for as many rows as it serves (symmetric traffic), Engram hash ids are uniform over each
-head's table (no n-gram repeats: the most traffic), and ``.item()`` (the clip coefficient) reads
-1.0.
+head's table (no n-gram repeats: the most traffic), ``.item()`` (the clip coefficient) reads
+1.0, and attention keeps what the GPU's fused kernels keep (``fused_attention``: no ``T x T``
+scores).
 ``pretrain.cost_model`` turns the trace into times.
 
 Legend: B batch per rank, T sequence, K Engram heads of a layer.
@@ -26,15 +27,17 @@ from __future__ import annotations
 
 import functools
 import time
+from unittest import mock
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from data.batch import Batch, EngramInputs, plan_lookups
+from data.batch import Batch, EngramInputs, context_shard, plan_lookups
 from models.flavors import resolve_model_args
 from models.parallel_plans import validate_parallelism
 from models.parallelize import parallelize_deepseek_engram
@@ -310,8 +313,36 @@ def _model_values(inner, tokens_per_rank: int) -> None:
             engram.table.exchange_counts = list  # symmetric: receive what is sent
 
 
-def synthetic_batch(args, batch_size: int, seq_len: int, planners: dict, seed: int = 0) -> Batch:
-    """Random tokens in one document per row, uniform hash ids per head, planned lookups."""
+class _FusedAttention(torch.autograd.Function):
+    """Attention as the GPU's fused kernels (flex / flash) hold it: the output and the row
+    log-sum-exp are saved for backward, never the ``T x T`` scores that CPU SDPA's math path
+    would materialise on these fake tensors (at 32K tokens, 64 GiB per layer)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def fused_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+    """``F.scaled_dot_product_attention`` during a trace: shapes and saved memory of the fused
+    kernels (values are fake anyway)."""
+    return _FusedAttention.apply(q, k, v)
+
+
+def synthetic_batch(
+    args, batch_size: int, seq_len: int, planners: dict, seed: int = 0, cp: tuple[int, int] = (1, 0)
+) -> Batch:
+    """Random tokens in one document per row, uniform hash ids per head, planned lookups;
+    ``cp`` (degree, rank): this context-parallel rank's share of every row, as the loader
+    keeps it."""
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, args.vocab_size, (batch_size, seq_len), dtype=np.int64)
     positions = np.broadcast_to(np.arange(seq_len, dtype=np.int64), tokens.shape).copy()
@@ -322,7 +353,7 @@ def synthetic_batch(args, batch_size: int, seq_len: int, planners: dict, seed: i
             ids = np.stack([rng.integers(0, s, tokens.shape) for s in sizes], -1)  # [B, T, K]
             engram[layer] = EngramInputs(ids)
     batch = Batch(tokens, tokens.copy(), positions, np.zeros_like(tokens), engram)
-    return plan_lookups(batch, planners).to_torch()
+    return plan_lookups(context_shard(batch, *cp), planners).to_torch()
 
 
 @dataclass
@@ -361,7 +392,7 @@ def trace_step(cfg, world_size: int, rank: int) -> Trace:
         seq_len=cfg.data.seq_len,
     )
     dims = ParallelDims.from_config(cfg.parallelism, world_size)
-    validate_parallelism(args, dims)
+    validate_parallelism(args, dims, cfg.parallelism.sequence_parallel, cfg.data.seq_len)
     if dims.pp > 1:
         raise ValueError(
             "the simulator traces one rank of a layout without pipeline parallelism; "
@@ -379,13 +410,19 @@ def trace_step(cfg, world_size: int, rank: int) -> Trace:
     try:
         mesh, (wrapped, inner, plan) = rank_model(cfg, args, dims, materialize_fn=fake_materialize)
         batch = synthetic_batch(
-            args, cfg.training.batch_size, cfg.data.seq_len, lookup_planners(inner), seed=rank
+            args,
+            cfg.training.batch_size,
+            cfg.data.seq_len,
+            lookup_planners(inner),
+            seed=rank,
+            cp=(dims.cp, dims.cp_rank(rank)),
         )
         _model_values(inner, batch.num_tokens)
         sm = StepModel(wrapped, inner, plan, None, cfg.training.mixed_precision)
         tracer = StepTracer(rank)
         tracer.track([*wrapped.parameters(), *wrapped.buffers()], "model")
-        with fake, tracer:
+        fused = mock.patch.object(F, "scaled_dot_product_attention", fused_attention)
+        with fake, tracer, fused:
             optimizers = Optimizers(wrapped, cfg.optimizer, cuda=True)  # CUDA's kernels
             _warm_up(optimizers)
             tracer.track(_optimizer_state(optimizers), "optimizer_state")

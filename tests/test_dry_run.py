@@ -12,7 +12,7 @@ import pytest
 from launch.dry_run import dry_run
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = ["dense_4b", "moe_27b", "engram_27b", "engram_40b"]
+RECIPES = ["dense_4b", "moe_27b", "engram_27b", "engram_40b", "engram_27b_32k"]
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -21,8 +21,8 @@ def test_recipes_fit_their_layouts(recipe):
     assert result["fits"], result
     assert result["peak_gib"] > 5  # a real estimate, not an empty model
     if recipe.startswith("engram"):
-        # tables are row-sharded: every rank holds 1/32 of them
-        engram_tables = {"engram_27b": 5.787e9, "engram_40b": 18.587e9}[recipe]
+        # tables are row-sharded: every rank holds 1/32 of them (32K: over dp 8 x cp 4)
+        engram_tables = {"engram_40b": 18.587e9}.get(recipe, 5.787e9)
         assert result["rank_table_params"] == pytest.approx(engram_tables / 32, rel=0.01)
 
 
@@ -43,6 +43,16 @@ def test_cli_json_and_exit_code_when_it_does_not_fit():
     )
     assert small.returncode == 1
     assert json.loads(small.stdout.strip().splitlines()[-1])["fits"] is False
+
+
+def test_32k_extension_fits_only_with_context_parallelism():
+    """At 32K tokens the sequence's activations and logits need the cp 4 split: the same job
+    with cp 1 (dp_shard 32) does not fit 80 GB."""
+    cp1 = ["--parallelism.context_parallel_degree=1", "--parallelism.data_parallel_shard_degree=32"]
+    whole = dry_run("launch/configs/engram_27b_32k.toml", cp1, 32, 0, 80)
+    split = dry_run("launch/configs/engram_27b_32k.toml", [], 32, 0, 80)
+    assert split["fits"] and not whole["fits"]
+    assert whole["memory_gib"]["activations_gib"] > 3.5 * split["memory_gib"]["activations_gib"]
 
 
 @pytest.mark.parametrize(

@@ -116,3 +116,21 @@ def test_simulator_recipe_targets():
     for recipe in ["engram_27b", "engram_40b"]:
         assert results[recipe]["layout"]["ep"] == moe["layout"]["ep"]
         assert results[recipe]["est_tokens_per_s"] >= 0.95 * moe["est_tokens_per_s"]
+
+
+def test_simulator_context_parallel_traffic():
+    """CP 2 on the small layout: each rank traces its zigzag half of every row; the cp
+    all-gathers are the keys/values and ShortConv halos (twice: forward and the activation
+    checkpointing recompute) plus the whole rows' document ids (once per forward), and their
+    gradients go back by one reduce-scatter each."""
+    layout = [
+        "--parallelism.data_parallel_shard_degree=4",
+        "--parallelism.context_parallel_degree=2",
+    ]
+    cfg = load_config("launch/configs/engram_27b.toml", SMALL + layout)
+    trace = trace_step(cfg, 8, 3)
+    assert trace.tokens_per_microbatch == 2 * 64 // 2
+    summary = comm_bytes(trace.collectives, trace.axis_names)
+    doc_ids = 3 * 2 * 64 * 8 // 2  # 3 microbatches x [2, 64] int64 gathered, half sent
+    assert summary["reduce_scatter/cp"] > 0
+    assert summary["all_gather/cp"] == 2 * summary["reduce_scatter/cp"] + doc_ids
