@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import functools
 import time
-from unittest import mock
 from collections import defaultdict
 from dataclasses import dataclass, field
+from unittest import mock
 
 import numpy as np
 import torch
