@@ -101,7 +101,7 @@ def test_engram_export_loads_in_transformers_with_our_logits(trained, tmp_path):
 
 
 @pytest.mark.parametrize("flavor", ["debug", "debug-v3"])  # GQA + Engram; MLA (latent cache)
-def test_generate_matches_a_full_forward_at_every_step(trained, tmp_path, flavor):
+def test_incremental_decoding_matches_a_full_forward_at_every_step(trained, tmp_path, flavor):
     out = convert.dcp_to_hf(trained[flavor], tmp_path / "hf", layout="engram")
     model = _hf(out, remote=True)
     prompt = torch.randint(3, 1000, (2, 9), generator=torch.Generator().manual_seed(1))
@@ -443,7 +443,9 @@ def test_a_continuation_job_loads_weights_and_optimizer_and_starts_afresh(
 
 
 @pytest.mark.parametrize("flavor", ["debug", "debug-v3"])
-def test_generate_cli_logits_equal_our_full_forward_at_every_step(trained, flavor, capsys):
+def test_incremental_decoding_cli_logits_equal_our_full_forward_at_every_step(
+    trained, flavor, capsys
+):
     from pretrain.generate import generate, inference_model, main
 
     model, tok = inference_model(trained[flavor])

@@ -61,7 +61,7 @@ def random_model(prompt: list[int], max_new: int) -> list[int]:
     return [rng.randrange(3, 1000) for _ in range(max_new)]
 
 
-def test_niah_scores_a_copier_near_one_and_a_random_model_near_zero(tokenizer, haystack):
+def test_probe_niah_scores_a_copier_near_one_and_a_random_model_near_zero(tokenizer, haystack):
     samples = probes.niah_samples(tokenizer.encode, haystack, 256, 6, seed=0)
     assert len(samples) == 6 * probes.QUERIES
     assert all(240 <= len(p) <= 300 for p, _ in samples)
@@ -69,7 +69,7 @@ def test_niah_scores_a_copier_near_one_and_a_random_model_near_zero(tokenizer, h
     assert probes.score_niah(random_model, tokenizer.decode, samples) <= 0.1
 
 
-def test_vt_scores_a_solver_at_one_and_a_random_model_near_zero(tokenizer, haystack):
+def test_probe_vt_scores_a_solver_at_one_and_a_random_model_near_zero(tokenizer, haystack):
     samples = probes.vt_samples(tokenizer.encode, haystack, 256, 4, seed=0)
     chars = "".join  # the solver answers in characters
 
