@@ -4,7 +4,8 @@ Console line: ``step: N  loss: X  grad_norm: Y  lr: L  memory: Z GiB  tps: T  tf
 data_wait: W%``. TensorBoard tags follow torchtitan (``loss_metrics/global_avg_loss``,
 ``throughput(tps)``, ``mfu(%)``, ``time_metrics/data_loading(%)``, ``memory/max_active(GiB)``), plus
 ``engram/gate_mean/layer{L}`` and ``engram/unique_rows_frac``.
-MFU = 100 * flops_per_token * tokens_per_second / peak_flops.
+MFU = 100 * flops_per_token * tokens_per_second / peak_flops, with ``tps`` the tokens per second
+per device (the step's tokens over the world size, as torchtitan), so MFU is per GPU.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class MetricsLogger:
             )
 
     def step_done(self, tokens: int, data_wait_seconds: float) -> None:
-        """Count one finished step (its tokens over all data-parallel ranks, its data wait)."""
+        """Count one finished step (its tokens per device, its data wait)."""
         self._window_tokens += tokens
         self._window_wait += data_wait_seconds
         if self.bar is not None:

@@ -275,8 +275,10 @@ class Trainer:
     # ----- the loop -----
     def fit(self) -> dict:
         t, m = self.cfg.training, self.cfg.metrics
+        # tokens per device (torchtitan's tps): the step's tokens over every rank; tp, pp and cp
+        # ranks share their data-parallel replica's tokens
         tokens_per_step = t.batch_size * t.grad_accum_steps * self.cfg.data.seq_len
-        tokens_per_step *= self.dims.dp_degree
+        tokens_per_step *= self.dims.dp_degree / self.dims.world_size
         val_loss, preempted = None, False
         stop = StopRequest()
         stop_group = cpu_group_for(dist.group.WORLD) if dist.is_initialized() else None
