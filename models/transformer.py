@@ -125,9 +125,10 @@ class Transformer(nn.Module):
         engram: dict[int, EngramInputs | torch.Tensor] | None = None,
     ) -> ModelOutput:
         batch, seq = tokens.shape[:2]  # token ids [B, T], or streams [B, T, G, D] on later stages
-        if seq > self.args.max_seq_len:
+        if seq * self.sequence.degree > self.args.max_seq_len:  # whole rows under cp
             raise ValueError(
-                f"sequence length {seq} exceeds model.max_seq_len={self.args.max_seq_len}"
+                f"sequence length {seq * self.sequence.degree} exceeds "
+                f"model.max_seq_len={self.args.max_seq_len}"
             )
         if positions is None:
             positions = self.sequence.query_index(seq, tokens.device).expand(batch, seq)
