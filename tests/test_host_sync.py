@@ -11,9 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from data.batch import plan_lookups
 from parallel.expert_parallel import regroup_index
 from parallel.plan import ParallelPlan
-from pretrain.step import StepModel, forward_backward
+from pretrain.step import StepModel, forward_backward, lookup_planners
 from tests.distributed.parity import initial_model, make_batch, model_args
 from tests.host_sync import HostSyncCounter
 
@@ -79,3 +80,41 @@ def test_host_sync_budget_expert_parallel():
 
     for rank, (counts, moe_layers) in run_ranks(_ep_rank, 2).items():
         assert counts == {"tolist": moe_layers}, (rank, counts)
+
+
+def _tables_rank(rank: int, world: int, cp: int):
+    from data.batch import context_shard
+    from models.parallelize import parallelize_deepseek_engram
+    from models.transformer import Transformer
+    from parallel.dims import ParallelDims
+    from pretrain.config import ParallelismConfig
+    from tests.distributed.test_context_parallel import MAKE, cp_args
+
+    layout = dict(engram_shard_degree=2, context_parallel_degree=cp)
+    if cp == 1:
+        layout["data_parallel_replicate_degree"] = 2
+    dims = ParallelDims.from_config(ParallelismConfig(**layout), world)
+    with torch.device("meta"):
+        model = Transformer(cp_args("mla", sparse=True))
+    model, inner, plan = parallelize_deepseek_engram(model, dims, dims.build_mesh("cpu"), "cpu", 0)
+    sm = StepModel(model, inner, plan)
+    batch = MAKE(0)
+    batch = batch.select_rows(slice(2 * rank, 2 * rank + 2)) if cp == 1 else batch
+    batch = plan_lookups(context_shard(batch, cp, rank if cp > 1 else 0), lookup_planners(inner))
+    with HostSyncCounter() as counter:
+        forward_backward(sm, batch)  # twice: the index tables are made once, then reused
+        forward_backward(sm, batch)
+    return dict(counter.counts)
+
+
+@pytest.mark.distributed
+def test_host_sync_budget_context_parallel():
+    """The zigzag gathers, the masks from global indices, the ShortConv halo and the balance
+    loss over cp add no host synchronisation: CP 2 x tables 2 counts what data parallel 2 x
+    tables 2 counts (the table shards' host-side split counts, read by design)."""
+    from tests.distributed.helpers import run_ranks
+
+    cp = run_ranks(_tables_rank, 2, 2)
+    dp = run_ranks(_tables_rank, 2, 1)
+    assert cp == dp, (cp, dp)
+    assert set(cp[0]) <= {"tolist"}, cp
