@@ -152,10 +152,8 @@ def _apply_sharded_tables_and_experts(
         ep_mesh = dims.build_ep_mesh(torch.device(device).type)
         ep_group = ep_mesh["ep"].get_group()
         experts = apply_expert_parallel(model, ep_group, ep_mesh["ep"].get_local_rank())
-        sync = None  # the replicas of an expert shard: other ep groups, other cp ranks
-        if dims.batch_degree > dims.ep:
-            replicas = ep_mesh["ep_replicate", "cp"]._flatten("ep_replicate_cp")
-            sync = replicas.get_group()
+        # the replicas of an expert shard: the other ep groups (data and context parallel)
+        sync = ep_mesh["ep_replicate"].get_group() if dims.batch_degree > dims.ep else None
         sharded.append((experts, cpu_group_for(ep_group), sync, dims.batch_degree))
     if dims.engram_shard > 1:
         cpu_group = cpu_group_for(batch_group)

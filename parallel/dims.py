@@ -2,11 +2,11 @@
 
 Every axis is built here: the main mesh ``(pp, dp_replicate, dp_shard, cp, tp)`` (pipeline
 outermost, tensor parallel innermost: the ranks of one node), the expert mesh
-``(pp, ep_replicate, ep, cp, tp)`` over the same ranks, and the data-parallel group, which is also
-the context-parallel group. Data- and context-parallel ranks together hold different tokens
-(``batch_degree``): FSDP shards over ``dp_shard x cp`` and the Engram tables are row-sharded over
-all of them (``engram_shard``; ``etp`` is expert *tensor* parallelism in torchtitan, so that name
-is not used).
+``(pp, ep_replicate, ep, tp)`` over the same ranks, the data-parallel group and the
+context-parallel group. Data- and context-parallel ranks together hold different tokens
+(``batch_degree``): FSDP shards over ``dp_shard x cp``, experts over groups of them, and the
+Engram tables are row-sharded over all of them (``engram_shard``; ``etp`` is expert *tensor*
+parallelism in torchtitan, so that name is not used).
 
 This module knows nothing of models (../STYLE rule 1): model-dependent checks (heads, experts,
 layers) live in the model family's parallel plan.
@@ -74,10 +74,11 @@ class ParallelDims:
                 f"pp({self.pp}) * cp({self.cp}) = {others * self.dp_shard} != world size "
                 f"{self.world_size}"
             )
-        if self.ep > 1 and self.dp_degree % self.ep:
+        if self.ep > 1 and self.batch_degree % self.ep:
             raise ValueError(
-                f"parallelism.expert_parallel_degree={self.ep} must divide the data-parallel "
-                f"degree {self.dp_degree} (experts are sharded over data-parallel ranks)"
+                f"parallelism.expert_parallel_degree={self.ep} must divide the data-parallel x "
+                f"context-parallel degree {self.batch_degree} (experts are sharded over the "
+                "ranks holding different tokens)"
             )
         if self.engram_shard > 1 and self.engram_shard != self.batch_degree:
             raise ValueError(
@@ -116,14 +117,16 @@ class ParallelDims:
         )
 
     def build_ep_mesh(self, device_type: str):
-        """``(pp, ep_replicate, ep, cp, tp)``: the data-parallel ranks of the main mesh split into
-        expert groups, with the same rank layout (an ep group shares its pp, cp and tp ranks)."""
+        """``(pp, ep_replicate, ep, tp)``: the ranks holding different tokens (the main mesh's
+        ``dp_replicate x dp_shard x cp``, flattened in that order) split into expert groups.
+        An ep group is ``ep`` consecutive such ranks, so with context parallelism (inner to
+        ``dp_shard``) it stays inside a node, as torchtitan's EP over ``dp_shard x cp``."""
         from torch.distributed.device_mesh import init_device_mesh
 
         return init_device_mesh(
             device_type,
-            (self.pp, self.dp_degree // self.ep, self.ep, self.cp, self.tp),
-            mesh_dim_names=("pp", "ep_replicate", "ep", "cp", "tp"),
+            (self.pp, self.batch_degree // self.ep, self.ep, self.tp),
+            mesh_dim_names=("pp", "ep_replicate", "ep", "tp"),
         )
 
     def dp_group(self, mesh):
