@@ -47,9 +47,9 @@ def block_activation_bytes(
     gathered from all of them)."""
     d, g, heads = args.dim, args.hc_mult, args.num_heads
     streams = 6 * g * d * 4  # stream inputs, mixes and outputs of two sublayers, float32
-    kv = heads * (args.qk_head_dim + args.attn_v_head_dim)
-    attention = 10 * d + heads * (2 * args.qk_head_dim + 2 * args.attn_v_head_dim)
-    attention += (context_parallel - 1) * kv  # the other ranks' keys and values
+    kv = heads * (args.qk_head_dim + args.attn_v_head_dim)  # one token's keys and values
+    # q/k/v/out and their pre-projection copies, plus the other cp ranks' keys and values
+    attention = 10 * d + 2 * kv + (context_parallel - 1) * kv
     if args.attention == "mla":
         attention += args.kv_lora_rank + args.qk_rope_head_dim + args.q_lora_rank
     if args.is_moe_layer(layer):

@@ -109,29 +109,37 @@ def test_zigzag_chunks_cover_the_row_once_and_balance_causal_work():
 
 
 @pytest.mark.parametrize(
-    "layout, seq_len, sp, message",
+    "layout, world, seq_len, sp, message",
     [
-        (dict(context_parallel_degree=2, pipeline_parallel_degree=2), 80, False, "pipeline"),
-        (dict(context_parallel_degree=2, tensor_parallel_degree=2), 80, True, "sequence_parallel"),
-        (dict(context_parallel_degree=4), 60, False, "divisible by 2 \\* parallelism"),
-        (dict(context_parallel_degree=4), 64, False, "fewer than the Engram ShortConv's left"),
-        (dict(context_parallel_degree=2, engram_shard_degree=2), 80, False, "engram_shard_degree"),
+        (dict(context_parallel_degree=2, pipeline_parallel_degree=2), 4, 80, False, "pipeline"),
+        (
+            dict(context_parallel_degree=2, tensor_parallel_degree=2),
+            4,
+            80,
+            True,
+            "sequence_parallel",
+        ),
+        (dict(context_parallel_degree=4), 4, 60, False, "divisible by 2 \\* parallelism"),
+        (dict(context_parallel_degree=4), 4, 64, False, "fewer than the Engram ShortConv's left"),
+        (
+            dict(context_parallel_degree=2, data_parallel_shard_degree=2, engram_shard_degree=2),
+            4,
+            80,
+            False,
+            "engram_shard_degree",
+        ),
     ],
     ids=["pp", "sp", "seq_len", "halo", "tables"],
 )
-def test_context_parallel_layouts_are_checked_up_front(layout, seq_len, sp, message):
+def test_context_parallel_layouts_are_checked_up_front(layout, world, seq_len, sp, message):
     from models.parallel_plans import validate_parallelism
     from parallel.dims import ParallelDims
     from pretrain.config import ParallelismConfig
 
-    dims_layout = {"data_parallel_shard_degree": 2, **layout} if "engram" in message else layout
-    world = 1
-    for key, value in dims_layout.items():
-        world *= value if key != "engram_shard_degree" else 1
+    args = cp_args("mla", False)
+    args.vocab_size = 96  # divisible by tp
     with pytest.raises(ValueError, match=message):
-        dims = ParallelDims.from_config(ParallelismConfig(**dims_layout), world)
-        args = cp_args("mla", False)
-        args.vocab_size = 96  # divisible by tp
+        dims = ParallelDims.from_config(ParallelismConfig(**layout), world)
         validate_parallelism(args, dims, sp, seq_len)
 
 
