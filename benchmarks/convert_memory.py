@@ -43,7 +43,7 @@ def synthetic_checkpoint(folder: Path, gib: float) -> int:
     from models.hf.layouts import Source
     from models.hf.safetensors_io import TensorEntry
     from models.transformer import Transformer
-    from pretrain import convert
+    from pretrain.conversion import convert
 
     args: ModelArgs = get_flavor("debug")
     e = args.engram

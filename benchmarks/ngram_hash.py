@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.common import print_table, time_calls  # noqa: E402
 from data.ngram_hash import CompressedTokenizer, EngramHashSpec, NgramHasher  # noqa: E402
-from data.tokenizer import deepseek_v3_tokenizer_path  # noqa: E402
+from data.tokenizer import deepseek_v3_tokenizer_path, load_tokenizer  # noqa: E402
 
 
 def reference_hash(hasher: NgramHasher, compressed: np.ndarray, layer: int) -> np.ndarray:
@@ -39,7 +39,9 @@ def reference_hash(hasher: NgramHasher, compressed: np.ndarray, layer: int) -> n
 
 
 def main() -> None:
-    compressed_tok = CompressedTokenizer.from_file(deepseek_v3_tokenizer_path())
+    compressed_tok = CompressedTokenizer.from_tokenizer(
+        load_tokenizer(deepseek_v3_tokenizer_path())
+    )
     spec = EngramHashSpec(
         engram_vocab_size=[129280 * 5] * 2,
         max_ngram_size=3,

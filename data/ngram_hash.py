@@ -19,11 +19,21 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
-from data.tokenizer import Tokenizer, load_tokenizer
+
+class Vocabulary(Protocol):
+    """What the compressed map reads of a tokenizer (``data.tokenizer.Tokenizer`` has it)."""
+
+    vocab_size: int
+    identity: str
+
+    def decode_single(self, token_id: int) -> str: ...
+
+    def token_string(self, token_id: int) -> str: ...
+
 
 _SENTINEL = "\ue000"
 _INT64_MAX = np.iinfo(np.int64).max
@@ -47,7 +57,7 @@ def _reference_normalizer():
     )
 
 
-def build_compressed_lookup(tokenizer: Tokenizer) -> np.ndarray:
+def build_compressed_lookup(tokenizer: Vocabulary) -> np.ndarray:
     """Raw id -> compressed id, keys interned in first-seen order.
 
     A decoded token containing U+FFFD is keyed by its raw token string; otherwise by its normalized
@@ -85,13 +95,9 @@ class CompressedTokenizer:
         self.identity = identity
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: Tokenizer) -> CompressedTokenizer:
+    def from_tokenizer(cls, tokenizer: Vocabulary) -> CompressedTokenizer:
+        """Build from a loaded tokenizer (``data.tokenizer.load_tokenizer(path)``)."""
         return cls(build_compressed_lookup(tokenizer), identity=tokenizer.identity)
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> CompressedTokenizer:
-        """Build from an HF ``tokenizer.json`` or a sentencepiece ``.model``."""
-        return cls.from_tokenizer(load_tokenizer(path))
 
     def __len__(self) -> int:
         return self.num_new_token

@@ -25,7 +25,7 @@ import sys
 
 import torch
 
-from pretrain import convert
+from pretrain.conversion import convert
 
 COMMANDS = ("dcp-to-hf", "hf-to-dcp", "reference-to-dcp", "dcp-to-v41", "v41-to-dcp")
 

@@ -4,12 +4,12 @@ A simulator of one training step at the target layout, on a laptop. It builds th
 the meta device under a fake process group at the target world size and applies the full
 parallel plan for one rank: parameters per rank, FLOPs per token and the analytical memory
 estimate (``models.memory``, ``peak_gib``). Then (unless ``--analytical``) it runs a real step on
-fake tensors (``pretrain.simulate``): the traced peak memory (``peak_gib_traced``), the
-communication per collective and mesh axis (``comm_gib_per_step``), and the step time, tokens/s
-and MFU on stated H100 constants (``pretrain.cost_model``; ``--efficiency``, ``--nvlink_gbps``...
-override them). The last line is a JSON summary; the exit code is 1 when the layout does not fit
-in 90 % of ``--gpu_memory_gib`` (by the traced peak when there is one). A 27B recipe takes
-about a minute per traced rank.
+fake tensors (``pretrain.simulation.simulate``): the traced peak memory (``peak_gib_traced``),
+the communication per collective and mesh axis (``comm_gib_per_step``), and the step time,
+tokens/s and MFU on stated H100 constants (``pretrain.simulation.cost_model``; ``--efficiency``,
+``--nvlink_gbps``... override them). The last line is a JSON summary; the exit code is 1 when
+the layout does not fit in 90 % of ``--gpu_memory_gib`` (by the traced peak when there is one).
+A 27B recipe takes about a minute per traced rank.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from models.memory import RankCounts, estimate_memory
 from models.parallel_plans import validate_parallelism
 from parallel.dims import ParallelDims
 from pretrain.config import load_config
-from pretrain.cost_model import Hardware, estimate
-from pretrain.simulate import GIB, comm_summary, rank_model, trace_step
+from pretrain.simulation.cost_model import Hardware, estimate
+from pretrain.simulation.simulate import GIB, comm_summary, rank_model, trace_step
 
 
 def rank_counts(model: torch.nn.Module, fsdp: bool) -> RankCounts:

@@ -9,14 +9,18 @@ Legend: B batch, T sequence, H heads, Hkv kv heads, Dq qk head dim, Dv value hea
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import sharded_init
 from models.args import ModelArgs
 from models.layers import AttentionMask, RMSNorm, apply_rotary, yarn_mscale
+from models.sharded_init import trunc_normal_
+
+if TYPE_CHECKING:
+    from models.kv_cache import LayerCache
 
 
 def attend(q, k, v, mask: AttentionMask | None, scale: float) -> torch.Tensor:
@@ -76,19 +80,23 @@ class GQAttention(nn.Module):
         self.wo = nn.Linear(args.num_heads * args.head_dim, args.dim, bias=False)
         self.scale = args.head_dim**-0.5 * yarn_mscale(args.yarn.factor, args.yarn.mscale) ** 2
 
-    def forward(self, x, rope, mask):
+    def forward(self, x, rope, mask, cache: LayerCache | None = None):
+        """``cache``: this layer's decoding state; the new positions attend to the cached ones
+        too (their mask comes from ``KVCache.attention_mask``)."""
         batch, seq, _ = x.shape
         q = self.wq(x).view(batch, seq, -1, self.head_dim)  # [B, T, H*Dq] -> [B, T, H, Dq]
         k = self.wk(x).view(batch, seq, -1, self.head_dim)
         v = self.wv(x).view(batch, seq, -1, self.head_dim)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.extend(k, v)  # [B, P+T, Hkv, Dq]
         return self.wo(attend(q, k, v, mask, self.scale).flatten(2))
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float) -> None:
         for linear in (self.wq, self.wk, self.wv):
-            sharded_init.trunc_normal_(linear.weight, std=std)
-        sharded_init.trunc_normal_(self.wo.weight, std=out_std)
+            trunc_normal_(linear.weight, std=std)
+        trunc_normal_(self.wo.weight, std=out_std)
 
 
 class MLAttention(nn.Module):
@@ -122,16 +130,22 @@ class MLAttention(nn.Module):
         mscale = yarn_mscale(args.yarn.factor, args.yarn.mscale_all_dim or args.yarn.mscale)
         self.scale = qk_dim**-0.5 * mscale**2
 
-    def forward(self, x, rope, mask):
+    def forward(self, x, rope, mask, cache: LayerCache | None = None):
+        """``cache``: this layer's decoding state, which keeps the normed latent and the rotated
+        rope key of earlier positions (the compressed form MLA exists for)."""
         batch, seq, _ = x.shape
         q = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)
         # -1 heads: a tensor-parallel rank holds only its heads
         q = q.view(batch, seq, -1, self.nope_dim + self.rope_dim)  # [B, T, H*Dq] -> [B, T, H, Dq]
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_pe = apply_rotary(q_pe, *rope)
-        kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         k_pe = self.rope_key(apply_rotary(k_pe.unsqueeze(2), *rope))  # [B, T, 1, Dr]: all heads
-        kv = self.wkv_b(self.kv_norm(kv)).view(batch, seq, -1, self.nope_dim + self.v_dim)
+        latent = self.kv_norm(latent)
+        if cache is not None:
+            latent, k_pe = cache.extend(latent, k_pe)  # [B, P+T, rank], [B, P+T, 1, Dr]
+        # [B, S, H*(Dn+Dv)] -> [B, S, H, Dn+Dv]
+        kv = self.wkv_b(latent).view(batch, latent.shape[1], -1, self.nope_dim + self.v_dim)
         if mask is not None and mask.sequence is not None:
             kv, k_pe, mask = _gather_mla_keys(kv, k_pe, mask)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
@@ -144,8 +158,8 @@ class MLAttention(nn.Module):
         linears = [self.wkv_a, self.wkv_b]
         linears += [self.wq_a, self.wq_b] if hasattr(self, "wq_a") else [self.wq]
         for linear in linears:
-            sharded_init.trunc_normal_(linear.weight, std=std)
-        sharded_init.trunc_normal_(self.wo.weight, std=out_std)
+            trunc_normal_(linear.weight, std=std)
+        trunc_normal_(self.wo.weight, std=out_std)
         self.kv_norm.reset_parameters()
         if hasattr(self, "q_norm"):
             self.q_norm.reset_parameters()

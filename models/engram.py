@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +19,12 @@ from torch import nn
 
 from data.batch import EngramInputs
 from data.ngram_hash import EngramHashSpec
-from models import sharded_init
 from models.engram_table import EngramTable
 from models.sequence import LOCAL_SEQUENCE
+from models.sharded_init import kaiming_uniform_, normal_
+
+if TYPE_CHECKING:
+    from models.kv_cache import LayerCache
 
 
 @dataclass
@@ -118,30 +121,52 @@ class ShortConv(nn.Module):
         # (its halo) comes from the rank holding the chunk before it
         self.sequence = LOCAL_SEQUENCE
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        """``x [B, T, G, D]`` -> ``[B, T, G, D]``; ``cache``: incremental decoding, whose left
+        context is the cached inputs of the positions before these."""
         batch, seq, streams, dim = x.shape
         normed = torch.cat([self.norms[i](x[:, :, i, :]) for i in range(streams)], dim=-1)
+        if cache is not None:
+            return self._decoding(normed, cache).reshape(batch, seq, streams, dim)
         if self.sequence.degree == 1:
             y = self.conv(normed.transpose(1, 2))[..., :seq]  # [B, G*D, T + pad] -> causal crop
             return F.silu(y).transpose(1, 2).reshape(batch, seq, streams, dim)
         return self._chunked(normed).reshape(batch, seq, streams, dim)
 
+    @property
+    def context_width(self) -> int:
+        """Earlier positions one output reads: ``(kernel - 1) * dilation``."""
+        return (self.kernel_size - 1) * self.dilation
+
+    def _valid(self, padded: torch.Tensor) -> torch.Tensor:
+        """The conv of ``padded [N, W + L, C]``, whose first W positions are left context only:
+        ``[N, L, C]`` (no padding, nothing to crop)."""
+        y = F.conv1d(
+            padded.transpose(1, 2), self.conv.weight, dilation=self.dilation, groups=padded.shape[2]
+        )  # [N, C, W + L] -> [N, C, L]
+        return F.silu(y).transpose(1, 2)
+
+    def _decoding(self, normed: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+        """``[B, T, C]`` after the cached context (zeros at the sequence start, as the causal
+        padding of a whole-sequence forward)."""
+        batch, _, channels = normed.shape
+        width = self.context_width
+        left = cache.conv_context
+        if left is None:
+            left = normed.new_zeros(batch, width, channels)
+        padded = torch.cat([left, normed], dim=1)
+        cache.conv_context = padded[:, padded.shape[1] - width :]
+        return self._valid(padded)
+
     def _chunked(self, normed: torch.Tensor) -> torch.Tensor:
         """The conv of each local chunk after its halo (context parallelism):
         ``[B, L*S, C]`` -> ``[B, L*S, C]``."""
         batch, seq, channels = normed.shape
-        width = (self.kernel_size - 1) * self.dilation
-        halo = self.sequence.halo(normed, width)  # [B, S, W, C]
+        halo = self.sequence.halo(normed, self.context_width)  # [B, S, W, C]
         chunks = halo.shape[1]
         local = normed.view(batch, chunks, seq // chunks, channels)
         padded = torch.cat([halo, local], dim=2).flatten(0, 1)  # [B*S, W + L, C]
-        y = F.conv1d(
-            padded.transpose(1, 2),
-            self.conv.weight,
-            dilation=self.dilation,
-            groups=channels,
-        )  # [B*S, C, L]: no padding, the halo is the left context
-        return F.silu(y).transpose(1, 2).reshape(batch, seq, channels)
+        return self._valid(padded).reshape(batch, seq, channels)  # the halo is the left context
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -151,7 +176,7 @@ class ShortConv(nn.Module):
             nn.init.zeros_(self.conv.weight)
         else:
             # nn.Conv1d.reset_parameters, written so a sharded weight gets its slice
-            sharded_init.kaiming_uniform_(self.conv.weight, a=math.sqrt(5))
+            kaiming_uniform_(self.conv.weight, a=math.sqrt(5))
 
 
 class Engram(nn.Module):
@@ -181,16 +206,24 @@ class Engram(nn.Module):
         self.query_norms = nn.ModuleList([nn.RMSNorm(dim, eps=eps) for _ in range(hc_mult)])
         self.gate_probe = nn.Identity()  # no parameters: a hook point for gate statistics
 
-    def forward(self, hidden: torch.Tensor, inputs: EngramInputs | torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        inputs: EngramInputs | torch.Tensor,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
         """``inputs``: this layer's ``EngramInputs`` from the batch (hash ids and the lookup plan
-        of the table's planner), or bare hash ids ``[B, T, K]``."""
+        of the table's planner), or bare hash ids ``[B, T, K]``. ``cache``: incremental decoding
+        (the ShortConv's context)."""
         if torch.is_tensor(inputs):
             inputs = EngramInputs(inputs)
         rows = self.table(inputs.hash_ids, inputs.plan)
         rows = rows.flatten(start_dim=-2)  # [B, T, K, Dh] -> [B, T, E]
-        return self.combine(hidden, rows)
+        return self.combine(hidden, rows, cache)
 
-    def combine(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def combine(
+        self, hidden: torch.Tensor, rows: torch.Tensor, cache: LayerCache | None = None
+    ) -> torch.Tensor:
         """Gate, value and conv from already-fetched rows ``[B, T, E]`` (prefetch/offload seam)."""
         if self.cfg.variant == "paper":
             keys = [proj(rows) for proj in self.key_projs]
@@ -206,7 +239,7 @@ class Engram(nn.Module):
         gates = self.gate_probe(gates)  # identity; ``GateMonitor`` hooks it
         out = gates.to(value.dtype) * value.unsqueeze(2)  # [B, T, G, D]
         if self.cfg.variant == "paper":
-            out = out + self.short_conv(out)
+            out = out + self.short_conv(out, cache)
         return out
 
     def _gate(self, key, query, branch: int, dtype) -> torch.Tensor:
@@ -230,7 +263,7 @@ class Engram(nn.Module):
             [self.value_proj, *self.key_projs] if self.cfg.variant == "paper" else [self.kv_proj]
         )
         for linear in linears:
-            sharded_init.normal_(linear.weight, std=std)
+            normal_(linear.weight, std=std)
             if linear.bias is not None:
                 nn.init.zeros_(linear.bias)
         if self.cfg.variant == "paper":

@@ -58,9 +58,13 @@ class EngramTable(nn.Module):
         return self.lookup_flat(self.flat_ids(hash_ids))  # [B, T, K] -> [B, T, K, Dh]
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        # non-persistent buffer: recompute after a meta-device build + to_empty()
+    def init_buffers(self) -> None:
+        """The non-persistent head offsets (recomputed after a meta build or a load)."""
         self.offsets.copy_(self._offsets())
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        self.init_buffers()
         weight, first_row = local_rows(self.weight)
         init_table_rows(weight, first_row)
 

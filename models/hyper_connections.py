@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import sharded_init
+from models.sharded_init import normal_
 
 
 def sinkhorn(logits: torch.Tensor, num_iters: int) -> torch.Tensor:
@@ -70,13 +70,20 @@ class HyperConnection(nn.Module):
         if self.hc_mult == 1:
             return
         g = self.hc_mult
-        sharded_init.normal_(self.proj.weight, std=0.02)
+        normal_(self.proj.weight, std=0.02)
         self.static_pre.fill_(-torch.log(torch.tensor(g - 1.0)).item())  # sigmoid = 1/G
         self.static_post.zero_()  # 2*sigmoid(0) = 1
         self.static_res.zero_()
-        eye = torch.eye(g, dtype=torch.bool, device=self.res_prior.device)
-        self.res_prior.copy_(torch.where(eye, 0.0, -8.0))
         self.alpha.fill_(0.01)
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """The non-persistent prior (not in a state dict: recomputed after a load)."""
+        if self.hc_mult == 1:
+            return
+        eye = torch.eye(self.hc_mult, dtype=torch.bool, device=self.res_prior.device)
+        self.res_prior.copy_(torch.where(eye, 0.0, -8.0))
 
 
 class StreamMerge(nn.Module):
@@ -100,6 +107,6 @@ class StreamMerge(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         if self.hc_mult > 1:
-            sharded_init.normal_(self.proj.weight, std=0.02)
+            normal_(self.proj.weight, std=0.02)
             self.static.fill_(-torch.log(torch.tensor(self.hc_mult - 1.0)).item())
             self.alpha.fill_(0.01)

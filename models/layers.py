@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import sharded_init
 from models.args import YarnArgs
+from models.sharded_init import trunc_normal_
 
 RMSNorm = nn.RMSNorm
 
@@ -62,13 +62,17 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", torch.empty(max_seq_len, dim // 2), persistent=False)
 
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_buffers(self) -> None:
+        """The non-persistent cos/sin tables (recomputed after a meta build or a load)."""
         freqs = torch.outer(
             torch.arange(self.max_seq_len, dtype=torch.float32),
             rope_inv_freq(self.dim, self.theta, self.yarn),
         )
         self.cos.copy_(freqs.cos())
         self.sin.copy_(freqs.sin())
+
+    def init_weights(self) -> None:
+        self.init_buffers()
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cos[positions], self.sin[positions]  # [B, T] -> [B, T, Dr/2] each
@@ -97,9 +101,9 @@ class FeedForward(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float) -> None:
-        sharded_init.trunc_normal_(self.w1.weight, std=std)
-        sharded_init.trunc_normal_(self.w3.weight, std=std)
-        sharded_init.trunc_normal_(self.w2.weight, std=out_std)
+        trunc_normal_(self.w1.weight, std=std)
+        trunc_normal_(self.w3.weight, std=std)
+        trunc_normal_(self.w2.weight, std=out_std)
 
 
 def doc_ids_from_positions(positions: torch.Tensor) -> torch.Tensor:

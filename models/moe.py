@@ -18,11 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import sharded_init
 from models.args import MoEArgs
 from models.layers import FeedForward
 from models.sequence import LOCAL_SEQUENCE
-from models.sharded_init import local_rows
+from models.sharded_init import local_rows, trunc_normal_
 
 
 class Router(nn.Module):
@@ -73,8 +72,13 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float) -> None:
-        sharded_init.trunc_normal_(self.gate.weight, std=std)
+        trunc_normal_(self.gate.weight, std=std)
         self.expert_bias.zero_()
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """The non-persistent load counts (the bias is a weight: it is saved)."""
         self.tokens_per_expert.zero_()
 
 

@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from data.batch import EngramInputs
-from models import sharded_init
 from models.args import ModelArgs
 from models.attention import build_attention
 from models.engram import Engram
 from models.hyper_connections import HyperConnection, StreamMerge
+from models.kv_cache import KVCache
 from models.layers import (
     FeedForward,
     RMSNorm,
@@ -29,6 +29,7 @@ from models.layers import (
 )
 from models.moe import MoE
 from models.sequence import LOCAL_SEQUENCE
+from models.sharded_init import normal_, trunc_normal_
 
 
 @dataclass
@@ -58,16 +59,18 @@ class TransformerBlock(nn.Module):
         self.init_std = 0.02
         self.out_std = 0.02 / math.sqrt(2 * args.num_layers)
 
-    def forward(self, x, rope, mask, engram: EngramInputs | None = None):
-        """``x [B, T, G, D]`` -> ``(x [B, T, G, D], seq_aux_loss or None)``."""
+    def forward(self, x, rope, mask, engram: EngramInputs | None = None, cache=None):
+        """``x [B, T, G, D]`` -> ``(x [B, T, G, D], seq_aux_loss or None)``; ``cache``: this
+        layer's ``LayerCache`` when decoding incrementally."""
         if self.engram is not None:
             if engram is None:
                 raise ValueError(
                     f"layer {self.layer_id} has Engram but the batch has no Engram inputs for it"
                 )
-            x = x + self.engram(x, engram)
+            x = x + self.engram(x, engram, cache=cache)  # keyword: TP plans lay out positionals
         h, ctx = self.attn_hc.pre(x)
-        x = self.attn_hc.post(x, self.attention(self.attention_norm(h), rope, mask), ctx)
+        attended = self.attention(self.attention_norm(h), rope, mask, cache=cache)
+        x = self.attn_hc.post(x, attended, ctx)
         h, ctx = self.ffn_hc.pre(x)
         aux = None
         if self.moe is not None:
@@ -123,22 +126,17 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         engram: dict[int, EngramInputs | torch.Tensor] | None = None,
+        cache: KVCache | None = None,
     ) -> ModelOutput:
+        """``cache``: incremental decoding; ``tokens`` are the positions after the cached ones
+        (one document; ``engram`` from ``cache.hash_ids``), and the cache advances past them."""
         batch, seq = tokens.shape[:2]  # token ids [B, T], or streams [B, T, G, D] on later stages
-        if seq * self.sequence.degree > self.args.max_seq_len:  # whole rows under cp
+        total = seq * self.sequence.degree + (cache.length if cache is not None else 0)
+        if total > self.args.max_seq_len:  # whole rows under cp, the cached positions too
             raise ValueError(
-                f"sequence length {seq * self.sequence.degree} exceeds "
-                f"model.max_seq_len={self.args.max_seq_len}"
+                f"sequence length {total} exceeds model.max_seq_len={self.args.max_seq_len}"
             )
-        if positions is None:
-            positions = self.sequence.query_index(seq, tokens.device).expand(batch, seq)
-        backend = resolve_attention_backend(self.args.attention_backend, tokens.device)
-        if self.sequence.degree > 1:  # context parallelism: this rank holds chunks of each row
-            mask = context_mask(positions, doc_ids, self.args.document_mask, backend, self.sequence)
-        else:
-            if doc_ids is None and self.args.document_mask:  # documents restart their positions
-                doc_ids = doc_ids_from_positions(positions)
-            mask = attention_mask(doc_ids if self.args.document_mask else None, backend)
+        positions, mask = self._positions_and_mask(tokens, positions, doc_ids, cache)
         rope = self.rope(positions)
         x = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if x.dim() == 3:  # [B, T, D] -> [B, T, G, D]: every stream starts as the embedding
@@ -146,14 +144,36 @@ class Transformer(nn.Module):
         aux_total = None
         for layer in self.layers.values():
             inputs = None if engram is None else engram.get(layer.layer_id)
-            x, aux = layer(x, rope, mask, inputs)
+            layer_cache = None if cache is None else cache.layer(layer.layer_id)
+            x, aux = layer(x, rope, mask, inputs, layer_cache)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
+        if cache is not None:
+            cache.length += seq
         if self.norm is None:  # a pipeline stage without the head passes the streams on
             return ModelOutput(x)
         logits = self.output(self.norm(self.merge(x)))
         aux_losses = {} if aux_total is None else {"moe_seq_aux": aux_total}
         return ModelOutput(logits, aux_losses)
+
+    def _positions_and_mask(self, tokens, positions, doc_ids, cache: KVCache | None):
+        """Positions ``[B, T]`` (given, after the cache, or the local sequence's) and the
+        attention mask: causal within documents, over this rank's chunks under context
+        parallelism, or after the cached positions when decoding."""
+        batch, seq = tokens.shape[:2]
+        if cache is not None:
+            return cache.positions(batch, seq, tokens.device), cache.attention_mask(
+                seq, tokens.device
+            )
+        if positions is None:
+            positions = self.sequence.query_index(seq, tokens.device).expand(batch, seq)
+        backend = resolve_attention_backend(self.args.attention_backend, tokens.device)
+        if self.sequence.degree > 1:  # context parallelism: this rank holds chunks of each row
+            mask = context_mask(positions, doc_ids, self.args.document_mask, backend, self.sequence)
+            return positions, mask
+        if doc_ids is None and self.args.document_mask:  # documents restart their positions
+            doc_ids = doc_ids_from_positions(positions)
+        return positions, attention_mask(doc_ids if self.args.document_mask else None, backend)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -172,7 +192,7 @@ class Transformer(nn.Module):
         with torch.random.fork_rng(devices=[]):
             if self.tok_embeddings is not None:
                 seeded(0)
-                sharded_init.normal_(self.tok_embeddings.weight)
+                normal_(self.tok_embeddings.weight)
             for layer in self.layers.values():
                 seeded(1 + layer.layer_id)
                 layer.init_weights()
@@ -182,9 +202,15 @@ class Transformer(nn.Module):
                 self.norm.reset_parameters()
                 if not self.args.tie_embeddings:
                     cutoff = 3 * self.args.dim**-0.5
-                    sharded_init.trunc_normal_(
-                        self.output.weight, std=self.args.dim**-0.5, a=-cutoff, b=cutoff
-                    )
+                    trunc_normal_(self.output.weight, std=self.args.dim**-0.5, a=-cutoff, b=cutoff)
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Recompute the non-persistent buffers (RoPE tables, table offsets, the mHC prior,
+        router counts): what a load of the state dict alone leaves unset."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "init_buffers"):
+                module.init_buffers()
 
     def moe_layers(self) -> list[MoE]:
         return [layer.moe for layer in self.layers.values() if layer.moe is not None]

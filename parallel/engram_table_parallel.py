@@ -155,8 +155,8 @@ class ShardedEngramTable(nn.Module):
     def exchange_counts(self, send: list[int]) -> list[int]:
         """How many ids every rank asks this one for, given what this rank asks each of them
         (an all-to-all of host counts over the CPU group). The simulator
-        (``pretrain.simulate``) swaps in symmetric traffic, since a fake process group moves
-        no values."""
+        (``pretrain.simulation.simulate``) swaps in symmetric traffic, since a fake process group
+        moves no values."""
         recv = torch.empty(self.world, dtype=torch.int64)
         dist.all_to_all_single(recv, torch.tensor(send, dtype=torch.int64), group=self.cpu_group)
         return recv.tolist()

@@ -47,7 +47,8 @@ class AllToAllDispatcher:
     def host_splits(self, counts: torch.Tensor, recv_matrix: torch.Tensor):
         """Copies sent to and received from every rank, as host integers: the one host sync of
         a MoE layer (split sizes must be host integers for the collective). The simulator
-        (``pretrain.simulate``) swaps in balanced splits, since fake tensors have no values."""
+        (``pretrain.simulation.simulate``) swaps in balanced splits, since fake tensors have no
+        values."""
         splits = torch.stack([counts.view(self.world, -1).sum(1), recv_matrix.sum(1)])
         send_splits, recv_splits = splits.tolist()
         return send_splits, recv_splits

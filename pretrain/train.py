@@ -192,7 +192,7 @@ class Trainer:
         identity = {
             "tokenizer_identity": self.tokenizer.identity,
             "engram_hash": self.hasher.to_config_dict() if self.hasher else None,
-            # what conversions (launch.convert) and pretrain.evaluate rebuild the model from
+            # what conversions (launch.convert) and launch.evaluate rebuild the model from
             "model_args": model_args_to_dict(self.args),
             "tokenizer_path": str(Path(self.tokenizer.path).resolve()),
         }

@@ -26,9 +26,9 @@ def parity_cases() -> list[Path]:
 @pytest.fixture(scope="session")
 def deepseek_compressed():
     from data.ngram_hash import CompressedTokenizer
-    from data.tokenizer import deepseek_v3_tokenizer_path
+    from data.tokenizer import deepseek_v3_tokenizer_path, load_tokenizer
 
-    return CompressedTokenizer.from_file(deepseek_v3_tokenizer_path())
+    return CompressedTokenizer.from_tokenizer(load_tokenizer(deepseek_v3_tokenizer_path()))
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ layout round-trips, and bad input is refused with the reason.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -15,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain import convert
 from pretrain.config import load_config
+from pretrain.conversion import convert
 from pretrain.train import Trainer
 
 transformers = pytest.importorskip("transformers")
@@ -133,7 +134,7 @@ def test_native_deepseek_v3_export_matches_our_logits(trained, tmp_path):
 
 @pytest.mark.parametrize("flavor", ["debug", "debug-v3"])
 def test_dcp_hf_dcp_round_trip_is_bit_exact(trained, tmp_path, monkeypatch, flavor):
-    from pretrain import dcp_stream
+    from pretrain.conversion import dcp_stream
 
     monkeypatch.setattr(dcp_stream, "BLOCK_BYTES", 4096)  # many blocks per tensor
     hf = convert.dcp_to_hf(trained[flavor], tmp_path / "hf", max_shard_bytes=200_000)
@@ -163,7 +164,7 @@ def test_a_job_starts_from_the_converted_weights(trained, corpus, tmp_path):
 
 
 def test_evaluate_prints_the_loss_transformers_gives(trained, tmp_path, capsys):
-    from pretrain.evaluate import main
+    from launch.evaluate import main
 
     text = tmp_path / "doc.txt"
     text.write_text(Path(json.__file__).read_text()[:200])
@@ -446,35 +447,85 @@ def test_a_continuation_job_loads_weights_and_optimizer_and_starts_afresh(
 def test_incremental_decoding_cli_logits_equal_our_full_forward_at_every_step(
     trained, flavor, capsys
 ):
-    from pretrain.generate import generate, inference_model, main
+    """Generation runs on our own model and its KVCache: every step's logits equal a full
+    forward of the sequence so far."""
+    from pretrain.inference.generate import generate, main
 
-    model, tok = inference_model(trained[flavor])
-    prompt = torch.randint(3, 1000, (1, 7), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        out = model.generate(
-            prompt,
-            max_new_tokens=8,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            pad_token_id=0,
-        )
-    tokens = out.sequences
-    ours_model, args, tok_path = convert.load_model(trained[flavor])
+    model, args, tok_path = convert.load_model(trained[flavor])
     hasher = convert.hasher_for(args, tok_path)
-    for step, logits in enumerate(out.logits):
+    prompt = torch.randint(3, 1000, (1, 7), generator=torch.Generator().manual_seed(5))
+    steps: list[torch.Tensor] = []
+    tokens = generate(model, hasher, prompt, 8, logits_out=steps)
+    assert tokens.shape[1] == prompt.shape[1] + 8 and len(steps) == 8
+    for step, logits in enumerate(steps):
         prefix = tokens[:, : prompt.shape[1] + step]
         engram = None
         if hasher is not None:
             engram = {k: torch.from_numpy(v) for k, v in hasher.hash(prefix.numpy()).items()}
         with torch.no_grad():
-            ours = ours_model(prefix, engram=engram).logits[:, -1]
+            ours = model(prefix, engram=engram).logits[:, -1]
         assert (logits - ours).abs().max().item() < 1e-5, step
-    assert torch.equal(generate(model, prompt, 8), tokens)
-    sampled = [generate(model, prompt, 8, temperature=1.0, top_p=0.9, seed=s) for s in (0, 0, 1)]
+        assert torch.equal(logits.argmax(-1), tokens[:, prompt.shape[1] + step])
+    sampled = [
+        generate(model, hasher, prompt, 8, temperature=1.0, top_p=0.9, seed=s) for s in (0, 0, 1)
+    ]
     assert torch.equal(sampled[0], sampled[1]) and sampled[0].shape == tokens.shape
     assert (
         main(["--checkpoint", str(trained[flavor]), "--prompt", "def f", "--max_new_tokens", "4"])
         == 0
     )
     assert capsys.readouterr().out.startswith("def f")
+
+
+_LOAD_ALONE = """
+import sys
+for name in ("models", "data", "pretrain", "parallel", "launch"):
+    sys.modules[name] = None  # the folder's own files must be all the model code it runs
+import torch, transformers
+ids = torch.randint(3, 1000, (1, 24), generator=torch.Generator().manual_seed(3))
+out = []
+for folder in sys.argv[1:]:
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    with torch.no_grad():
+        out.append(model(ids, use_cache=False).logits)
+torch.save(out, sys.argv[1] + "/../logits.pt")
+"""
+
+
+def test_the_export_carries_the_model_source_and_follows_a_change(trained, tmp_path, monkeypatch):
+    """The remote code is the framework's own files (nothing restated): a line changed in
+    models/ reaches the next export, and the folder runs with no project package importable."""
+    import subprocess
+    import sys
+
+    from models.hf import remote_code
+
+    files = remote_code.remote_code_modules()
+    assert {"transformer.py", "attention.py", "engram.py", "kv_cache.py", "ngram_hash.py"} <= set(
+        files
+    )
+    first = convert.dcp_to_hf(trained["debug"], tmp_path / "first", layout="engram")
+    for name, path in files.items():
+        text = (first / name).read_text()
+        assert "from models." not in text and "from data." not in text, name
+        assert text == remote_code.relative_source(path), name
+    copy = tmp_path / "repo"
+    for package in ("models", "data"):
+        shutil.copytree(remote_code.REPO / package, copy / package)
+    source = copy / "models" / "transformer.py"
+    line = "logits = self.output(self.norm(self.merge(x)))"
+    assert line in source.read_text()
+    source.write_text(source.read_text().replace(line, "logits = 2 * " + line.split(" = ")[1]))
+    monkeypatch.setattr(remote_code, "REPO", copy)
+    monkeypatch.setattr(remote_code, "GLUE", copy / "models" / "hf" / "modeling_engram.py")
+    second = convert.dcp_to_hf(trained["debug"], tmp_path / "second", layout="engram")
+    assert "logits = 2 * self.output" in (second / "transformer.py").read_text()
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    subprocess.run(
+        [sys.executable, "-c", _LOAD_ALONE, str(first), str(second)],
+        check=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    base, doubled = torch.load(tmp_path / "logits.pt")
+    assert torch.allclose(doubled, 2 * base, atol=1e-5) and base.abs().max() > 0

@@ -18,11 +18,12 @@ from data.loader import StatefulLoader
 from data.ngram_hash import CompressedTokenizer, EngramHashSpec, NgramHasher
 from data.prepare import is_validation
 from data.shards import ShardSetWriter, load_index, read_shard
+from data.tokenizer import load_tokenizer
 from parallel.engram_table_parallel import ShardPlanner, build_shard_plan, row_bounds
 
 
 def _hasher(corpus, document_reset=False):
-    compressed = CompressedTokenizer.from_file(corpus / "tokenizer.model")
+    compressed = CompressedTokenizer.from_tokenizer(load_tokenizer(corpus / "tokenizer.model"))
     spec = EngramHashSpec(
         engram_vocab_size=[211, 223],
         max_ngram_size=3,

@@ -12,7 +12,7 @@ import torch
 from models.derive import check, derive
 from models.flavors import get_flavor
 from models.transformer import build_model
-from pretrain import analyze
+from pretrain.inference import analyze
 
 
 @pytest.mark.parametrize("size", ["s", "m"])

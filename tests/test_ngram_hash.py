@@ -14,6 +14,7 @@ from data.ngram_hash import (
     engram_head_primes,
     is_prime,
 )
+from data.tokenizer import load_tokenizer
 
 FIELDS = dict(
     engram_vocab_size=[1009, 2003],
@@ -157,6 +158,6 @@ def test_sentencepiece_compressed_tokenizer(tmp_path):
         model_type="bpe",
         minloglevel=2,
     )
-    compressed = CompressedTokenizer.from_file(tmp_path / "sp.model")
+    compressed = CompressedTokenizer.from_tokenizer(load_tokenizer(tmp_path / "sp.model"))
     assert len(compressed) < compressed.lookup_table.shape[0]  # case/accent folding merges ids
     assert compressed.lookup_table[0] == 0  # interned in first-seen order

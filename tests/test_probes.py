@@ -1,5 +1,5 @@
 """The long-context probe harness (pretrain/probes.py) tells a model that can copy from one that
-cannot, and runs end to end from a checkpoint (pretrain.evaluate --probe)."""
+cannot, and runs end to end from a checkpoint (launch.evaluate --probe)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pretrain import probes
+from pretrain.inference import probes
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_probe_vt_scores_a_solver_at_one_and_a_random_model_near_zero(tokenizer,
 
 
 def test_probe_cli_runs_from_a_checkpoint(corpus, tmp_path):
-    from pretrain.evaluate import main
+    from launch.evaluate import main
     from tests.test_convert import _train
 
     ckpt = _train(corpus, tmp_path / "run", "debug", steps=2)

@@ -1,6 +1,7 @@
-"""The step simulator (``pretrain.simulate`` + ``pretrain.cost_model``, run by ``launch.dry_run``):
-traced memory and communication checked against independent counts on a small layout, the cost
-model's link and overlap rules, and the issue's targets on the paper recipes."""
+"""The step simulator (``pretrain.simulation.simulate`` + ``pretrain.simulation.cost_model``, run
+by ``launch.dry_run``): traced memory and communication checked against independent counts on a
+small layout, the cost model's link and overlap rules, and the issue's targets on the paper
+recipes."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import pytest
 from launch.dry_run import dry_run
 from models.flavors import resolve_model_args
 from pretrain.config import load_config
-from pretrain.cost_model import Hardware, collective_seconds, estimate
-from pretrain.simulate import Collective, comm_bytes, trace_step
+from pretrain.simulation.cost_model import Hardware, collective_seconds, estimate
+from pretrain.simulation.simulate import Collective, comm_bytes, trace_step
 
 SMALL = [
     "--model.flavor=debug",

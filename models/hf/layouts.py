@@ -5,8 +5,9 @@ on demand, so a mapping from one layout to another is a dict of sources built fr
 layout's sources, and nothing is read until a writer asks for a block.
 
 Layouts:
-- ``engram``: the remote-code model in ``modeling_engram.py`` (our module tree under ``model.``,
-  the head as ``lm_head``, plus the Engram compressed map as a buffer);
+- ``engram``: the remote-code model of ``modeling_engram.py`` (our module tree under ``model.``,
+  plus the Engram compressed map as a buffer; folders of earlier releases named the head
+  ``lm_head`` and the map ``model.engram_compressed_map``, which still read back);
 - ``deepseek_v3``: ``transformers``' native ``DeepseekV3ForCausalLM`` (no Engram, one stream);
 - ``v4.1``: DeepSeek-V4.1's Engram tensors (``layers.{L}.engram.embed|wkv|q_weight|k_weight``),
   optionally FP8 (``models.hf.fp8``).
@@ -17,7 +18,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -25,8 +25,8 @@ from models.args import ModelArgs, model_args_to_dict
 from models.hf import fp8
 from models.hf.safetensors_io import TensorEntry
 
-REMOTE_CODE = Path(__file__).with_name("modeling_engram.py")
-COMPRESSED_MAP = "model.engram_compressed_map"
+COMPRESSED_MAP = "engram_compressed_map"
+_EARLIER_NAMES = {"lm_head.weight": "output.weight", "model.engram_compressed_map": COMPRESSED_MAP}
 
 
 @dataclass
@@ -64,10 +64,7 @@ def cast(src: Source, dtype: torch.dtype | None) -> Source:
 
 
 def to_engram_hf(ours: dict[str, Source], compressed_map: torch.Tensor | None) -> dict[str, Source]:
-    out = {}
-    for name, src in ours.items():
-        hf = "lm_head.weight" if name == "output.weight" else f"model.{name}"
-        out[hf] = renamed(src, hf)
+    out = {f"model.{name}": renamed(src, f"model.{name}") for name, src in ours.items()}
     if compressed_map is not None:
         out[COMPRESSED_MAP] = constant(COMPRESSED_MAP, torch.as_tensor(compressed_map))
     return out
@@ -76,11 +73,18 @@ def to_engram_hf(ours: dict[str, Source], compressed_map: torch.Tensor | None) -
 def from_engram_hf(hf: dict[str, Source]) -> dict[str, Source]:
     out = {}
     for name, src in hf.items():
+        name = _EARLIER_NAMES.get(name, name)
         if name == COMPRESSED_MAP:
             continue  # rebuilt from the tokenizer; its checksum is in the hash configuration
-        ours = "output.weight" if name == "lm_head.weight" else name.removeprefix("model.")
+        ours = name.removeprefix("model.")
         out[ours] = renamed(src, ours)
     return out
+
+
+def compressed_map_name(names) -> str:
+    """The compressed map's name in a folder (this release's, or an earlier one's)."""
+    earlier = [n for n, now in _EARLIER_NAMES.items() if now == COMPRESSED_MAP and n in names]
+    return earlier[0] if earlier and COMPRESSED_MAP not in names else COMPRESSED_MAP
 
 
 def engram_hf_config(args: ModelArgs, hash_config: dict | None, tokenizer) -> dict:

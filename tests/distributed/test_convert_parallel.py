@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain import convert
 from pretrain.config import load_config
+from pretrain.conversion import convert
 from pretrain.train import Trainer
 from tests.distributed.test_reshard import _overrides
 

@@ -1,0 +1,543 @@
+"""One training step of a recipe at its target layout, traced on fake tensors (``launch.dry_run``).
+
+The rank's model is built on the meta device under a fake process group at the target world size,
+parallelised by the real plan, materialised as fake tensors (``FakeTensorMode``: shapes, dtypes and
+storages, no values), and driven through the real step: ``grad_accum_steps`` microbatches of
+``forward_backward`` (the last one synchronising) and ``optimizer_step``. On the way:
+
+- ``MemoryTracer`` follows every storage: parameters, gradients
+  (sparse Engram table gradients growing over the microbatches, FSDP's unsharded accumulation
+  buffers), optimizer moments, activations, the autocast weight copies, temporaries. Its peak is
+  ``peak_gib_traced``. Not traced: the CUDA/NCCL contexts and allocator fragmentation, which the
+  ``<= 72 of 80 GiB`` target leaves room for.
+- ``CommTracer`` records every collective with its payload, process group and phase.
+
+Values a fake tensor cannot give are modelled, and said so: the routed-token splits of expert
+parallelism are balanced (the auxiliary-loss-free bias balances load), every rank asks a table
+shard for as many rows as it serves (symmetric traffic), Engram hash ids are uniform over each
+head's table (no n-gram repeats: the most traffic), ``.item()`` (the clip coefficient) reads
+1.0, and attention keeps what the GPU's fused kernels keep (``fused_attention``: no ``T x T``
+scores).
+``pretrain.simulation.cost_model`` turns the trace into times.
+
+Legend: B batch per rank, T sequence, K Engram heads of a layer.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from unittest import mock
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from data.batch import Batch, EngramInputs, context_shard, plan_lookups
+from models.flavors import resolve_model_args
+from models.parallel_plans import validate_parallelism
+from models.parallelize import parallelize_deepseek_engram
+from models.transformer import Transformer
+from parallel.dims import ParallelDims
+from pretrain.optimizer import Optimizers
+from pretrain.step import StepModel, forward_backward, lookup_planners, optimizer_step
+
+GIB = 2**30
+c10d = torch.ops.c10d
+_functional = torch.ops._c10d_functional
+
+
+@dataclass
+class Collective:
+    """One collective as one rank sees it."""
+
+    kind: str  # all_gather, reduce_scatter, all_reduce, all_to_all, broadcast
+    ranks: tuple[int, ...]  # the process group's members
+    payload_bytes: int  # the full buffer: gathered output, scattered input, reduced tensor, sent
+    sent_bytes: int  # what this rank puts on the wire (ring algorithms; off-rank all-to-all)
+    phase: str  # "microbatch" or "optimizer"
+    microbatch: int  # index of the microbatch (-1 in the optimizer phase)
+    host: bool  # a CPU (gloo) side group: host integers, no GPU link
+    repeat: int = 1  # how many microbatches of the step issue it (``trace_step`` traces two)
+
+
+def _ring_sent(kind: str, nbytes: int, n: int) -> int:
+    if n <= 1:
+        return 0
+    if kind == "all_reduce":
+        return 2 * nbytes * (n - 1) // n
+    return nbytes * (n - 1) // n  # all_gather of the output, reduce_scatter of the input
+
+
+def _process_group(group) -> dist.ProcessGroup:
+    """A collective's group argument: a name (functional collectives) or a boxed c10d object."""
+    if isinstance(group, str):
+        from torch._C._distributed_c10d import _resolve_process_group
+
+        return _resolve_process_group(group)
+    return group if isinstance(group, dist.ProcessGroup) else dist.ProcessGroup.unbox(group)
+
+
+def _nbytes(tensors) -> int:
+    if isinstance(tensors, (list, tuple)):
+        return sum(_nbytes(t) for t in tensors)
+    return tensors.numel() * tensors.element_size()
+
+
+# op -> (kind, index of the process group argument, how to read the payload from the arguments)
+_COLLECTIVES = {
+    c10d.allreduce_.default: ("all_reduce", 1, lambda a: _nbytes(a[0])),
+    c10d._allgather_base_.default: ("all_gather", 2, lambda a: _nbytes(a[0])),
+    c10d.allgather_into_tensor_coalesced_.default: ("all_gather", 2, lambda a: _nbytes(a[0])),
+    c10d._reduce_scatter_base_.default: ("reduce_scatter", 2, lambda a: _nbytes(a[1])),
+    c10d.reduce_scatter_tensor_coalesced_.default: ("reduce_scatter", 2, lambda a: _nbytes(a[1])),
+    c10d.alltoall_base_.default: ("all_to_all", 2, lambda a: _nbytes(a[1])),
+    c10d.broadcast_.default: ("broadcast", 1, lambda a: _nbytes(a[0])),
+    _functional.all_reduce.default: ("all_reduce", 2, lambda a: _nbytes(a[0])),
+    _functional.all_gather_into_tensor.default: (
+        "all_gather",
+        2,
+        lambda a: _nbytes(a[0]) * a[1],
+    ),
+    _functional.reduce_scatter_tensor.default: ("reduce_scatter", 3, lambda a: _nbytes(a[0])),
+    _functional.all_to_all_single.default: ("all_to_all", 3, lambda a: _nbytes(a[0])),
+}
+
+
+class CommRecorder:
+    """Records the collectives this rank issues (c10d and functional collectives)."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.records: list[Collective] = []
+        self.phase, self.microbatch, self.repeat = "microbatch", 0, 1
+
+    def record(self, func, args) -> None:
+        kind, group_index, payload = _COLLECTIVES[func]
+        group = _process_group(args[group_index])
+        ranks = tuple(dist.get_process_group_ranks(group))
+        nbytes = payload(args)
+        if kind == "all_to_all":
+            sent = self._all_to_all_sent(func, args, ranks, nbytes)
+        else:
+            sent = _ring_sent(kind, nbytes, len(ranks))
+        optimizer = self.phase == "optimizer"
+        self.records.append(
+            Collective(
+                kind,
+                ranks,
+                nbytes,
+                sent,
+                self.phase,
+                -1 if optimizer else self.microbatch,
+                dist.get_backend(group) == "gloo",
+                1 if optimizer else self.repeat,
+            )
+        )
+
+    def _all_to_all_sent(self, func, args, ranks, nbytes: int) -> int:
+        """Bytes sent to the other ranks (the local split stays put)."""
+        inp = args[1] if func is c10d.alltoall_base_.default else args[0]
+        splits = args[4] if func is c10d.alltoall_base_.default else args[2]
+        me = ranks.index(self.rank) if self.rank in ranks else 0
+        rows = inp.shape[0] if inp.dim() else 1
+        row_bytes = nbytes // max(rows, 1)
+        if splits:
+            return (sum(splits) - splits[me]) * row_bytes
+        return nbytes * (len(ranks) - 1) // len(ranks)
+
+
+def _storages(t: torch.Tensor) -> list:
+    """Storages behind a tensor: a DTensor's local shard, a sparse tensor's indices and values."""
+    local = getattr(t, "_local_tensor", None)
+    if local is not None:
+        return _storages(local)
+    if t.is_sparse:
+        return [t._indices().untyped_storage(), t._values().untyped_storage()]
+    return [t.untyped_storage()]
+
+
+def _allocated(nbytes: int) -> int:
+    """What the CUDA caching allocator hands out for ``nbytes`` (512-byte blocks)."""
+    return -(-nbytes // 512) * 512
+
+
+class _Propagating:
+    """Stands in for DTensor's sharding-propagation lock (a null context by default): DTensor runs
+    each op on global-shape fake arguments under it, which are metadata, not memory."""
+
+    def __init__(self, tracer):
+        self.tracer = tracer
+
+    def __enter__(self):
+        self.tracer.propagating += 1
+
+    def __exit__(self, *exc):
+        self.tracer.propagating -= 1
+
+
+class StepTracer(TorchDispatchMode):
+    """One dispatch mode for the whole trace: the collectives (``CommRecorder``), ``.item()`` on a
+    fake tensor (it reads 1.0, or 1, and is counted), and the live tensor memory of the rank,
+    storage by storage (creation, ``resize_`` as FSDP2 frees and refills its unsharded
+    parameters, release), with its peak.
+
+    Every storage carries a label: "model" for what exists on entry (``track``), then the phase it
+    was made in ("forward", "backward", "optimizer"); gradients are relabelled "grads" after each
+    microbatch and optimizer state "optimizer_state". ``peak_by_label`` is the split at the peak.
+    """
+
+    def __init__(self, rank: int):
+        super().__init__()
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        self.comm = CommRecorder(rank)
+        self.scalars = 0
+        self.propagating = 0
+        self.live = WeakIdKeyDictionary()  # storage -> [bytes, label]
+        self.by_label: dict[str, int] = defaultdict(int)
+        self.total = self.peak = 0
+        self.peak_by_label: dict[str, int] = {}
+        self.phase = "model"
+
+    def set_phase(self, phase: str, microbatch: int = -1, repeat: int = 1) -> None:
+        self.phase = self.comm.phase = phase
+        self.comm.microbatch, self.comm.repeat = microbatch, repeat
+
+    def reset_peak(self) -> None:
+        self.peak, self.peak_by_label = self.total, {k: v for k, v in self.by_label.items() if v}
+        self.comm.records.clear()
+        self.scalars = 0
+
+    def track(self, tensors, label: str | None = None) -> None:
+        for t in tensors:
+            for storage in _storages(t):
+                self._see(storage, label)
+
+    def bytes_of(self, tensors) -> int:
+        return sum(_allocated(st.nbytes()) for t in tensors for st in _storages(t))
+
+    def _see(self, storage, label: str | None) -> None:
+        import weakref
+
+        info = self.live.get(storage)
+        if info is None:
+            info = [0, label or self._label()]
+            self.live[storage] = info
+            weakref.finalize(storage, self._resize, info, 0)
+        elif label is not None and info[1] != label:
+            self.by_label[info[1]] -= info[0]
+            self.by_label[label] += info[0]
+            info[1] = label
+        self._resize(info, _allocated(storage.nbytes()))
+
+    def _resize(self, info: list, size: int) -> None:
+        change = size - info[0]
+        info[0] = size
+        self.by_label[info[1]] += change
+        self.total += change
+        if self.total > self.peak:
+            self.peak = self.total
+            self.peak_by_label = {k: v for k, v in self.by_label.items() if v}
+
+    def _label(self) -> str:
+        if self.phase != "microbatch":
+            return self.phase
+        return "backward" if torch._C._current_graph_task_id() != -1 else "forward"
+
+    def __enter__(self):
+        from torch.distributed.tensor._sharding_prop import ShardingPropagator
+
+        self._saved = torch.UntypedStorage.resize_, ShardingPropagator._fake_mode_lock
+        original_resize, tracer = torch.UntypedStorage.resize_, self
+
+        def resize_(storage, size):
+            original_resize(storage, size)
+            tracer._see(storage, None)
+
+        torch.UntypedStorage.resize_ = resize_
+        ShardingPropagator._fake_mode_lock = _Propagating(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        from torch.distributed.tensor._sharding_prop import ShardingPropagator
+
+        torch.UntypedStorage.resize_, ShardingPropagator._fake_mode_lock = self._saved
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.distributed.tensor import DTensor
+        from torch.utils._pytree import tree_leaves
+
+        if any(issubclass(t, DTensor) for t in types):
+            return NotImplemented  # let DTensor run its local ops, which come back here
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.scalars += 1
+            return 1.0 if args[0].is_floating_point() else 1
+        if func in _COLLECTIVES and not self.propagating:
+            self.comm.record(func, args)
+        if func is torch.ops._c10d_functional.wait_tensor.default:
+            out = args[0]  # in place on a GPU; the fake kernel would make a new tensor
+        else:
+            out = func(*args, **(kwargs or {}))
+        if not self.propagating:
+            if isinstance(out, torch.Tensor):
+                self.track([out])
+            else:
+                self.track([t for t in tree_leaves(out) if isinstance(t, torch.Tensor)])
+        return out
+
+
+def balanced_splits(counts: torch.Tensor, recv_matrix: torch.Tensor, world: int, copies: int):
+    """Expert parallelism with perfectly balanced routing: ``copies`` token copies split evenly
+    over the ranks, sent and received (replaces ``AllToAllDispatcher.host_splits``)."""
+    even = [copies // world + (1 if r < copies % world else 0) for r in range(world)]
+    return even, list(even)
+
+
+def _model_values(inner, tokens_per_rank: int) -> None:
+    """Swap the two host exchanges that need values for their modelled versions."""
+    for moe in inner.moe_layers():
+        dispatcher = getattr(moe, "dispatcher", None)
+        if hasattr(dispatcher, "host_splits"):
+            copies = tokens_per_rank * moe.args.top_k
+            dispatcher.host_splits = functools.partial(
+                balanced_splits, world=dispatcher.world, copies=copies
+            )
+    for engram in inner.engram_layers():
+        if hasattr(engram.table, "exchange_counts"):
+            engram.table.exchange_counts = list  # symmetric: receive what is sent
+
+
+class _FusedAttention(torch.autograd.Function):
+    """Attention as the GPU's fused kernels (flex / flash) hold it: the output and the row
+    log-sum-exp are saved for backward, never the ``T x T`` scores that CPU SDPA's math path
+    would materialise on these fake tensors (at 32K tokens, 64 GiB per layer)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def fused_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+    """``F.scaled_dot_product_attention`` during a trace: shapes and saved memory of the fused
+    kernels (values are fake anyway)."""
+    return _FusedAttention.apply(q, k, v)
+
+
+def synthetic_batch(
+    args, batch_size: int, seq_len: int, planners: dict, seed: int = 0, cp: tuple[int, int] = (1, 0)
+) -> Batch:
+    """Random tokens in one document per row, uniform hash ids per head, planned lookups;
+    ``cp`` (degree, rank): this context-parallel rank's share of every row, as the loader
+    keeps it."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, args.vocab_size, (batch_size, seq_len), dtype=np.int64)
+    positions = np.broadcast_to(np.arange(seq_len, dtype=np.int64), tokens.shape).copy()
+    engram = {}
+    if args.engram is not None:
+        for layer in args.engram.layer_ids:
+            sizes = args.engram.hash.table_sizes(layer)
+            ids = np.stack([rng.integers(0, s, tokens.shape) for s in sizes], -1)  # [B, T, K]
+            engram[layer] = EngramInputs(ids)
+    batch = Batch(tokens, tokens.copy(), positions, np.zeros_like(tokens), engram)
+    return plan_lookups(context_shard(batch, *cp), planners).to_torch()
+
+
+@dataclass
+class Trace:
+    """What one simulated step of one rank did."""
+
+    peak_bytes: int  # traced peak, plus the modelled sparse table gradients
+    peak_by_label: dict[str, int]  # bytes by ``StepTracer`` label at the traced peak
+    sparse_grad_bytes: int  # added to the peak (see ``sparse_grad_bytes``)
+    collectives: list[Collective] = field(default_factory=list)
+    modelled_scalars: int = 0
+    microbatches: int = 1
+    tokens_per_microbatch: int = 0
+    trace_s: float = 0.0
+    axis_names: dict[tuple[int, ...], str] = field(default_factory=dict)
+
+
+def trace_step(cfg, world_size: int, rank: int) -> Trace:
+    """One fake training step of ``cfg`` as ``rank`` of ``world_size`` (see the module doc).
+
+    A warm-up step first creates the optimizer state (the steady state holds it through the
+    forward and backward). Of the ``grad_accum_steps`` microbatches two are traced: the first,
+    which stands for every non-final one (the same collectives; its gradients accumulate without
+    synchronising), and the last, which synchronises. Sparse gradients have no rows on fake
+    tensors (their size depends on values), so the Engram tables' are added to the peak as
+    modelled by ``sparse_grad_bytes`` for every microbatch (uncoalesced, they grow each one).
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    start = time.perf_counter()
+    args = resolve_model_args(
+        cfg.model.flavor,
+        cfg.model.overrides,
+        vocab_size=cfg.model.vocab_size,
+        seq_len=cfg.data.seq_len,
+    )
+    dims = ParallelDims.from_config(cfg.parallelism, world_size)
+    validate_parallelism(args, dims, cfg.parallelism.sequence_parallel, cfg.data.seq_len)
+    if dims.pp > 1:
+        raise ValueError(
+            "the simulator traces one rank of a layout without pipeline parallelism; "
+            "pipeline_parallel_degree > 1 gets the analytical estimate (--analytical)"
+        )
+    num_micro = cfg.training.grad_accum_steps
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+
+    def fake_materialize(model):
+        with fake:
+            model.to_empty(device="cpu")
+        return model
+
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        mesh, (wrapped, inner, plan) = rank_model(cfg, args, dims, materialize_fn=fake_materialize)
+        batch = synthetic_batch(
+            args,
+            cfg.training.batch_size,
+            cfg.data.seq_len,
+            lookup_planners(inner),
+            seed=rank,
+            cp=(dims.cp, dims.cp_rank(rank)),
+        )
+        _model_values(inner, batch.num_tokens)
+        sm = StepModel(wrapped, inner, plan, None, cfg.training.mixed_precision)
+        tracer = StepTracer(rank)
+        tracer.track([*wrapped.parameters(), *wrapped.buffers()], "model")
+        fused = mock.patch.object(F, "scaled_dot_product_attention", fused_attention)
+        with fake, tracer, fused:
+            optimizers = Optimizers(wrapped, cfg.optimizer, cuda=True)  # CUDA's kernels
+            _warm_up(optimizers)
+            tracer.track(_optimizer_state(optimizers), "optimizer_state")
+            tracer.reset_peak()
+            traced = [(0, num_micro - 1), (num_micro - 1, 1)] if num_micro > 1 else [(0, 1)]
+            for i, repeat in traced:
+                tracer.set_phase("microbatch", i, repeat)
+                last = i == num_micro - 1
+                forward_backward(sm, batch, scale=1.0 / num_micro, sync=last)
+                grads = [p.grad for p in wrapped.parameters() if p.grad is not None]
+                tracer.track(grads, "grads")
+            tracer.set_phase("optimizer")
+            optimizer_step(sm, optimizers, cfg.training.max_norm)
+        axis_names = mesh_axis_names(dims, mesh, world_size)
+    finally:
+        dist.destroy_process_group()
+    extra = num_micro * sparse_grad_bytes(args, batch)
+    return Trace(
+        peak_bytes=tracer.peak + extra,
+        peak_by_label=tracer.peak_by_label,
+        sparse_grad_bytes=extra,
+        collectives=tracer.comm.records,
+        modelled_scalars=tracer.scalars,
+        microbatches=num_micro,
+        tokens_per_microbatch=batch.num_tokens,
+        trace_s=time.perf_counter() - start,
+        axis_names=axis_names,
+    )
+
+
+def rank_model(cfg, args, dims: ParallelDims, **kwargs):
+    """``(mesh, parallelize_deepseek_engram(...))``: the job's model built on the meta device and
+    parallelised for this rank of a (fake) process group; ``kwargs`` go to the parallelize."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    mesh = dims.build_mesh("cpu") if dims.world_size > 1 else None
+    parallel = parallelize_deepseek_engram(
+        model,
+        dims,
+        mesh,
+        "cpu",
+        0,
+        activation_checkpoint=cfg.activation_checkpoint.mode,
+        mixed_precision=cfg.training.mixed_precision,
+        **kwargs,
+    )
+    return mesh, parallel
+
+
+def sparse_grad_bytes(args, batch: Batch) -> int:
+    """One microbatch's sparse table gradients on this rank: a float32 row plus an int64 index
+    per row looked up here (a sharded table's rows requested from this shard, symmetric with
+    what this rank requests; a replicated table's every lookup)."""
+    if args.engram is None or not args.engram.sparse_grad:
+        return 0
+    total = 0
+    for inputs in batch.engram.values():
+        plan = inputs.plan
+        rows = int(plan.send_counts.sum()) if plan is not None else inputs.hash_ids.numel()
+        total += rows * (args.engram.head_dim * 4 + 8)
+    return total
+
+
+def _warm_up(optimizers: Optimizers) -> None:
+    """One optimizer step on zero gradients (empty sparse ones for the row-wise tables), which
+    creates the optimizer state."""
+    for opt in optimizers.optimizers:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if isinstance(opt, torch.optim.AdamW):
+                    p.grad = torch.zeros_like(p)
+                else:
+                    rows = torch.zeros(1, 0, dtype=torch.int64)  # [1, 0]: no row touched
+                    p.grad = torch.sparse_coo_tensor(rows, p.new_zeros(0, *p.shape[1:]), p.shape)
+    optimizers.step()
+    optimizers.zero_grad()
+
+
+def _optimizer_state(optimizers) -> list[torch.Tensor]:
+    return [
+        v
+        for opt in optimizers.optimizers
+        for state in opt.state.values()
+        for v in state.values()
+        if isinstance(v, torch.Tensor)
+    ]
+
+
+def mesh_axis_names(dims: ParallelDims, mesh, world_size: int) -> dict[tuple[int, ...], str]:
+    """This rank's group members on every mesh axis -> the axis name (the first name wins when
+    two axes hold the same ranks)."""
+    names: dict[tuple[int, ...], str] = {}
+    meshes = [mesh] if mesh is not None else []
+    if dims.ep > 1:
+        meshes.append(dims.build_ep_mesh("cpu"))
+    for m in meshes:
+        for axis in m.mesh_dim_names:
+            if m[axis].size() > 1:
+                ranks = tuple(dist.get_process_group_ranks(m[axis].get_group()))
+                names.setdefault(ranks, axis)
+    if mesh is not None and dims.dp_group(mesh) is not None:
+        names.setdefault(tuple(dist.get_process_group_ranks(dims.dp_group(mesh))), "dp")
+    names.setdefault(tuple(range(world_size)), "world")
+    return names
+
+
+def comm_bytes(collectives: list[Collective], axis_names: dict[tuple[int, ...], str]) -> dict:
+    """Bytes sent per step by this rank, keyed ``"<kind>/<axis>"`` (host side groups marked)."""
+    out: dict[str, int] = defaultdict(int)
+    for c in collectives:
+        axis = axis_names.get(c.ranks, f"group{len(c.ranks)}")
+        out[f"{c.kind}/{axis}{' (host)' if c.host else ''}"] += c.repeat * c.sent_bytes
+    return dict(sorted(out.items()))
+
+
+def comm_summary(collectives: list[Collective], axis_names: dict[tuple[int, ...], str]) -> dict:
+    """``comm_bytes`` in GiB."""
+    return {k: round(v / GIB, 3) for k, v in comm_bytes(collectives, axis_names).items()}
