@@ -1,9 +1,10 @@
 """Console, progress bar, TensorBoard and ``metrics.jsonl`` logging.
 
 Console line: ``step: N  loss: X  grad_norm: Y  lr: L  memory: Z GiB  tps: T  tflops: F  mfu: M%
-data_wait: W%``. TensorBoard tags follow torchtitan (``loss_metrics/global_avg_loss``,
-``throughput(tps)``, ``mfu(%)``, ``time_metrics/data_loading(%)``, ``memory/max_active(GiB)``), plus
-``engram/gate_mean/layer{L}`` and ``engram/unique_rows_frac``.
+data_wait: W%  eta: 4m05s`` (eta while steps remain). TensorBoard tags follow torchtitan
+(``loss_metrics/global_avg_loss``, ``throughput(tps)``, ``mfu(%)``,
+``time_metrics/data_loading(%)``, ``memory/max_active(GiB)``), plus ``engram/gate_mean/layer{L}``
+and ``engram/unique_rows_frac``.
 MFU = 100 * flops_per_token * tokens_per_second / peak_flops, with ``tps`` the tokens per second
 per device (the step's tokens over the world size, as torchtitan), so MFU is per GPU.
 """
@@ -62,6 +63,7 @@ class MetricsLogger:
         self.cfg, self.rank, self.device = cfg, rank, device
         self.total_steps, self.flops_per_token = total_steps, flops_per_token
         self._window_start, self._window_tokens, self._window_wait = time.perf_counter(), 0, 0.0
+        self._run_start, self._start_step = time.perf_counter(), start_step
         self.enabled = rank == 0
         self.peak_flops = (cfg.peak_tflops or default_peak_tflops(device)) * 1e12
         self.jsonl = run_folder / "metrics.jsonl"
@@ -102,6 +104,13 @@ class MetricsLogger:
         self._window_start, self._window_tokens, self._window_wait = time.perf_counter(), 0, 0.0
         return tps, wait
 
+    def eta_seconds(self, step: int) -> float | None:
+        """Time to ``total_steps`` at this run's mean step time so far (None when done)."""
+        done, left = step - self._start_step, self.total_steps - step
+        if done <= 0 or left <= 0:
+            return None
+        return (time.perf_counter() - self._run_start) / done * left
+
     def log_train(self, step: int, values: dict, engram: dict[str, float]) -> None:
         """``values``: loss, grad_norm, lr and optional aux losses of the step just done."""
         tps, data_wait = self._close_window()
@@ -116,6 +125,9 @@ class MetricsLogger:
             f"lr: {values['lr']:.2e}  memory: {mem:.2f} GiB  tps: {tps:,.0f}  "
             f"tflops: {tflops:.3f}  mfu: {mfu:.2f}%  data_wait: {values['data_wait_pct']:.1f}%"
         )
+        eta = self.eta_seconds(step)
+        if eta is not None:
+            line += f"  eta: {format_duration(eta)}"
         for name, value in values.get("aux", {}).items():
             line += f"  {name}: {value:.4f}"
         self._print(line)
@@ -176,6 +188,16 @@ class MetricsLogger:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def format_duration(seconds: float) -> str:
+    """``1h02m``, ``4m05s`` or ``12s``."""
+    whole = int(round(seconds))
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def _ppl(loss: float) -> float:

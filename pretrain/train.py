@@ -350,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
             f"  logs:        {folder / 'metrics.jsonl'} (TensorBoard: "
             f"{folder / cfg.metrics.save_tb_folder})\n"
             f"  config:      {folder / 'config.toml'}\n"
-            f"  checkpoint:  {summary['checkpoint']}",
+            f"  checkpoint:  {summary['checkpoint']}\n"
+            f"  generate:    python -m launch.generate --checkpoint {summary['checkpoint']} "
+            "--prompt 'def main(' --max_new_tokens 48",
             flush=True,
         )
     return 0

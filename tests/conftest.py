@@ -1,19 +1,32 @@
-"""Shared test fixtures: reference parity cases, the DeepSeek-V3 tokenizer, tiny corpora."""
+"""Shared test fixtures: reference parity cases, the DeepSeek-V3 tokenizer, tiny corpora.
+
+Test processes run torch at one thread, and so do the ranks they spawn (they inherit the
+environment): on 2 cores, several processes at torch's default oversubscribe badly (a 256 x 256
+``trunc_normal_`` took 150 ms instead of 1.7 ms). A test that wants more threads sets them itself.
+"""
 
 from __future__ import annotations
 
 import os
-import shutil
-import sysconfig
-from pathlib import Path
 
-import pytest
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported, for spawned ranks too
+
+import shutil  # noqa: E402
+import sysconfig  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def parity_dir() -> Path:
-    return Path(os.environ.get("ENGRAM_PARITY_DIR", REPO.parent / "shared" / "engram_reference"))
+    """The reference parity cases: ``tests/engram_reference`` (in the repository), or
+    ``$ENGRAM_PARITY_DIR``."""
+    return Path(os.environ.get("ENGRAM_PARITY_DIR", REPO / "tests" / "engram_reference"))
 
 
 def parity_cases() -> list[Path]:

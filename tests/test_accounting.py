@@ -39,6 +39,7 @@ def test_iso_flop():
     assert (max(flops) - min(flops)) / min(flops) < 0.01, flops
 
 
+@pytest.mark.slow  # CLI end to end
 def test_summary_cli_json():
     out = subprocess.run(
         [sys.executable, "-m", "models.summary", "engram-27b", "--json"],

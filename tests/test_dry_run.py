@@ -26,6 +26,7 @@ def test_recipes_fit_their_layouts(recipe):
         assert result["rank_table_params"] == pytest.approx(engram_tables / 32, rel=0.01)
 
 
+@pytest.mark.slow  # CLI end to end
 def test_cli_json_and_exit_code_when_it_does_not_fit():
     cmd = [
         sys.executable,

@@ -1,4 +1,4 @@
-"""Reference parity: every case folder in $ENGRAM_PARITY_DIR (default ../shared/engram_reference).
+"""Reference parity: every case folder in tests/engram_reference (or $ENGRAM_PARITY_DIR).
 
 Compressed lookup and hash ids must be exact; outputs and every gradient (table rows included) must
 match to float32 rounding.

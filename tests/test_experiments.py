@@ -38,6 +38,7 @@ def test_derived_arms_are_iso_parameter_and_iso_flop(size, vocab):
     assert len(flops) == 1  # the backbone is fixed
 
 
+@pytest.mark.slow  # CLI end to end
 def test_sweep_driver_runs_and_resumes(corpus, tmp_path):
     from launch.experiments import main
 

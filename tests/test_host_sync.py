@@ -107,6 +107,7 @@ def _tables_rank(rank: int, world: int, cp: int):
     return dict(counter.counts)
 
 
+@pytest.mark.slow  # twin of the dp budget
 @pytest.mark.distributed
 def test_host_sync_budget_context_parallel():
     """The zigzag gathers, the masks from global indices, the ShortConv halo and the balance

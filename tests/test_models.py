@@ -190,7 +190,9 @@ def test_mla_matches_naive_reference():
     torch.testing.assert_close(attn(x, (cos, sin), None), _naive_mla(attn, x, cos, sin))
 
 
-@pytest.mark.parametrize("kind", ["dense", "moe", "engram-moe"])
+@pytest.mark.parametrize(
+    "kind", [pytest.param(k, marks=pytest.mark.slow) for k in ("dense", "moe")] + ["engram-moe"]
+)
 def test_loss_falls_on_tiny_data(kind):
     torch.manual_seed(0)
     args = tiny("mla", hc=2, moe=kind != "dense", engram=kind == "engram-moe")

@@ -103,6 +103,7 @@ def test_cost_model_overlap_rule():
     assert est["est_tokens_per_s"] == pytest.approx(3 * 1000 * 8 / step, rel=1e-3)
 
 
+@pytest.mark.slow  # recipe simulations: 3 min
 def test_simulator_recipe_targets():
     """The issue's targets at 4 nodes x 8 H100, one stated set of constants for every recipe."""
     results = {

@@ -68,7 +68,7 @@ def _run(cmd):
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("placement", ["device", "disk"])
+@pytest.mark.parametrize("placement", ["device", pytest.param("disk", marks=pytest.mark.slow)])
 def test_sigkill_resume_is_bit_identical(corpus, tmp_path, placement):
     """Also with the Engram tables on disk (rows and moments in a memory-mapped file behind a
     row cache, prefetched): the tables are streamed into the checkpoint and back."""
@@ -208,7 +208,11 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(corpus, tmp_path, monkeypatch)
         assert torch.equal(value, saved[name]), name
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["sigterm", "sigusr1"])
+@pytest.mark.parametrize(
+    "sig",
+    [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)],
+    ids=["sigterm", "sigusr1"],
+)
 def test_preemption_signal_checkpoints_and_resumes_bit_identically(corpus, tmp_path, sig):
     """A signal mid-run: the step in flight finishes, a checkpoint is written at that step (off
     the checkpoint interval), the job exits 0; the resumed job matches the straight run."""
@@ -243,6 +247,7 @@ def test_preemption_signal_checkpoints_and_resumes_bit_identically(corpus, tmp_p
     _assert_equal_trees(*(_state(t.model, t.optimizers) for t in finished))
 
 
+@pytest.mark.slow  # CLI end to end
 @pytest.mark.distributed
 def test_preemption_through_the_slurm_node_script(corpus, tmp_path):
     """launch/slurm/node.sh as slurm runs it on a node (torchrun, 2 ranks): SIGUSR1 to the node
@@ -321,3 +326,17 @@ def test_async_checkpoint_resume_is_bit_identical(corpus, tmp_path):
     assert sorted(got) == list(range(1, 13))
     assert all(got[s]["loss"] == want[s]["loss"] for s in want)
     _assert_equal_trees(*(_state(t.model, t.optimizers) for t in (straight, resumed)))
+
+
+def test_eta_is_the_remaining_steps_at_the_mean_step_time(tmp_path, monkeypatch):
+    from pretrain import metrics
+    from pretrain.config import MetricsConfig
+
+    now = [100.0]
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: now[0])
+    cfg = MetricsConfig(enable_tensorboard=False, progress_bar=False)
+    logger = metrics.MetricsLogger(cfg, tmp_path, 1, 100, 20, torch.device("cpu"))
+    now[0] = 130.0  # 30 steps (20 -> 50) in 30 s: 50 steps left take 50 s
+    assert logger.eta_seconds(50) == pytest.approx(50.0)
+    assert logger.eta_seconds(100) is None
+    assert [metrics.format_duration(s) for s in (50, 245, 3725)] == ["50s", "4m05s", "1h02m"]

@@ -1,9 +1,18 @@
-"""Spawn gloo ranks on one machine for parity tests (one process per rank, TCP rendezvous)."""
+"""Spawn gloo ranks on one machine for parity tests (one process per rank, TCP rendezvous).
+
+Starting ranks costs 2-5 s (interpreter, torch, the project's imports, the rendezvous), most of a
+2-rank parity test. So ``run_ranks`` keeps one pool of ranks per world size alive for the whole
+test session and sends each test's function to it; a test whose ranks start and end their own
+process group (the trainer's) asks for ``fresh`` processes. A failure anywhere retires the pool:
+the next call starts new ranks, so one broken test cannot leave the others a hung collective.
+"""
 
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
+import queue as queue_module
 import socket
 import traceback
 
@@ -17,7 +26,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, fn, args, queue) -> None:
+def _join_world(rank: int, world: int, port: int) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -25,41 +34,141 @@ def _entry(rank: int, world: int, port: int, fn, args, queue) -> None:
         WORLD_SIZE=str(world),
         LOCAL_RANK=str(rank),
     )
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _call(rank: int, world: int, fn, args) -> tuple:
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        result = fn(rank, world, *args)
         # plain pickle bytes: no shared-memory handles that die with this process
-        queue.put((rank, "ok", pickle.dumps(result)))
+        return rank, "ok", pickle.dumps(fn(rank, world, *args))
     except BaseException:  # noqa: BLE001 - reported to the parent test
-        queue.put((rank, "error", traceback.format_exc()))
+        return rank, "error", traceback.format_exc()
+
+
+def _entry(rank: int, world: int, port: int, fn, args, results) -> None:
+    """A fresh rank: one function, then the process ends."""
+    try:
+        _join_world(rank, world, port)
+        results.put(_call(rank, world, fn, args))
+    except BaseException:  # noqa: BLE001
+        results.put((rank, "error", traceback.format_exc()))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def run_ranks(fn, world: int, *args, timeout: float = 300) -> dict[int, object]:
-    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; returns each rank's result."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [
-        ctx.Process(target=_entry, args=(r, world, port, fn, args, queue)) for r in range(world)
-    ]
-    for proc in procs:
-        proc.start()
-    results, errors = {}, []
+def _serve(rank: int, world: int, port: int, tasks, results, parent: int) -> None:
+    """A pooled rank: functions from ``tasks`` until ``None``, or until the parent is gone."""
     try:
-        for _ in range(world):
-            rank, status, payload = queue.get(timeout=timeout)
-            if status == "ok":
-                results[rank] = pickle.loads(payload)
-            else:
-                errors.append(f"rank {rank}:\n{payload}")
-    finally:
-        for proc in procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
+        _join_world(rank, world, port)
+    except BaseException:  # noqa: BLE001
+        results.put((rank, "error", traceback.format_exc()))
+        return
+    while True:
+        try:
+            task = tasks.get(timeout=5)
+        except queue_module.Empty:
+            if os.getppid() != parent:  # orphaned: the test session died
+                break
+            continue
+        if task is None:
+            break
+        results.put(_call(rank, world, *task))
+    dist.destroy_process_group()
+
+
+def _collect(procs, results, world: int, timeout: float) -> dict[int, object]:
+    """Every rank's result; after the first error, the others get a few seconds (they may be
+    blocked in a collective the failed rank never reached)."""
+    found, errors = {}, []
+    for _ in range(world):
+        try:
+            rank, status, payload = results.get(timeout=5 if errors else timeout)
+        except queue_module.Empty:
+            dead = [p.pid for p in procs if not p.is_alive()]
+            errors.append(f"ranks timed out (dead processes: {dead})")
+            break
+        if status == "ok":
+            found[rank] = pickle.loads(payload)
+        else:
+            errors.append(f"rank {rank}:\n{payload}")
     if errors:
         raise AssertionError("\n".join(errors))
-    return results
+    return found
+
+
+class _RankPool:
+    def __init__(self, world: int):
+        ctx = mp.get_context("spawn")
+        self.world = world
+        self.tasks = [ctx.Queue() for _ in range(world)]
+        self.results = ctx.Queue()
+        port = free_port()
+        self.procs = [
+            ctx.Process(
+                target=_serve, args=(r, world, port, self.tasks[r], self.results, os.getpid())
+            )
+            for r in range(world)
+        ]
+        for proc in self.procs:
+            proc.start()
+
+    def run(self, fn, args, timeout: float) -> dict[int, object]:
+        for tasks in self.tasks:
+            tasks.put((fn, args))
+        return _collect(self.procs, self.results, self.world, timeout)
+
+    def close(self, kill: bool = False) -> None:
+        """Stop the ranks (``kill``: at once, as after a failure, when they may be blocked)."""
+        for tasks, proc in zip(self.tasks, self.procs, strict=True):
+            if proc.is_alive() and not kill:
+                tasks.put(None)
+        for proc in self.procs:
+            proc.join(timeout=0 if kill else 10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+
+_POOLS: dict[int, _RankPool] = {}
+
+
+@atexit.register
+def _close_pools() -> None:
+    for pool in _POOLS.values():
+        pool.close()
+    _POOLS.clear()
+
+
+def run_ranks(fn, world: int, *args, timeout: float = 300, fresh: bool = False) -> dict:
+    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; returns each rank's result.
+
+    ``fresh``: start new processes for this call only (for functions that set up or tear down
+    the default process group themselves); otherwise the session's pool of ``world`` ranks runs
+    it. ``fn`` and ``args`` must pickle (a module-level function).
+    """
+    if fresh:
+        ctx = mp.get_context("spawn")
+        results = ctx.Queue()
+        port = free_port()
+        procs = [
+            ctx.Process(target=_entry, args=(r, world, port, fn, args, results))
+            for r in range(world)
+        ]
+        for proc in procs:
+            proc.start()
+        try:
+            return _collect(procs, results, world, timeout)
+        finally:
+            for proc in procs:
+                proc.join(timeout=30)
+                if proc.is_alive():
+                    proc.kill()
+    pool = _POOLS.get(world)
+    if pool is None:
+        pool = _POOLS[world] = _RankPool(world)
+    try:
+        return pool.run(fn, args, timeout)
+    except BaseException:
+        _POOLS.pop(world).close(kill=True)  # a failed call may leave ranks mid-collective
+        raise

@@ -49,9 +49,14 @@ def cp_args(attention: str, sparse: bool):
     "world, layout, attention, sparse",
     [
         (2, dict(context_parallel_degree=2, engram_shard_degree=2), "gqa", True),
-        (2, dict(context_parallel_degree=2), "mla", False),
-        (4, dict(context_parallel_degree=4), "mla", False),
-        (4, dict(context_parallel_degree=4, engram_shard_degree=4), "gqa", True),
+        *(
+            pytest.param(*case, marks=pytest.mark.slow)
+            for case in [
+                (2, dict(context_parallel_degree=2), "mla", False),
+                (4, dict(context_parallel_degree=4), "mla", False),
+                (4, dict(context_parallel_degree=4, engram_shard_degree=4), "gqa", True),
+            ]
+        ),
     ],
     ids=["cp2-gqa-tables2", "cp2-mla", "cp4-mla", "cp4-gqa-tables4"],
 )
@@ -64,6 +69,7 @@ def test_context_parallel_matches_single_process(world, layout, attention, spars
     check_parity(reference(args, MAKE), results)
 
 
+@pytest.mark.slow  # cp2 x tables2 is the default twin
 def test_context_parallel_with_fsdp_and_tables(tmp_path):
     """CP 2 x FSDP 2 (FSDP over the flattened dp_shard x cp mesh), tables row-sharded over all 4
     ranks, each data-parallel pair splitting its rows' chunks."""
@@ -77,6 +83,7 @@ def test_context_parallel_with_fsdp_and_tables(tmp_path):
     )
 
 
+@pytest.mark.slow  # cp2 x tables2 is the default twin
 @pytest.mark.parametrize(
     "layout",
     [
@@ -143,6 +150,7 @@ def test_context_parallel_layouts_are_checked_up_front(layout, world, seq_len, s
         validate_parallelism(args, dims, sp, seq_len)
 
 
+@pytest.mark.slow  # cp2 x tables2 is the default twin
 def test_trainer_with_context_parallelism_matches_one_process(corpus, tmp_path):
     """``pretrain.train`` end to end: the loader hashes whole rows and keeps each rank's zigzag
     share, 4 steps train under CP 2 x tables 2, and the validation loss equals the one of the
@@ -150,8 +158,8 @@ def test_trainer_with_context_parallelism_matches_one_process(corpus, tmp_path):
     from tests.distributed.helpers import run_ranks
     from tests.distributed.test_reshard import _fit
 
-    cp = run_ranks(_fit, 2, str(corpus), str(tmp_path / "cp2"), "cp2")
-    single = run_ranks(_fit, 1, str(corpus), str(tmp_path / "single"), "single")
+    cp = run_ranks(_fit, 2, str(corpus), str(tmp_path / "cp2"), "cp2", fresh=True)
+    single = run_ranks(_fit, 1, str(corpus), str(tmp_path / "single"), "single", fresh=True)
     assert all(step == 4 for _, step in [*cp.values(), *single.values()])
     assert cp[0][0] == pytest.approx(single[0][0], rel=1e-4)
 
@@ -172,6 +180,7 @@ def _fit_cp(rank, world, corpus, dump, interval):
     return started, summary["val_loss"], state
 
 
+@pytest.mark.slow  # cp2 x tables2 is the default twin
 def test_context_parallel_resume_is_bit_identical(corpus, tmp_path):
     """CP 2 x tables 2: a run stopped at step 2 and resumed (loader state of each cp rank,
     FSDP-over-cp shards, table shards) ends where the uninterrupted run ends, bit for bit."""
@@ -181,10 +190,10 @@ def test_context_parallel_resume_is_bit_identical(corpus, tmp_path):
 
     from tests.distributed.helpers import run_ranks
 
-    whole = run_ranks(_fit_cp, 2, str(corpus), str(tmp_path / "whole"), 4)
-    run_ranks(_fit_cp, 2, str(corpus), str(tmp_path / "cut"), 2)
+    whole = run_ranks(_fit_cp, 2, str(corpus), str(tmp_path / "whole"), 4, fresh=True)
+    run_ranks(_fit_cp, 2, str(corpus), str(tmp_path / "cut"), 2, fresh=True)
     shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-00000004")
-    resumed = run_ranks(_fit_cp, 2, str(corpus), str(tmp_path / "cut"), 2)
+    resumed = run_ranks(_fit_cp, 2, str(corpus), str(tmp_path / "cut"), 2, fresh=True)
     assert resumed[0][0] == 2 and whole[0][0] == 0
     assert resumed[0][1] == whole[0][1]
     for name, value in whole[0][2].items():

@@ -26,11 +26,12 @@ def _fit_fsdp_tables(rank, world, corpus, dump):
     return trainer.step
 
 
+@pytest.mark.slow  # conversion is covered in one process
 def test_two_rank_fsdp_table_parallel_checkpoint_converts_bit_exact(corpus, tmp_path):
     from tests.distributed.helpers import run_ranks
 
     dump = tmp_path / "run"
-    assert run_ranks(_fit_fsdp_tables, 2, str(corpus), str(dump)) == {0: 4, 1: 4}
+    assert run_ranks(_fit_fsdp_tables, 2, str(corpus), str(dump), fresh=True) == {0: 4, 1: 4}
     saved = dump / "checkpoints" / "step-00000004"
     assert convert.DcpCheckpoint(saved).meta["world_size"] == 2
     hf = convert.dcp_to_hf(saved, tmp_path / "hf")

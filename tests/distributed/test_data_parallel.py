@@ -32,7 +32,11 @@ def test_data_parallel_matches_single_process(world, layout, sparse, tmp_path):
     check_parity(reference(args), run_ranks(run_layout, world, layout, args, ckpt))
 
 
-@pytest.mark.parametrize("layout", [dict(), dict(engram_shard_degree=2)], ids=["fsdp", "tables"])
+@pytest.mark.parametrize(
+    "layout",
+    [dict(), pytest.param(dict(engram_shard_degree=2), marks=pytest.mark.slow)],
+    ids=["fsdp", "tables"],
+)
 def test_fsdp_grad_accumulation_matches_single_process(layout, tmp_path):
     """Two microbatches per step: the first neither reduce-scatters nor reshards after backward
     (``set_requires_gradient_sync``), the second does; the result is the whole batch's step."""
@@ -109,6 +113,7 @@ def _norm_reductions_rank(rank: int, world: int, args, ckpt: str):
     return len(calls), dtensors
 
 
+@pytest.mark.slow  # 4 ranks
 def test_grad_norm_one_reduction_per_mesh_group(tmp_path):
     """HSDP, 2 replicas x 2 shards (``(Replicate, Shard(0))`` DTensors): the global norm takes one
     all-reduce per (mesh, sharded dim), not one per DTensor parameter."""

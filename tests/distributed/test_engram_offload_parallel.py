@@ -57,7 +57,7 @@ def _check(world, layout, args, tmp_path, steps, offloads, routed_lookups=None) 
     assert (holders > 0) == (routed_lookups is not None)
 
 
-@pytest.mark.parametrize("data_parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("data_parallel", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
 def test_table_parallel_offload_is_bit_identical_to_device(data_parallel, tmp_path):
     steps = 20
     if data_parallel == "ddp":
@@ -70,6 +70,7 @@ def test_table_parallel_offload_is_bit_identical_to_device(data_parallel, tmp_pa
     _check(2, layout, model_args(sparse=True), tmp_path, steps, offloads, steps - 1)
 
 
+@pytest.mark.slow  # the table-parallel offload test is the default twin
 @pytest.mark.parametrize("world, tables", [(2, 1), (4, 2)], ids=["pp2", "pp2_tables2"])
 def test_pipeline_offload_is_bit_identical_to_device(world, tables, tmp_path):
     layout = dict(

@@ -40,7 +40,9 @@ def test_shard_plan_per_chunk():
 
 
 @pytest.mark.parametrize(
-    "world, replicate", [(2, 2), (4, 4), (2, 1)], ids=["ddp2", "ddp4", "fsdp2"]
+    "world, replicate",
+    [(2, 2), *(pytest.param(w, r, marks=pytest.mark.slow) for w, r in [(4, 4), (2, 1)])],
+    ids=["ddp2", "ddp4", "fsdp2"],
 )
 def test_table_parallel_matches_single_process(world, replicate, tmp_path):
     from tests.distributed.helpers import run_ranks

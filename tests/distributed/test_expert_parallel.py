@@ -15,11 +15,11 @@ pytestmark = pytest.mark.distributed
 @pytest.mark.parametrize(
     "world, ep, tables, fsdp, experts",
     [
-        (2, 2, 1, False, 4),
-        (4, 2, 4, False, 4),
-        (2, 2, 2, True, 4),
-        (2, 2, 2, False, 5),
-        (4, 4, 4, True, 7),
+        pytest.param(2, 2, 1, False, 4, marks=pytest.mark.slow),
+        pytest.param(4, 2, 4, False, 4, marks=pytest.mark.slow),
+        pytest.param(2, 2, 2, True, 4, marks=pytest.mark.slow),
+        (2, 2, 2, False, 5),  # uneven experts, tables sharded too
+        pytest.param(4, 4, 4, True, 7, marks=pytest.mark.slow),
     ],
 )
 def test_expert_parallel_matches_single_process(world, ep, tables, fsdp, experts, tmp_path):

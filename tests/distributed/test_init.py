@@ -27,7 +27,7 @@ def _rank_fn(rank: int, world: int, layout: dict):
     "world, layout",
     [
         (2, dict(tensor_parallel_degree=2, data_parallel_shard_degree=1)),
-        (
+        pytest.param(
             4,
             dict(
                 tensor_parallel_degree=2,
@@ -35,6 +35,7 @@ def _rank_fn(rank: int, world: int, layout: dict):
                 expert_parallel_degree=2,
                 engram_shard_degree=2,
             ),
+            marks=pytest.mark.slow,
         ),
     ],
 )

@@ -16,11 +16,12 @@ VOCAB = 98
 @pytest.mark.parametrize(
     "world, schedule, stages, tp, ep, tables",
     [
-        (2, "gpipe", 1, 1, 1, 1),
+        pytest.param(2, "gpipe", 1, 1, 1, 1, marks=pytest.mark.slow),
         (2, "1f1b", 1, 1, 1, 1),
-        (2, "interleaved_1f1b", 2, 1, 1, 1),
-        (4, "1f1b", 1, 1, 1, 2),  # PP2 x DP2 with the tables sharded over the 2 replicas
-        (8, "1f1b", 1, 2, 2, 2),
+        pytest.param(2, "interleaved_1f1b", 2, 1, 1, 1, marks=pytest.mark.slow),
+        # PP2 x DP2 with the tables sharded over the 2 replicas
+        pytest.param(4, "1f1b", 1, 1, 1, 2, marks=pytest.mark.slow),
+        pytest.param(8, "1f1b", 1, 2, 2, 2, marks=pytest.mark.slow),
     ],
     ids=["gpipe", "1f1b", "interleaved", "pp2_tables2", "tp2_pp2_ep2_tables2"],
 )

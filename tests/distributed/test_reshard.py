@@ -70,24 +70,24 @@ def _single(corpus, dump, experts5=False) -> float:
 @pytest.mark.parametrize(
     "saved, world, loaded, loaded_world, experts5",
     [
-        ("tables4", 4, "tables2", 2, False),
-        ("tp2pp2", 4, None, None, False),
+        pytest.param("tables4", 4, "tables2", 2, False, marks=pytest.mark.slow),
+        pytest.param("tp2pp2", 4, None, None, False, marks=pytest.mark.slow),
         ("ep2_uneven", 2, None, None, True),
-        ("single", 1, "ep2_uneven", 2, True),
+        pytest.param("single", 1, "ep2_uneven", 2, True, marks=pytest.mark.slow),
         # row shards on disk (prefetched, routed a step ahead) -> one host table -> device
-        ("tables2_disk", 2, "single_host", 1, False),
-        ("cp2", 2, None, None, False),
+        pytest.param("tables2_disk", 2, "single_host", 1, False, marks=pytest.mark.slow),
+        pytest.param("cp2", 2, None, None, False, marks=pytest.mark.slow),
     ],
 )
 def test_checkpoint_reshards(corpus, tmp_path, saved, world, loaded, loaded_world, experts5):
     from tests.distributed.helpers import run_ranks
 
     dump = str(tmp_path / "run")
-    results = run_ranks(_fit, world, str(corpus), dump, saved, experts5)
+    results = run_ranks(_fit, world, str(corpus), dump, saved, experts5, fresh=True)
     assert all(step == 4 for _, step in results.values())
     loss = results[0][0]
     if loaded is not None:
-        resumed = run_ranks(_fit, loaded_world, str(corpus), dump, loaded, experts5)
+        resumed = run_ranks(_fit, loaded_world, str(corpus), dump, loaded, experts5, fresh=True)
         assert all(step == 4 for _, step in resumed.values())
         assert resumed[0][0] == pytest.approx(loss, rel=1e-5)
     assert _single(corpus, dump, experts5) == pytest.approx(loss, rel=1e-5)

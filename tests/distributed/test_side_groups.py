@@ -46,9 +46,12 @@ def _rank_fn(rank: int, world: int):
     return sums
 
 
+@pytest.mark.slow  # 8 ranks
 def test_side_groups_sum_their_members_on_8_ranks():
     from tests.distributed.helpers import run_ranks
 
-    for rank, sums in run_ranks(_rank_fn, 8, timeout=120).items():  # a broken layout hangs
+    for rank, sums in run_ranks(
+        _rank_fn, 8, timeout=120, fresh=True
+    ).items():  # a broken layout hangs
         for name, (got, want) in sums.items():
             assert got == want, (rank, name, got, want)

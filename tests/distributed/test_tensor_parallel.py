@@ -22,10 +22,17 @@ pytestmark = pytest.mark.distributed
 VOCAB = 98  # divisible by the tensor-parallel degree
 
 
-@pytest.mark.parametrize("sp", [False, True], ids=["tp", "tp_sp"])
 @pytest.mark.parametrize(
-    "world, attention, ep, tables",
-    [(2, "gqa", 1, 1), (2, "mla", 1, 1), (4, "mla", 2, 2)],
+    "world, attention, ep, tables, sp",
+    [
+        (2, "gqa", 1, 1, False),
+        (2, "mla", 1, 1, True),
+        *(
+            pytest.param(*layout, marks=pytest.mark.slow)
+            for layout in [(2, "gqa", 1, 1, True), (2, "mla", 1, 1, False)]
+            + [(4, "mla", 2, 2, sp) for sp in (False, True)]
+        ),
+    ],
 )
 def test_tensor_parallel_matches_single_process(world, attention, ep, tables, sp, tmp_path):
     from tests.distributed.helpers import run_ranks
