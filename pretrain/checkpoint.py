@@ -199,12 +199,18 @@ class CheckpointManager:
         if saved_world != world:
             log.warning(
                 "checkpoint %s was saved at world size %d, now %d: weights and optimizer "
-                "states are resharded; the data loader and RNG state start afresh",
+                "states are resharded; the RNG state starts afresh",
                 path,
                 saved_world,
                 world,
             )
-            return {}
+            # a data.mixture's schedule is global: it continues at any layout (rank 0's copy)
+            first = torch.load(path / "train_state_rank0.pt", weights_only=False)
+            loader = first.get("loader") or {}
+            if loader.get("mixture") is None:
+                log.warning("the data loader starts afresh (one data folder: per-rank order)")
+                return {}
+            return {"loader": {**loader, "other_layout": True}}
         return torch.load(path / f"train_state_rank{_rank()}.pt", weights_only=False)
 
     def load_latest(self, model, optimizers) -> dict | None:

@@ -43,6 +43,9 @@ class DataConfig:
     num_workers: int = 1  # loader processes (0: load in the training process)
     strict: bool = False  # a corrupt shard is an error instead of a skip with a warning
     url_prefix: str = ""  # shards served from a URL webdataset understands; "" -> dataset_path
+    # [[data.mixture]] tables: weighted sources (shards, megatron, tokens, text), docs/data.md;
+    # empty: dataset_path alone
+    mixture: list = field(default_factory=list)
 
 
 @dataclass
@@ -215,6 +218,10 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if d.mixture:
+            from data.mixture import parse_mixture
+
+            parse_mixture(d.mixture)
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}

@@ -158,16 +158,22 @@ class MetricsLogger:
             },
         )
 
-    def log_eval(self, step: int, loss: float, tokens: int) -> None:
+    def log_eval(
+        self, step: int, loss: float, tokens: int, per_source: dict[str, float] | None = None
+    ) -> None:
+        """``per_source``: a mixture's ``val_loss/<name>`` of each source with held-out data."""
         if not self.enabled:
             return
-        self._print(
+        named = {f"val_loss/{name}": value for name, value in (per_source or {}).items()}
+        line = (
             f"eval step: {step}  val_loss: {loss:.4f}  val_ppl: {_ppl(loss):.2f}  tokens: {tokens}"
         )
+        line += "".join(f"  {tag}: {value:.4f}" for tag, value in named.items())
+        self._print(line)
         self._write(
             step,
-            {"loss_metrics/val_loss": loss},
-            {"step": step, "val_loss": loss, "val_tokens": tokens},
+            {"loss_metrics/val_loss": loss, **named},
+            {"step": step, "val_loss": loss, "val_tokens": tokens, **named},
         )
 
     def _print(self, line: str) -> None:

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from data.loader import StatefulLoader
+from data.mixture import check_sources, parse_mixture, with_default_val
 from models.accounting import account
 from models.args import model_args_to_dict
 from models.engram import GateMonitor, unique_row_fraction
@@ -72,8 +73,16 @@ class Trainer:
         if self.rank == 0:
             self.run_folder.mkdir(parents=True, exist_ok=True)
             (self.run_folder / "config.toml").write_text(to_toml(cfg))
-        folder = ensure_dataset(cfg.data, self.rank)
+        mixture = with_default_val(parse_mixture(cfg.data.mixture)) if cfg.data.mixture else None
+        # a mixture with its own tokenizer needs no prepared folder
+        folder = (
+            Path(cfg.data.dataset_path)
+            if mixture and cfg.data.tokenizer
+            else ensure_dataset(cfg.data, self.rank)
+        )
         self.tokenizer = build_tokenizer(cfg.data, folder)
+        if mixture:
+            check_sources(mixture, self.tokenizer, cfg.data.strict)
         self.args = build_model_args(cfg.model, self.tokenizer, cfg.data.seq_len)
         validate_parallelism(  # now with the tokenizer's vocabulary
             self.args, self.dims, cfg.parallelism.sequence_parallel, cfg.data.seq_len
@@ -83,9 +92,9 @@ class Trainer:
         self.tables = OffloadedTables(self.sm.inner)
         self._tier_seconds = 0.0  # step time since the last tier metrics
         self.optimizers = Optimizers(self.sm.model, cfg.optimizer)
-        stream_kwargs = self._stream_kwargs(folder)
+        stream_kwargs = self._stream_kwargs(folder, mixture)
         self.loader = StatefulLoader(
-            {**stream_kwargs, "split": "train"},
+            stream_kwargs if mixture else {**stream_kwargs, "split": "train"},
             cfg.data.num_workers,
             pin_memory=self.device.type == "cuda",
         )
@@ -165,11 +174,17 @@ class Trainer:
             engram_state=self.cfg.optimizer.engram_state,
         )
 
-    def _stream_kwargs(self, folder: Path) -> dict:
-        """The loader's arguments: this rank's data shard, the hasher and the tables' planners."""
+    def _stream_kwargs(self, folder: Path, mixture: list | None) -> dict:
+        """The loader's arguments: this rank's data shard, the hasher and the tables' planners
+        (``mixture``: the sources of ``data.mixture``, else the one folder)."""
         t, d = self.cfg.training, self.cfg.data
+        if mixture:
+            tok = self.tokenizer
+            where = dict(specs=mixture, tokenizer_path=str(tok.path), eos_id=tok.eos_id)
+        else:
+            where = dict(folder=str(folder), url_prefix=d.url_prefix or None)
         return dict(
-            folder=str(folder),
+            **where,
             batch_size=t.batch_size,
             seq_len=d.seq_len,
             vocab_size=self.tokenizer.vocab_size,
@@ -180,7 +195,6 @@ class Trainer:
             cp_degree=self.dims.cp,
             hasher=self.hasher,
             strict=d.strict,
-            url_prefix=d.url_prefix or None,
             planners=lookup_planners(self.sm.inner),
             plan_chunks=self.sm.pipeline.microbatches if self.sm.pipeline is not None else 1,
         )
@@ -255,6 +269,22 @@ class Trainer:
     def evaluate(self) -> tuple[float, int]:
         return self.validator.run(self.sm)
 
+    def data_scalars(self) -> dict[str, float]:
+        """A mixture's ``data/tokens/<name>`` (global, cumulative), ``data/epoch/<name>`` and
+        ``data/skipped/<name>`` (records skipped by this rank's workers)."""
+        state = self.loader.last_state
+        if "schedule" not in state:
+            return {}
+        specs = self.loader.dataset.stream_kwargs["specs"]
+        seq_len, roles = self.cfg.data.seq_len, self.loader.role_states.values()
+        out = {}
+        for i, spec in enumerate(specs):
+            out[f"data/tokens/{spec.name}"] = state["schedule"]["counts"][i] * seq_len
+            out[f"data/epoch/{spec.name}"] = state["epochs"][spec.name]
+            skipped = sum(r.get("skipped", {}).get(spec.name, 0) for r in roles)
+            out[f"data/skipped/{spec.name}"] = skipped
+        return out
+
     def engram_scalars(self) -> dict[str, float]:
         scalars = self.gates.scalars()
         if self.tables:
@@ -288,10 +318,12 @@ class Trainer:
             self._tier_seconds += time.perf_counter() - started
             self.metrics.step_done(tokens_per_step, self.loader.wait_seconds - wait_before)
             if self.metrics.should_log(self.step):
-                self.metrics.log_train(self.step, values, self.engram_scalars())
+                self.metrics.log_train(
+                    self.step, values, {**self.engram_scalars(), **self.data_scalars()}
+                )
             if self.step % m.eval_freq == 0 or self.step == t.steps:
                 val_loss, tokens = self.evaluate()
-                self.metrics.log_eval(self.step, val_loss, tokens)
+                self.metrics.log_eval(self.step, val_loss, tokens, self.validator.per_source)
             saved = self.step % self.cfg.checkpoint.interval == 0 or self.step == t.steps
             if saved:
                 self.save(blocking=self.step == t.steps)
@@ -310,7 +342,7 @@ class Trainer:
             self.ckpt.finish()  # an asynchronous save still in flight
         if val_loss is None and not preempted:  # resumed at the final step
             val_loss, tokens = self.evaluate()
-            self.metrics.log_eval(self.step, val_loss, tokens)
+            self.metrics.log_eval(self.step, val_loss, tokens, self.validator.per_source)
         self.metrics.close()
         return {
             "step": self.step,

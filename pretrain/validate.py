@@ -1,4 +1,5 @@
-"""Held-out evaluation: the mean loss over the first ``metrics.eval_batches`` validation batches.
+"""Held-out evaluation: the mean loss over the first ``metrics.eval_batches`` validation batches
+(with a ``data.mixture``: of each source that has held-out documents, also reported per source).
 
 The same global batches are evaluated whatever the layout: batch ``i`` goes to data-parallel rank
 ``i % dp_degree``, and the token-weighted sum is reduced over the data-parallel group, so a
@@ -39,13 +40,11 @@ class Validator:
         device: torch.device,
         cp_group=None,
     ):
-        self.stream_kwargs = {
-            **stream_kwargs,
-            "split": "val",
-            "shuffle": False,
-            "dp_rank": 0,
-            "dp_degree": 1,
-        }
+        self.mixture = "specs" in stream_kwargs
+        self.stream_kwargs = {**stream_kwargs, "dp_rank": 0, "dp_degree": 1}
+        if not self.mixture:
+            self.stream_kwargs.update(split="val", shuffle=False)
+        self.per_source: dict[str, float] = {}
         self.num_batches = num_batches
         self.dp_rank, self.dp_degree, self.dp_group = dp_rank, dp_degree, dp_group
         self.cp_group = cp_group
@@ -55,9 +54,24 @@ class Validator:
     def batches(self) -> list[Batch]:
         """The validation batches (read once, then kept: they never change)."""
         if self._batches is None:
-            stream = PackedShardStream(**self.stream_kwargs).batches()
-            self._batches = [b for b, _ in itertools.islice(stream, self.num_batches)]
+            self._batches, self._sources = self._read()
         return self._batches
+
+    def _read(self) -> tuple[list[Batch], list[str]]:
+        if not self.mixture:
+            stream = PackedShardStream(**self.stream_kwargs).batches()
+            batches = [b for b, _ in itertools.islice(stream, self.num_batches)]
+            return batches, [""] * len(batches)
+        from data.mixture_stream import MixtureStream
+
+        stream = MixtureStream(**self.stream_kwargs)
+        batches, names = [], []
+        for spec in self.stream_kwargs["specs"]:
+            if spec.val_path:
+                found = stream.val_batches(spec, self.num_batches)
+                batches += found
+                names += [spec.name] * len(found)
+        return batches, names
 
     @torch.no_grad()
     def run(self, sm: StepModel) -> tuple[float, int]:
@@ -66,9 +80,12 @@ class Validator:
         if not batches:
             raise ValueError(
                 "the validation split has fewer tokens than one batch; lower training.batch_size"
+                + (" or give a source a val_path" if self.mixture else "")
             )
         sm.model.eval()
-        total = torch.zeros(2, device=self.device, dtype=torch.float64)
+        names = sorted(set(self._sources))
+        # [overall, per source...] x [loss sum, tokens]
+        total = torch.zeros(1 + len(names), 2, device=self.device, dtype=torch.float64)
         for slot in range(-(-len(batches) // self.dp_degree)):
             index = slot * self.dp_degree + self.dp_rank
             # every rank runs the same number of forwards (sharded tables exchange rows in each);
@@ -78,9 +95,16 @@ class Validator:
             ce = ce.to(self.device)
             if index < len(batches):
                 tokens = batch.num_tokens
-                total += torch.stack([ce.double() * tokens, ce.new_tensor(tokens).double()])
+                row = torch.stack([ce.double() * tokens, ce.new_tensor(tokens).double()])
+                total[0] += row
+                if self.mixture:
+                    total[1 + names.index(self._sources[index])] += row
         all_reduce_sum_(total, self.dp_group)
         if self.cp_group is not None:
             all_reduce_sum_(total, self.cp_group)
         sm.model.train()
-        return (total[0] / total[1]).item(), int(total[1].item())
+        if self.mixture:
+            self.per_source = {
+                n: (total[1 + i, 0] / total[1 + i, 1]).item() for i, n in enumerate(names)
+            }
+        return (total[0, 0] / total[0, 1]).item(), int(total[0, 1].item())

@@ -12,6 +12,6 @@ if [ "$(cat .venv/.engram_stamp 2>/dev/null)" != "$stamp" ]; then
   echo "installing the project into .venv (CPU torch 2.13.0) ..."
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -c constraints-cpu.txt "torch==2.13.0"
-  .venv/bin/python -m pip install -q -c constraints-cpu.txt -e ".[dev,hf]"
+  .venv/bin/python -m pip install -q -c constraints-cpu.txt -e ".[dev,hf,megatron,data]"
   echo "$stamp" > .venv/.engram_stamp
 fi

@@ -107,6 +107,12 @@ def test_moe_matches_dense_loop():
             h = F.silu(flat[t] @ moe.experts.w1[e]) * (flat[t] @ moe.experts.w3[e])
             expected[t] += w * (h @ moe.experts.w2[e])
     torch.testing.assert_close(out.reshape(-1, 16), expected, rtol=1e-5, atol=1e-6)
+    # only training forwards count toward the balancing bias: an evaluation in between must not
+    # change the next update (a resumed run, which skips that evaluation, would diverge)
+    assert moe.router.tokens_per_expert.sum() == 2 * 7 * 2
+    moe.eval()
+    moe(x)
+    assert moe.router.tokens_per_expert.sum() == 2 * 7 * 2
 
 
 def test_grouped_mm_equals_loop():

@@ -1,9 +1,11 @@
 """Spawn gloo ranks on one machine for parity tests (one process per rank, TCP rendezvous).
 
 Starting ranks costs 2-5 s (interpreter, torch, the project's imports, the rendezvous), most of a
-2-rank parity test. So ``run_ranks`` keeps one pool of ranks per world size alive for the whole
-test session and sends each test's function to it; a test whose ranks start and end their own
-process group (the trainer's) asks for ``fresh`` processes. A failure anywhere retires the pool:
+2-rank parity test. So ``run_ranks`` keeps one pool of ranks per world size alive for a test
+module (``tests/distributed/conftest.py`` closes the pools after each module: what a module's
+tests leave running in the ranks, such as a table tier's threads, goes with them) and sends each
+test's function to it; a test whose ranks start and end their own process group (the trainer's)
+asks for ``fresh`` processes. A failure anywhere retires the pool:
 the next call starts new ranks, so one broken test cannot leave the others a hung collective.
 """
 
@@ -134,7 +136,8 @@ _POOLS: dict[int, _RankPool] = {}
 
 
 @atexit.register
-def _close_pools() -> None:
+def close_pools() -> None:
+    """Stop every pool (after a test module; at exit)."""
     for pool in _POOLS.values():
         pool.close()
     _POOLS.clear()
@@ -144,7 +147,7 @@ def run_ranks(fn, world: int, *args, timeout: float = 300, fresh: bool = False) 
     """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; returns each rank's result.
 
     ``fresh``: start new processes for this call only (for functions that set up or tear down
-    the default process group themselves); otherwise the session's pool of ``world`` ranks runs
+    the default process group themselves); otherwise the module's pool of ``world`` ranks runs
     it. ``fn`` and ``args`` must pickle (a module-level function).
     """
     if fresh:

@@ -1,0 +1,361 @@
+"""Data at pretraining scale (data/formats.py, data/mixture.py, data/mixture_stream.py): every
+reader against an independent read, the blend's token shares, one global order whatever the DP
+degree and worker count, exact resume, and every bad input refused by name."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from data.formats import SkipCount, SourceError, text_records
+from data.loader import StatefulLoader
+from data.mixture import check_sources, parse_mixture
+from data.mixture_stream import MixtureStream
+from data.tokenizer import load_tokenizer
+
+EOS = 2
+VOCAB = 1000
+
+
+def _megatron(prefix, docs, dtype=np.uint16):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype)
+    for doc in docs:
+        builder.add_item(torch.from_numpy(np.asarray(doc, dtype=np.int64)))
+        builder.end_document()
+    builder.finalize(f"{prefix}.idx")
+    return str(prefix)
+
+
+def _docs(seed, count, low, high, eos_every=1):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        doc = rng.integers(low, high, int(rng.integers(5, 90)))
+        out.append(np.append(doc, EOS) if i % eos_every == 0 else doc)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixture")
+    a = _megatron(root / "a", _docs(0, 150, 3, 500, eos_every=2))  # ids 3..499
+    b_docs = _docs(1, 200, 500, VOCAB)  # ids 500..999
+    np.save(root / "b.npy", np.concatenate(b_docs).astype(np.int32))
+    return root, a, str(root / "b.npy")
+
+
+def _specs(a, b, wa=0.25, wb=0.75):
+    return parse_mixture(
+        [
+            {"name": "a", "format": "megatron", "path": a, "weight": wa},
+            {"name": "b", "format": "tokens", "path": b, "weight": wb},
+        ]
+    )
+
+
+def _stream(specs, batch=4, dp_rank=0, dp=1, role=0, roles=1):
+    return MixtureStream(
+        specs,
+        batch,
+        32,
+        VOCAB,
+        tokenizer_path="",
+        eos_id=EOS,
+        dp_rank=dp_rank,
+        dp_degree=dp,
+        role=role,
+        num_roles=roles,
+    )
+
+
+# ----- readers ----------------------------------------------------------------------------------
+
+
+def test_megatron_documents_are_what_megatron_core_reads(sources):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from data.formats import MegatronDocuments
+
+    _, a, _ = sources
+    ours, theirs = MegatronDocuments("a", a, EOS), IndexedDataset(a)
+    assert len(ours) == len(theirs) == 150
+    for i in range(len(ours)):
+        want = np.asarray(theirs[i], dtype=np.int64)
+        want = want if want[-1] == EOS else np.append(want, EOS)  # every document ends with EOS
+        assert np.array_equal(ours.document(i), want), i
+        assert ours.lengths[i] == want.size
+
+
+@pytest.mark.parametrize("kind", ["npy", "bin"])
+def test_token_arrays_split_at_eos(tmp_path, kind):
+    from data.formats import TokenArrayDocuments
+
+    array = np.concatenate(_docs(2, 40, 3, 60000, eos_every=1) + [np.array([7, 8, 9])])
+    if kind == "npy":
+        np.save(tmp_path / "t.npy", array.astype(np.uint32))
+        docs = TokenArrayDocuments("t", str(tmp_path / "t.npy"), EOS)
+    else:
+        array.astype(np.uint16).tofile(tmp_path / "t.bin")
+        docs = TokenArrayDocuments("t", str(tmp_path / "t.bin"), EOS, "uint16")
+    pieces = [p for p in np.split(array, np.flatnonzero(array == EOS) + 1) if p.size]
+    assert len(docs) == len(pieces) == 41
+    for i, piece in enumerate(pieces):
+        want = piece if piece[-1] == EOS else np.append(piece, EOS)
+        assert np.array_equal(docs.document(i), want), i
+
+
+def _write_text(folder, records):
+    """The same records as .jsonl, .jsonl.gz, .jsonl.zst and .parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    lines = "".join(json.dumps(r) + "\n" for r in records).encode()
+    (folder / "r.jsonl").write_bytes(lines)
+    (folder / "r.jsonl.gz").write_bytes(gzip.compress(lines))
+    (folder / "r.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    texts = [r.get("text") for r in records if isinstance(r, dict)]
+    pq.write_table(
+        pa.table({"text": [t if isinstance(t, str) else None for t in texts]}), folder / "r.parquet"
+    )
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "jsonl.gz", "jsonl.zst", "parquet"])
+def test_text_records_and_tokens_are_the_tokenizer_on_the_records(corpus, tmp_path, suffix):
+    from data.formats import tokenize_batch
+
+    records = [{"text": f"def f{i}(x):\n    return x + {i}\n", "id": i} for i in range(30)]
+    _write_text(tmp_path, records)
+    tok = load_tokenizer(corpus / "tokenizer.model")
+    texts = list(text_records(str(tmp_path / f"r.{suffix}"), "text", SkipCount("t")))
+    assert texts == [r["text"] for r in records]
+    for got, text in zip(tokenize_batch(tok, texts), texts, strict=True):
+        assert got.tolist() == tok.encode(text) + [tok.eos_id]
+
+
+def test_malformed_records_are_skipped_and_counted_or_refused_when_strict(tmp_path, caplog):
+    lines = ['{"text": "one"}', "{not json", '{"body": "no text field"}', '{"text": "two"}']
+    (tmp_path / "r.jsonl").write_text("\n".join(lines) + "\n")
+    skips = SkipCount("web")
+    with caplog.at_level(logging.WARNING):
+        assert list(text_records(str(tmp_path / "r.jsonl"), "text", skips)) == ["one", "two"]
+    assert skips.count == 2
+    assert sum("data/skipped/web" in r.message for r in caplog.records) == 1  # one warning
+    with pytest.raises(SourceError, match="not a JSON line.*data.strict"):
+        list(text_records(str(tmp_path / "r.jsonl"), "text", SkipCount("web", strict=True)))
+
+
+# ----- the mixture ------------------------------------------------------------------------------
+
+
+def test_blend_shares_follow_the_weights_and_every_token_comes_from_its_source(sources):
+    _, a, b = sources
+    stream = _stream(_specs(a, b), batch=8).batches()
+    counts = np.zeros(2)
+    for _ in range(200):
+        batch, state = next(stream)
+        for row, source in zip(batch.tokens, state["row_sources"], strict=True):
+            content = row[row != EOS]
+            low, high = (3, 500) if source == 0 else (500, VOCAB)
+            assert ((content >= low) & (content < high)).all()  # ids of its own source only
+            counts[source] += row.size
+    shares = counts / counts.sum()
+    assert abs(shares[0] - 0.25) <= 0.02 and abs(shares[1] - 0.75) <= 0.02
+    assert state["epochs"]["a"] >= 1  # the small source ran out and began its next epoch
+
+
+def _global_batches(specs, dp, roles, count, batch_per_rank, state=None):
+    """The first ``count`` global batches as the loader of each rank would consume them."""
+    per_rank = []
+    for rank in range(dp):
+        loader = StatefulLoader(
+            dict(
+                specs=specs,
+                batch_size=batch_per_rank,
+                seq_len=32,
+                vocab_size=VOCAB,
+                tokenizer_path="",
+                eos_id=EOS,
+                dp_rank=rank,
+                dp_degree=dp,
+            ),
+            num_workers=0 if roles == 1 else roles,
+        )
+        if state is not None:
+            loader.load_state_dict(state)
+        per_rank.append([next(loader).tokens for _ in range(count)])
+        loader.close()
+    saved = loader.state_dict()
+    return [torch.cat([r[i] for r in per_rank]) for i in range(count)], saved
+
+
+def test_the_global_order_is_the_same_at_any_dp_degree_and_worker_count(sources):
+    _, a, b = sources
+    specs = _specs(a, b)
+    one, _ = _global_batches(specs, 1, 1, 6, 8)
+    two, saved = _global_batches(specs, 2, 2, 3, 4)
+    for i in range(3):
+        assert torch.equal(one[i], two[i]), i
+    # stopped at 2 ranks x 2 workers after 3 batches, resumed at 1 rank: the same sequence
+    resumed, _ = _global_batches(specs, 1, 1, 3, 8, {**saved, "other_layout": True})
+    for i in range(3):
+        assert torch.equal(resumed[i], one[3 + i]), i
+
+
+def test_a_changed_mixture_is_refused_and_new_weights_warn(sources, caplog):
+    _, a, b = sources
+    _, saved = _global_batches(_specs(a, b), 1, 1, 2, 4)
+    renamed = parse_mixture(
+        [
+            {"name": "a", "format": "megatron", "path": a, "weight": 1},
+            {"name": "c", "format": "tokens", "path": b, "weight": 1},
+        ]
+    )
+    with pytest.raises(ValueError, match=r"sources \['a', 'b'\], the config \['a', 'c'\]"):
+        _global_batches(renamed, 1, 1, 1, 4, saved)
+    with caplog.at_level(logging.WARNING):
+        _global_batches(_specs(a, b, 0.5, 0.5), 1, 1, 1, 4, saved)
+    assert any("weights changed" in r.message for r in caplog.records)
+
+
+def test_text_source_resumes_exactly_mid_file(corpus, tmp_path, sources):
+    _, a, _ = sources
+    records = [{"text": f"line {i} " * (3 + i % 7)} for i in range(120)]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    tok = load_tokenizer(corpus / "tokenizer.model")
+    specs = parse_mixture(
+        [
+            {"name": "a", "format": "megatron", "path": a, "weight": 1},
+            {"name": "web", "format": "text", "path": str(tmp_path / "t.jsonl"), "weight": 1},
+        ]
+    )
+    kwargs = dict(tokenizer_path=str(corpus / "tokenizer.model"), eos_id=tok.eos_id)
+    straight = MixtureStream(specs, 4, 32, tok.vocab_size, **kwargs).batches()
+    want = [next(straight) for _ in range(12)]
+    resumed = MixtureStream(specs, 4, 32, tok.vocab_size, **kwargs).batches(want[5][1])
+    for i in range(6, 12):
+        assert np.array_equal(next(resumed)[0].tokens, want[i][0].tokens), i
+
+
+# ----- bad input --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        (dict(format="megatron", path="x", weight=1), "missing name"),
+        (dict(name="s", format="csv", path="x", weight=1), "format 'csv'"),
+        (dict(name="s", format="tokens", path="x", weight=0), "weight 0 must be a positive"),
+        (dict(name="s", format="tokens", path="x", weight=1, colour=2), "unknown keys"),
+    ],
+)
+def test_bad_tables_name_the_source_and_field(entry, message):
+    with pytest.raises(ValueError, match=message):
+        parse_mixture([entry])
+
+
+def test_bad_sources_are_refused_before_training(corpus, tmp_path, sources):
+    _, a, _ = sources
+    tok = load_tokenizer(corpus / "tokenizer.model")  # 1,000 ids
+
+    def check(entry):
+        check_sources(parse_mixture([{"name": "s", "weight": 1, **entry}]), tok)
+
+    with pytest.raises(SourceError, match=r"s\.idx is missing"):
+        (tmp_path / "s.bin").write_bytes(b"")
+        check(dict(format="megatron", path=str(tmp_path / "s")))
+    with pytest.raises(SourceError, match="matches no file"):
+        check(dict(format="text", path=str(tmp_path / "nothing*.jsonl")))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(SourceError, match="holds no 'text' text"):
+        check(dict(format="text", path=str(tmp_path / "empty.jsonl")))
+    np.save(tmp_path / "big.npy", np.array([5, 1200, EOS], dtype=np.int32))
+    with pytest.raises(SourceError, match="token id 1200, beyond the tokenizer's 1000"):
+        check(dict(format="tokens", path=str(tmp_path / "big.npy")))
+    wide = load_tokenizer(corpus / "tokenizer.model")
+    wide.__class__ = type("Wide", (type(tok),), {"vocab_size": property(lambda self: 70000)})
+    with pytest.raises(SourceError, match="stores uint16 ids"):
+        check_sources(
+            parse_mixture([{"name": "s", "weight": 1, "format": "megatron", "path": a}]), wide
+        )
+
+
+# ----- the trainer ------------------------------------------------------------------------------
+
+
+def _mixture_job(corpus, root):
+    """A megatron source (the corpus's own shards, re-written by megatron-core) and a text source
+    (stdlib files as JSON lines), with held-out text."""
+    import sysconfig
+    from pathlib import Path
+
+    from data.shards import load_index, read_shard
+
+    docs = []
+    for shard in load_index(corpus, "train")["shards"][:4]:
+        docs += [d.tokens for d in read_shard(str(corpus / shard["name"]), VOCAB)]
+    prefix = _megatron(root / "code", docs)
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[120:150]
+    for name, part in (("web", files[:24]), ("web_val", files[24:])):
+        lines = [json.dumps({"text": f.read_text(errors="replace")}) for f in part]
+        (root / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    sources = [
+        f'{{name = "code", format = "megatron", path = "{prefix}", weight = 0.3}}',
+        f'{{name = "web", format = "text", path = "{root / "web.jsonl"}", weight = 0.7, '
+        f'val_path = "{root / "web_val.jsonl"}"}}',
+    ]
+    return ["--data.mixture=[" + ", ".join(sources) + "]", "--metrics.eval_freq=8"]
+
+
+def test_sigkill_resume_of_a_mixture_with_two_workers_is_bit_identical(corpus, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from pretrain.checkpoint import _state
+    from pretrain.config import load_config
+    from pretrain.train import Trainer
+    from tests.test_trainer import REPO, _assert_equal_trees, _cmd, _overrides, _records, _run
+
+    extra = _mixture_job(corpus, tmp_path)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    result = _run(_cmd(corpus, straight, steps=16, workers=2) + extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "val_loss/web:" in result.stdout  # the source's held-out loss beside val_loss
+    proc = subprocess.Popen(
+        _cmd(corpus, killed, steps=16, workers=2) + extra,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (killed / "metrics.jsonl").is_file() and max(_records(killed), default=0) >= 9:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert max(_records(killed)) < 16, "the run finished before it could be killed"
+    result = _run(_cmd(corpus, killed, steps=16, workers=2) + extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stderr
+    want, got = _records(straight), _records(killed)
+    assert sorted(got) == list(range(1, 17))
+    for step in want:
+        assert got[step]["loss"] == want[step]["loss"], step
+    last = want[16]
+    assert last["data/tokens/code"] + last["data/tokens/web"] == 16 * 2 * 64  # steps x B x T
+    assert abs(last["data/tokens/code"] / (16 * 2 * 64) - 0.3) < 0.05
+    finished = [
+        Trainer(load_config("pretrain/configs/debug.toml", _overrides(corpus, f, 16, 2) + extra))
+        for f in (straight, killed)
+    ]
+    _assert_equal_trees(*(_state(t.model, t.optimizers, blocked=False) for t in finished))
