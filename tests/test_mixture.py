@@ -359,3 +359,114 @@ def test_sigkill_resume_of_a_mixture_with_two_workers_is_bit_identical(corpus, t
         for f in (straight, killed)
     ]
     _assert_equal_trees(*(_state(t.model, t.optimizers, blocked=False) for t in finished))
+
+
+def test_inspect_shows_shares_and_dumps_the_rows_training_sees(corpus, tmp_path, sources, capsys):
+    from data.inspect import main
+
+    _, a, b = sources
+    config = tmp_path / "job.toml"
+    config.write_text(
+        f"""[data]
+tokenizer = "{corpus / "tokenizer.model"}"
+seq_len = 32
+num_workers = 0
+
+[training]
+batch_size = 4
+
+[[data.mixture]]
+name = "a"
+format = "megatron"
+path = "{a}"
+weight = 0.25
+
+[[data.mixture]]
+name = "b"
+format = "tokens"
+path = "{b}"
+weight = 0.75
+"""
+    )
+    dump = tmp_path / "rows.npz"
+    assert main(["--config", str(config), "--batches", "8", "--dump", str(dump)]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["tokens"] == 8 * 4 * 32
+    assert last["share"] == {"a": 0.25, "b": 0.75}
+    saved = np.load(dump)
+    assert saved["tokens"].shape == saved["sources"].shape == (8, 4, 33)
+    stream = _stream(_specs(a, b), batch=4).batches()
+    for n in range(8):
+        batch, state = next(stream)
+        assert np.array_equal(saved["tokens"][n, :, :-1], batch.tokens)
+        assert (saved["sources"][n] == np.asarray(state["row_sources"])[:, None]).all()
+
+
+# ----- preparation --------------------------------------------------------------------------------
+
+
+def _prepared_docs(folder, split):
+    from data.shards import load_index, read_shard
+
+    out = {}
+    for shard in load_index(folder, split)["shards"]:
+        for doc in read_shard(str(folder / shard["name"]), VOCAB):
+            out[doc.doc_id] = doc.tokens.tolist()
+    return out
+
+
+def test_prepare_in_parallel_and_in_parts_gives_the_same_corpus(corpus, tmp_path):
+    from data.prepare import main, merge, prepare
+
+    src = corpus.parent / "src"  # the conftest corpus's inputs
+    common = dict(sources=(), inputs=[str(src)], tokenizer_path=str(corpus / "tokenizer.model"))
+    prepare(tmp_path / "one", **common, shard_bytes=32 << 10, val_per_mille=100)
+    prepare(tmp_path / "two", **common, shard_bytes=32 << 10, val_per_mille=100, workers=2)
+    for i in range(2):
+        prepare(
+            tmp_path / f"part{i}",
+            **common,
+            shard_bytes=32 << 10,
+            val_per_mille=100,
+            num_shards=2,
+            shard_index=i,
+        )
+    merge(tmp_path / "merged", [tmp_path / "part1", tmp_path / "part0"])
+    for split in ("train", "val"):
+        want = _prepared_docs(tmp_path / "one", split)
+        assert want and _prepared_docs(tmp_path / "two", split) == want
+        assert _prepared_docs(tmp_path / "merged", split) == want
+    manifests = [
+        json.loads((tmp_path / f / "manifest.json").read_text()) for f in ("one", "merged")
+    ]
+    for split in ("train", "val"):  # the shard cut differs; documents and tokens do not
+        counts = [{k: m["splits"][split][k] for k in ("documents", "tokens")} for m in manifests]
+        assert counts[0] == counts[1]
+    with pytest.raises(ValueError, match="each of 0..1 once"):
+        merge(tmp_path / "bad", [tmp_path / "part0"])
+    with pytest.raises(SystemExit):  # parts must share a tokenizer they are given
+        main(
+            [
+                "--out",
+                str(tmp_path / "x"),
+                "--sources",
+                "",
+                "--input",
+                str(src),
+                "--num_shards",
+                "2",
+            ]
+        )
+
+
+def test_prepare_writes_megatron_pairs_that_megatron_core_and_the_mixture_read(corpus, tmp_path):
+    from data.formats import MegatronDocuments
+    from data.prepare import prepare
+
+    src = corpus.parent / "src"
+    common = dict(sources=(), inputs=[str(src)], tokenizer_path=str(corpus / "tokenizer.model"))
+    prepare(tmp_path / "shards", **common, val_per_mille=100)
+    prepare(tmp_path / "mg", **common, val_per_mille=100, workers=2, output_format="megatron")
+    want = _prepared_docs(tmp_path / "shards", "train")
+    docs = MegatronDocuments("mg", str(tmp_path / "mg" / "train_text_document"), EOS)
+    assert [docs.document(i).tolist() for i in range(len(docs))] == [want[k] for k in sorted(want)]
