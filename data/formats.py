@@ -244,9 +244,7 @@ class SkipCount:
 
 def _open_text(path: str) -> io.TextIOBase:
     if path.startswith(("pipe:", "http://", "https://")):
-        import webdataset as wds
-
-        stream = wds.gopen(path, "rb")
+        stream = _open_url(path)
         if path.endswith(".gz"):
             stream = gzip.GzipFile(fileobj=stream)
         elif path.endswith(".zst"):
@@ -257,6 +255,20 @@ def _open_text(path: str) -> io.TextIOBase:
     if path.endswith(".zst"):
         return io.TextIOWrapper(_zstd_reader(open(path, "rb")), encoding="utf-8", errors="replace")
     return open(path, encoding="utf-8", errors="replace")
+
+
+def _open_url(path: str):
+    """A binary stream of ``pipe:COMMAND`` (its standard output) or an ``http(s)://`` URL."""
+    if path.startswith("pipe:"):
+        import subprocess
+
+        return subprocess.Popen(path[5:], shell=True, stdout=subprocess.PIPE).stdout
+    import urllib.request
+
+    try:
+        return urllib.request.urlopen(path, timeout=60)
+    except OSError as err:
+        raise SourceError(f"{path}: {err}; check the URL and that the server is reachable") from err
 
 
 def _zstd_reader(raw):

@@ -47,15 +47,13 @@ def _segments(rows: np.ndarray, eos: int) -> np.ndarray:
 def inspect(cfg, num_batches: int, world_size: int):
     """``(rows [N, B, T+1], sources [N, B], names, weights, eos)`` of rank 0's first batches."""
     from data.loader import StatefulLoader
-    from data.mixture import parse_mixture, with_default_val
     from parallel.dims import ParallelDims
-    from pretrain.builders import build_tokenizer, ensure_dataset
+    from pretrain.builders import build_tokenizer, mixture_and_folder
     from pretrain.config import DataConfig
 
     d: DataConfig = cfg.data
     dims = ParallelDims.from_config(cfg.parallelism, world_size)
-    specs = with_default_val(parse_mixture(d.mixture)) if d.mixture else None
-    folder = ensure_dataset(d, 0) if not (specs and d.tokenizer) else d.dataset_path
+    folder, specs = mixture_and_folder(d, 0)
     tok = build_tokenizer(d, folder)
     common = dict(
         batch_size=cfg.training.batch_size,

@@ -60,6 +60,7 @@ class SourceSpec:
     text_field: str = "text"  # text: the JSON field (or parquet column) holding the document
     dtype: str = ""  # tokens: the dtype of a raw .bin (uint16, uint32, int32, int64)
     val_path: str = ""  # held-out documents of this source (same format): val_loss/<name>
+    optional: bool = False  # a missing path drops the source with a warning instead of an error
 
     @property
     def indexed(self) -> bool:
@@ -93,6 +94,35 @@ def parse_mixture(entries: list) -> list[SourceSpec]:
             raise ValueError(f"{where}: two sources share the name; names must be unique")
         specs.append(spec)
     return specs
+
+
+def present(specs: list[SourceSpec]) -> list[SourceSpec]:
+    """The sources to read: an ``optional`` one whose path is missing is dropped with a warning
+    (the demo's prose, where its Debian package could not be fetched)."""
+    from pathlib import Path
+
+    kept = []
+    for spec in specs:
+        if spec.optional:
+            where = Path(spec.path)
+            found = (where / "train.index.json").is_file() if spec.format == "shards" else None
+            if found is None:
+                try:
+                    expand_paths(spec.name, spec.path)
+                    found = True
+                except SourceError:
+                    found = spec.format == "megatron" and Path(spec.path + ".idx").is_file()
+            if not found:
+                log.warning(
+                    "data.mixture %r: %s is missing; the optional source is left out",
+                    spec.name,
+                    spec.path,
+                )
+                continue
+        kept.append(spec)
+    if not kept:
+        raise SourceError("data.mixture: every source is missing")
+    return kept
 
 
 def with_default_val(specs: list[SourceSpec]) -> list[SourceSpec]:

@@ -259,6 +259,7 @@ def prepare(
     num_shards: int = 1,
     shard_index: int = 0,
     output_format: str = "shards",
+    by_source: bool = False,
 ) -> dict:
     """Build the corpus in ``out``; returns the manifest.
 
@@ -266,6 +267,8 @@ def prepare(
     ``num_shards``-th document of each split (a slurm array splits one corpus; ``merge``
     combines the parts; the tokenizer must be given). ``output_format``: ``shards``
     (webdataset) or ``megatron`` (``{split}_text_document.bin/.idx``, readable by Megatron-LM).
+    ``by_source``: also write each source's documents as a corpus of its own in
+    ``out/<source>/`` (the same tokenizer and document ids), to blend them with ``data.mixture``.
     """
     started = time.time()
     if output_format not in ("shards", "megatron"):
@@ -313,6 +316,22 @@ def prepare(
         )
         indexes[split] = index
         tokens += sum(sh["num_tokens"] for sh in index["shards"])
+        if by_source:
+            for source in sorted({d.source for d in docs}):
+                keep = [i for i, d in enumerate(docs) if d.source == source][
+                    shard_index::num_shards
+                ]
+                write_split(
+                    [docs[i] for i in keep],
+                    tokenizer_path,
+                    out / source,
+                    split,
+                    shard_bytes,
+                    [first + i for i in keep],
+                    workers,
+                    output_format,
+                    name,
+                )
     seconds = time.time() - started
     manifest = {
         "tokenizer": str(Path(tokenizer_path).resolve()),
@@ -320,6 +339,7 @@ def prepare(
         "vocab_size": tokenizer.vocab_size,
         "format": output_format,
         "shard_index": [shard_index, num_shards],
+        "by_source": sorted(stats) if by_source else [],
         "sources": {
             name: {
                 "files": s.files,
@@ -461,6 +481,9 @@ def main(argv=None) -> None:
     parser.add_argument("--num_shards", type=int, default=1, help="parts of a slurm array")
     parser.add_argument("--shard_index", type=int, default=0, help="this part (0-based)")
     parser.add_argument("--format", default="shards", choices=["shards", "megatron"])
+    parser.add_argument(
+        "--by_source", action="store_true", help="also one corpus per source, in DIR/<source>"
+    )
     ns = parser.parse_args(argv)
     sources = [s for s in ns.sources.split(",") if s]
     try:
@@ -478,6 +501,7 @@ def main(argv=None) -> None:
             ns.num_shards,
             ns.shard_index,
             ns.format,
+            ns.by_source,
         )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

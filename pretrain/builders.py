@@ -3,6 +3,7 @@ args, loader."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -19,11 +20,23 @@ log = logging.getLogger(__name__)
 def ensure_dataset(cfg: DataConfig, rank: int) -> Path:
     """Prepare the corpus on rank 0 when it is missing (and allowed); every rank then checks it."""
     folder = Path(cfg.dataset_path)
-    if not (folder / "manifest.json").is_file() and not cfg.url_prefix:
+    manifest = folder / "manifest.json"
+    # a mixture that blends this corpus's own sources reads them from its per-source folders (a
+    # corpus prepared without them is prepared again)
+    inside = [
+        m for m in cfg.mixture if m.get("format") == "shards" and Path(m["path"]).parent == folder
+    ]
+    by_source = bool(inside)
+    stale = (
+        by_source and manifest.is_file() and not json.loads(manifest.read_text()).get("by_source")
+    )
+    if (not manifest.is_file() or stale) and not cfg.url_prefix:
         if not cfg.prepare_if_missing:
+            what = " with one folder per source (data.mixture)" if stale else ""
+            flag = " --by_source" if by_source else ""
             raise FileNotFoundError(
-                f"no prepared data in {folder}; run `python -m data.prepare --out {folder}` or set "
-                "data.prepare_if_missing=true"
+                f"no prepared data{what} in {folder}; run `python -m data.prepare --out "
+                f"{folder}{flag}` or set data.prepare_if_missing=true"
             )
         if rank == 0:
             from data.prepare import prepare
@@ -34,12 +47,27 @@ def ensure_dataset(cfg: DataConfig, rank: int) -> Path:
                 cfg.sources,
                 cfg.inputs,
             )
-            manifest = prepare(
-                folder, cfg.sources, cfg.inputs, cfg.tokenizer_vocab_size, cfg.tokenizer or None
+            done = prepare(
+                folder,
+                cfg.sources,
+                cfg.inputs,
+                cfg.tokenizer_vocab_size,
+                cfg.tokenizer or None,
+                by_source=by_source,
             )
-            log.info("corpus ready: %s", manifest["splits"])
+            log.info("corpus ready: %s", done["splits"])
         barrier()
     return folder
+
+
+def mixture_and_folder(cfg: DataConfig, rank: int) -> tuple[Path, list | None]:
+    """The prepared folder (prepared first where needed; a mixture with its own tokenizer needs
+    none) and the mixture's sources to read (None: the folder alone)."""
+    from data.mixture import parse_mixture, present, with_default_val
+
+    specs = parse_mixture(cfg.mixture) if cfg.mixture else None
+    folder = Path(cfg.dataset_path) if specs and cfg.tokenizer else ensure_dataset(cfg, rank)
+    return folder, with_default_val(present(specs)) if specs else None
 
 
 def build_tokenizer(cfg: DataConfig, folder: Path) -> Tokenizer:

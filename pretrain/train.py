@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from data.loader import StatefulLoader
-from data.mixture import check_sources, parse_mixture, with_default_val
+from data.mixture import check_sources
 from models.accounting import account
 from models.args import model_args_to_dict
 from models.engram import GateMonitor, unique_row_fraction
@@ -35,7 +35,7 @@ from parallel.distributed import (
     env_world_size,
     init_distributed,
 )
-from pretrain.builders import build_hasher, build_model_args, build_tokenizer, ensure_dataset
+from pretrain.builders import build_hasher, build_model_args, build_tokenizer, mixture_and_folder
 from pretrain.checkpoint import CheckpointManager
 from pretrain.config import Config, parse_args, to_toml
 from pretrain.metrics import MetricsLogger
@@ -73,13 +73,7 @@ class Trainer:
         if self.rank == 0:
             self.run_folder.mkdir(parents=True, exist_ok=True)
             (self.run_folder / "config.toml").write_text(to_toml(cfg))
-        mixture = with_default_val(parse_mixture(cfg.data.mixture)) if cfg.data.mixture else None
-        # a mixture with its own tokenizer needs no prepared folder
-        folder = (
-            Path(cfg.data.dataset_path)
-            if mixture and cfg.data.tokenizer
-            else ensure_dataset(cfg.data, self.rank)
-        )
+        folder, mixture = mixture_and_folder(cfg.data, self.rank)
         self.tokenizer = build_tokenizer(cfg.data, folder)
         if mixture:
             check_sources(mixture, self.tokenizer, cfg.data.strict)

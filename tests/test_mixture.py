@@ -470,3 +470,39 @@ def test_prepare_writes_megatron_pairs_that_megatron_core_and_the_mixture_read(c
     want = _prepared_docs(tmp_path / "shards", "train")
     docs = MegatronDocuments("mg", str(tmp_path / "mg" / "train_text_document"), EOS)
     assert [docs.document(i).tolist() for i in range(len(docs))] == [want[k] for k in sorted(want)]
+
+
+def test_a_text_source_served_over_http_trains(corpus, tmp_path, sources):
+    import functools
+    import http.server
+    import threading
+
+    from pretrain.config import load_config
+    from pretrain.train import Trainer
+    from tests.test_trainer import _overrides
+
+    records = [{"text": f"def f{i}(x):\n    return x * {i}\n" * 4} for i in range(200)]
+    (tmp_path / "web.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/web.jsonl"
+    _, a, _ = sources
+    mixture = (
+        f'--data.mixture=[{{name = "web", format = "text", path = "{url}", weight = 1, '
+        f'val_path = "{url}"}}, {{name = "code", format = "megatron", path = "{a}", weight = 1}}]'
+    )
+    try:
+        trainer = Trainer(
+            load_config(
+                "pretrain/configs/debug.toml",
+                _overrides(corpus, tmp_path / "run", steps=3, workers=0)
+                + [mixture, "--checkpoint.enable=false", "--lr_scheduler.warmup_steps=1"],
+            )
+        )
+        summary = trainer.fit()
+    finally:
+        server.shutdown()
+    assert summary["step"] == 3 and np.isfinite(summary["val_loss"])
+    assert set(trainer.validator.per_source) == {"web"}
+    assert trainer.data_scalars()["data/tokens/web"] > 0
