@@ -47,7 +47,47 @@ class Part:
     num_parts: int
 
 
-class PackedShardStream:
+class BatchStage:
+    """What every stream shares: its shapes and place (DP rank, worker role, context-parallel
+    rank), and the stage after packing: hash whole rows, keep this rank's context-parallel share,
+    plan the tables' lookups."""
+
+    def _init_stage(
+        self, batch_size, seq_len, vocab_size, place, hasher, strict, planners, plan_chunks, cp
+    ) -> None:
+        self.batch_size, self.seq_len, self.vocab_size = batch_size, seq_len, vocab_size
+        self.dp_rank, self.dp_degree, self.role, self.num_roles = place
+        self.hasher, self.strict = hasher, strict
+        self.planners, self.plan_chunks = planners or {}, plan_chunks
+        self.cp_rank, self.cp_degree = cp
+        zigzag_index(seq_len, self.cp_degree, self.cp_rank)  # a seq_len chunks cannot split fails
+
+    def _engram_stage(self, batch: Batch) -> Batch:
+        """Hash ids of every Engram layer over whole rows, this rank's context-parallel share,
+        then the tables' lookup plans."""
+        if self.hasher is not None:
+            hashed = self.hasher.hash(batch.tokens, batch.doc_ids)
+            batch.engram = {layer: EngramInputs(ids) for layer, ids in hashed.items()}
+        batch = context_shard(batch, self.cp_degree, self.cp_rank)
+        return plan_lookups(batch, self.planners, self.plan_chunks)
+
+
+def pack_rows(rows: np.ndarray, keys: np.ndarray) -> Batch:
+    """Rows ``[B, T+1]`` with a distinct key per document -> a ``Batch``: inputs, labels,
+    positions restarting at every document start (and every row start), document ids."""
+    docs = keys[:, :-1]
+    # local document index per row: 0, 1, 2, ... (a document cut by the row start is document 0)
+    starts = np.ones_like(docs, dtype=bool)
+    starts[:, 1:] = docs[:, 1:] != docs[:, :-1]
+    return Batch(
+        tokens=rows[:, :-1].copy(),
+        labels=rows[:, 1:].copy(),
+        positions=_positions_from_starts(starts),
+        doc_ids=np.cumsum(starts, axis=1) - 1,
+    )
+
+
+class PackedShardStream(BatchStage):
     """One role's endless (train) or single-pass (validation) stream of packed, hashed batches.
 
     Args:
@@ -91,18 +131,18 @@ class PackedShardStream:
         self.folder, self.split = Path(folder), split
         self.index = load_index(self.folder, split)
         self.url_prefix = url_prefix or str(self.folder)
-        self.batch_size, self.seq_len, self.vocab_size = batch_size, seq_len, vocab_size
         self.seed, self.shuffle = seed, shuffle
-        self.dp_rank, self.dp_degree, self.role, self.num_roles = (
-            dp_rank,
-            dp_degree,
-            role,
-            num_roles,
+        self._init_stage(
+            batch_size,
+            seq_len,
+            vocab_size,
+            (dp_rank, dp_degree, role, num_roles),
+            hasher,
+            strict,
+            planners,
+            plan_chunks,
+            (cp_rank, cp_degree),
         )
-        self.hasher, self.strict = hasher, strict
-        self.planners, self.plan_chunks = planners or {}, plan_chunks
-        self.cp_rank, self.cp_degree = cp_rank, cp_degree
-        zigzag_index(seq_len, cp_degree, cp_rank)  # a seq_len the chunks cannot split fails here
         self.corrupt_shards: list[str] = []
         consumers = dp_degree * num_roles
         names = [s["name"] for s in self.index["shards"]]
@@ -176,26 +216,8 @@ class PackedShardStream:
         return self._engram_stage(self._pack(flat, flat_docs))
 
     def _pack(self, flat: np.ndarray, flat_docs: np.ndarray) -> Batch:
-        rows = flat.reshape(self.batch_size, self.seq_len + 1)
-        docs = flat_docs.reshape(self.batch_size, self.seq_len + 1)[:, :-1]
-        # local document index per row: 0, 1, 2, ... (a document cut by the row start is document 0)
-        starts = np.ones_like(docs, dtype=bool)
-        starts[:, 1:] = docs[:, 1:] != docs[:, :-1]
-        return Batch(
-            tokens=rows[:, :-1].copy(),
-            labels=rows[:, 1:].copy(),
-            positions=_positions_from_starts(starts),
-            doc_ids=np.cumsum(starts, axis=1) - 1,
-        )
-
-    def _engram_stage(self, batch: Batch) -> Batch:
-        """Hash ids of every Engram layer over whole rows, this rank's context-parallel share,
-        then the tables' lookup plans."""
-        if self.hasher is not None:
-            hashed = self.hasher.hash(batch.tokens, batch.doc_ids)
-            batch.engram = {layer: EngramInputs(ids) for layer, ids in hashed.items()}
-        batch = context_shard(batch, self.cp_degree, self.cp_rank)
-        return plan_lookups(batch, self.planners, self.plan_chunks)
+        shape = (self.batch_size, self.seq_len + 1)
+        return pack_rows(flat.reshape(shape), flat_docs.reshape(shape))
 
 
 def _positions_from_starts(starts: np.ndarray) -> np.ndarray:

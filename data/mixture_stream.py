@@ -16,8 +16,8 @@ from dataclasses import asdict
 
 import numpy as np
 
-from data.batch import Batch, EngramInputs, context_shard, plan_lookups, zigzag_index
-from data.dataset import _positions_from_starts
+from data.batch import Batch
+from data.dataset import BatchStage, pack_rows
 from data.formats import SkipCount
 from data.mixture import (
     Exhausted,
@@ -30,21 +30,7 @@ from data.mixture import (
 )
 
 
-def pack_rows(tokens: np.ndarray, keys: np.ndarray) -> Batch:
-    """Rows ``[B, T+1]`` with a key per document -> a ``Batch`` (positions restart at every
-    document start, and at every row start)."""
-    docs = keys[:, :-1]
-    starts = np.ones_like(docs, dtype=bool)
-    starts[:, 1:] = docs[:, 1:] != docs[:, :-1]
-    return Batch(
-        tokens=tokens[:, :-1].copy(),
-        labels=tokens[:, 1:].copy(),
-        positions=_positions_from_starts(starts),
-        doc_ids=np.cumsum(starts, axis=1) - 1,
-    )
-
-
-class MixtureStream:
+class MixtureStream(BatchStage):
     """Batches of ``B`` rows for DP rank ``dp_rank`` and worker role ``role``.
 
     Args:
@@ -77,18 +63,18 @@ class MixtureStream:
         cp_degree: int = 1,
     ):
         self.specs = specs
-        self.batch_size, self.seq_len, self.vocab_size = batch_size, seq_len, vocab_size
         self.tokenizer_path, self.eos_id, self.seed = tokenizer_path, eos_id, seed
-        self.dp_rank, self.dp_degree, self.role, self.num_roles = (
-            dp_rank,
-            dp_degree,
-            role,
-            num_roles,
+        self._init_stage(
+            batch_size,
+            seq_len,
+            vocab_size,
+            (dp_rank, dp_degree, role, num_roles),
+            hasher,
+            strict,
+            planners,
+            plan_chunks,
+            (cp_rank, cp_degree),
         )
-        self.hasher, self.strict = hasher, strict
-        self.planners, self.plan_chunks = planners or {}, plan_chunks
-        self.cp_rank, self.cp_degree = cp_rank, cp_degree
-        zigzag_index(seq_len, cp_degree, cp_rank)  # a seq_len the chunks cannot split fails here
         self.schedule = Schedule([s.weight for s in specs])
         self.skips = {s.name: SkipCount(s.name, strict) for s in specs}
         self._tokenizer = None
@@ -216,12 +202,7 @@ class MixtureStream:
                 f"token id {int(tokens.max())} >= vocab size {self.vocab_size} in a mixture "
                 "batch: a source was tokenized with another tokenizer"
             )
-        batch = pack_rows(tokens, keys)
-        if self.hasher is not None:
-            hashed = self.hasher.hash(batch.tokens, batch.doc_ids)
-            batch.engram = {layer: EngramInputs(ids) for layer, ids in hashed.items()}
-        batch = context_shard(batch, self.cp_degree, self.cp_rank)
-        return plan_lookups(batch, self.planners, self.plan_chunks)
+        return self._engram_stage(pack_rows(tokens, keys))
 
 
 def _until_exhausted(reader):

@@ -77,6 +77,8 @@ class Trainer:
         self.tokenizer = build_tokenizer(cfg.data, folder)
         if mixture:
             check_sources(mixture, self.tokenizer, cfg.data.strict)
+            if not any(s.val_path for s in mixture):
+                log.warning("data.mixture: no source has a val_path; val_loss is not computed")
         self.args = build_model_args(cfg.model, self.tokenizer, cfg.data.seq_len)
         validate_parallelism(  # now with the tokenizer's vocabulary
             self.args, self.dims, cfg.parallelism.sequence_parallel, cfg.data.seq_len

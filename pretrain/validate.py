@@ -75,7 +75,10 @@ class Validator:
 
     @torch.no_grad()
     def run(self, sm: StepModel) -> tuple[float, int]:
-        """(mean held-out loss, tokens evaluated over all ranks)."""
+        """(mean held-out loss, tokens evaluated over all ranks); a mixture without held-out
+        data gives ``(nan, 0)``."""
+        if self.mixture and not any(s.val_path for s in self.stream_kwargs["specs"]):
+            return float("nan"), 0
         batches = self.batches()
         if not batches:
             raise ValueError(
