@@ -76,6 +76,7 @@ def _fit(rank, world, data, dump, layout, steps):
     overrides = [
         f"--job.dump_folder={dump}",
         f"--data.dataset_path={data}",
+        "--data.mixture=[]",  # the one folder given
         f"--training.steps={steps}",
         "--checkpoint.enable=false",
         "--metrics.enable_tensorboard=false",

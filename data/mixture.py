@@ -468,6 +468,13 @@ def check_sources(specs: list[SourceSpec], tokenizer, strict: bool = False) -> d
                     )
                 sizes.setdefault(spec.name, -1)
             else:
-                load_index(path, split)
+                try:
+                    load_index(path, split)
+                except FileNotFoundError as err:
+                    raise SourceError(
+                        f"data.mixture {spec.name!r}: {err}. A shards source is a data.prepare "
+                        "folder (`python -m data.prepare --out DIR`; --by_source writes one per "
+                        "source of a corpus)"
+                    ) from err
                 sizes.setdefault(spec.name, -1)
     return sizes

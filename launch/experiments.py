@@ -76,6 +76,7 @@ def run_config(ns, arm: Arm, seed: int, folder: Path):
             f"--job.dump_folder={folder}",
             f"--job.description={ns.experiment} {arm.name} seed {seed}",
             f"--data.dataset_path={ns.corpus}",
+            "--data.mixture=[]",  # the arms train on --corpus alone (the base config may blend)
             "--data.prepare_if_missing=false",
             f"--data.seq_len={ns.seq_len}",
             f"--model.flavor={arm.flavor}",
