@@ -1,0 +1,1 @@
+"""Checkpoint conversion: DCP <-> Hugging Face folders, the reference and DeepSeek-V4.1 layouts."""

@@ -1,0 +1,1 @@
+"""Inference and analysis on checkpoints: evaluate, generate, probes, analyze (CLIs: launch.*)."""
