@@ -53,13 +53,15 @@ class BatchStage:
     plan the tables' lookups."""
 
     def _init_stage(
-        self, batch_size, seq_len, vocab_size, place, hasher, strict, planners, plan_chunks, cp
+        self, batch_size, seq_len, vocab_size, hasher, strict, planners, plan_chunks, place
     ) -> None:
+        """``place``: (dp_rank, dp_degree, role, num_roles, cp_rank, cp_degree)."""
         self.batch_size, self.seq_len, self.vocab_size = batch_size, seq_len, vocab_size
-        self.dp_rank, self.dp_degree, self.role, self.num_roles = place
+        self.dp_rank, self.dp_degree, self.role, self.num_roles, self.cp_rank, self.cp_degree = (
+            place
+        )
         self.hasher, self.strict = hasher, strict
         self.planners, self.plan_chunks = planners or {}, plan_chunks
-        self.cp_rank, self.cp_degree = cp
         zigzag_index(seq_len, self.cp_degree, self.cp_rank)  # a seq_len chunks cannot split fails
 
     def _engram_stage(self, batch: Batch) -> Batch:
@@ -132,16 +134,9 @@ class PackedShardStream(BatchStage):
         self.index = load_index(self.folder, split)
         self.url_prefix = url_prefix or str(self.folder)
         self.seed, self.shuffle = seed, shuffle
+        place = (dp_rank, dp_degree, role, num_roles, cp_rank, cp_degree)
         self._init_stage(
-            batch_size,
-            seq_len,
-            vocab_size,
-            (dp_rank, dp_degree, role, num_roles),
-            hasher,
-            strict,
-            planners,
-            plan_chunks,
-            (cp_rank, cp_degree),
+            batch_size, seq_len, vocab_size, hasher, strict, planners, plan_chunks, place
         )
         self.corrupt_shards: list[str] = []
         consumers = dp_degree * num_roles

@@ -30,7 +30,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 FORMATS = ("shards", "megatron", "tokens", "text")
-TEXT_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".parquet", ".txt", ".text", ".md")
+TEXT_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".txt", ".text", ".md")
 _DTYPES = {"uint16": np.uint16, "uint32": np.uint32, "int32": np.int32, "int64": np.int64}
 
 

@@ -64,16 +64,9 @@ class MixtureStream(BatchStage):
     ):
         self.specs = specs
         self.tokenizer_path, self.eos_id, self.seed = tokenizer_path, eos_id, seed
+        place = (dp_rank, dp_degree, role, num_roles, cp_rank, cp_degree)
         self._init_stage(
-            batch_size,
-            seq_len,
-            vocab_size,
-            (dp_rank, dp_degree, role, num_roles),
-            hasher,
-            strict,
-            planners,
-            plan_chunks,
-            (cp_rank, cp_degree),
+            batch_size, seq_len, vocab_size, hasher, strict, planners, plan_chunks, place
         )
         self.schedule = Schedule([s.weight for s in specs])
         self.skips = {s.name: SkipCount(s.name, strict) for s in specs}
