@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -379,11 +380,17 @@ def main(argv: list[str] | None = None) -> int:
             f"{folder / cfg.metrics.save_tb_folder})\n"
             f"  config:      {folder / 'config.toml'}\n"
             f"  checkpoint:  {summary['checkpoint']}\n"
-            f"  generate:    python -m launch.generate --checkpoint {summary['checkpoint']} "
+            f"  generate:    {_python()} -m launch.generate --checkpoint {summary['checkpoint']} "
             "--prompt 'def main(' --max_new_tokens 48",
             flush=True,
         )
     return 0
+
+
+def _python() -> str:
+    """This interpreter, as a user would type it here (``.venv/bin/python``)."""
+    relative = os.path.relpath(sys.executable)
+    return sys.executable if relative.startswith("..") else relative
 
 
 if __name__ == "__main__":
