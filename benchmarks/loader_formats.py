@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import print_table
+from data.formats import tokenize_batch
 from data.mixture import parse_mixture
 from data.mixture_stream import MixtureStream
 from data.ngram_hash import CompressedTokenizer, NgramHasher
@@ -49,7 +50,7 @@ def _write(root: Path, texts: list[str], tok) -> tuple[dict[str, dict], int]:
     import zstandard
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    docs = [np.asarray([*ids, tok.eos_id], dtype=np.int64) for ids in tok.encode_batch(texts)]
+    docs = tokenize_batch(tok, texts)
     builder = IndexedDatasetBuilder(str(root / "mg.bin"), dtype=np.int32)
     for doc in docs:
         builder.add_item(torch.from_numpy(doc))

@@ -111,9 +111,8 @@ class MegatronDocuments(IndexedDocuments):
                     f"data.mixture {name!r}: {prefix + suffix} is missing; a megatron source is "
                     "the prefix of a .bin/.idx pair (path = 'dir/name' for dir/name.bin)"
                 )
-        IndexedDataset = _megatron_indexed_dataset()
         self.name, self.eos_id = name, eos_id
-        self.dataset = IndexedDataset(prefix, mmap=True)
+        self.dataset = megatron_indexed().IndexedDataset(prefix, mmap=True)
         self.dtype = np.dtype(self.dataset.index.dtype)
         self.tokens = np.memmap(prefix + ".bin", dtype=self.dtype, mode="r")  # the whole .bin
         self._bounds = np.asarray(self.dataset.document_indices, dtype=np.int64)  # [D + 1]
@@ -144,21 +143,22 @@ class MegatronDocuments(IndexedDocuments):
         return _chunked_max(self.tokens)
 
 
-def _megatron_indexed_dataset():
-    """megatron-core's ``IndexedDataset``, imported without its notes that Transformer Engine and
-    Apex are absent (they are not needed to read data) and without its INFO lines."""
+def megatron_indexed():
+    """megatron-core's ``indexed_dataset`` module (``IndexedDataset``, ``IndexedDatasetBuilder``),
+    imported without its notes that Transformer Engine and Apex are absent (they are not needed
+    for data) and without its INFO lines."""
     import warnings
 
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its import logs its FSDP set-up
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            from megatron.core.datasets.indexed_dataset import IndexedDataset
+            from megatron.core.datasets import indexed_dataset
     except ImportError as err:
         raise ImportError(
             "megatron sources need megatron-core: pip install -e '.[megatron]'"
         ) from err
-    return IndexedDataset
+    return indexed_dataset
 
 
 def _chunked_max(array: np.ndarray, chunk: int = 1 << 26) -> int:

@@ -438,10 +438,10 @@ def check_resumable(specs: list[SourceSpec], saved: dict | None, same_roles: boo
         )
 
 
-def check_sources(specs: list[SourceSpec], tokenizer, strict: bool = False) -> dict[str, int]:
+def check_sources(specs: list[SourceSpec], tokenizer, strict: bool = False) -> None:
     """Open every source (and its ``val_path``) against the run's tokenizer before training:
     refuse ids beyond the vocabulary, a dtype too narrow for it, a missing ``.idx``, a path that
-    matches nothing, an empty source. Returns the tokens of each indexed source (-1: streamed)."""
+    matches nothing, an empty source."""
     from data.formats import check_ids
     from data.shards import load_index
 
@@ -450,7 +450,6 @@ def check_sources(specs: list[SourceSpec], tokenizer, strict: bool = False) -> d
         raise SourceError(
             "data.mixture needs a tokenizer with an EOS id (documents are split and packed at it)"
         )
-    sizes = {}
     for spec in specs:
         for path, split in ((spec.path, "train"), (spec.val_path, "val")):
             if not path:
@@ -458,7 +457,6 @@ def check_sources(specs: list[SourceSpec], tokenizer, strict: bool = False) -> d
             if spec.indexed:
                 docs = open_indexed(spec, path, eos)
                 check_ids(spec.name, docs.max_id(), tokenizer.vocab_size, docs.dtype)
-                sizes.setdefault(spec.name, int(docs.lengths.sum()))
             elif spec.format == "text":
                 files = expand_paths(spec.name, path, TEXT_SUFFIXES)
                 skips = SkipCount(spec.name, strict)
@@ -466,7 +464,6 @@ def check_sources(specs: list[SourceSpec], tokenizer, strict: bool = False) -> d
                     raise SourceError(
                         f"data.mixture {spec.name!r}: {path!r} holds no {spec.text_field!r} text"
                     )
-                sizes.setdefault(spec.name, -1)
             else:
                 try:
                     load_index(path, split)
@@ -476,5 +473,3 @@ def check_sources(specs: list[SourceSpec], tokenizer, strict: bool = False) -> d
                         "folder (`python -m data.prepare --out DIR`; --by_source writes one per "
                         "source of a corpus)"
                     ) from err
-                sizes.setdefault(spec.name, -1)
-    return sizes

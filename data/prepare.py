@@ -25,6 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from data.formats import megatron_indexed, tokenize_batch
 from data.shards import ShardSetWriter
 from data.sources import SourceStats, debian_documents, stdlib_documents, user_documents
 from data.tokenizer import load_tokenizer
@@ -121,21 +122,15 @@ def _tokenize_part(args) -> tuple[dict, int, float]:
     if output_format == "megatron":
         import torch
 
-        from data.formats import _megatron_indexed_dataset
-
-        _megatron_indexed_dataset()  # quiet import
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
         dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.int32
-        builder = IndexedDatasetBuilder(str(out / f"{prefix}.bin"), dtype=dtype)
+        builder = megatron_indexed().IndexedDatasetBuilder(str(out / f"{prefix}.bin"), dtype=dtype)
     else:
         writer = ShardSetWriter(out, prefix, tokenizer.vocab_size, shard_bytes)
     total, batch = 0, 256
     for start in range(0, len(docs), batch):
         chunk = docs[start : start + batch]
-        encoded = tokenizer.encode_batch([d.text for d in chunk])
-        for i, (doc, one) in enumerate(zip(chunk, encoded, strict=True)):
-            tokens = np.asarray(one + [tokenizer.eos_id], dtype=np.int64)
+        encoded = tokenize_batch(tokenizer, [d.text for d in chunk])
+        for i, (doc, tokens) in enumerate(zip(chunk, encoded, strict=True)):
             total += tokens.size
             if output_format == "megatron":
                 builder.add_item(torch.from_numpy(tokens))
@@ -173,6 +168,8 @@ def write_split(
     jobs = []
     for w in range(parts):
         prefix = split + name + (f"-w{w:03d}" if parts > 1 else "")
+        if output_format == "megatron" and parts == 1:
+            prefix = f"{split}_text_document"  # written where it belongs: nothing to merge
         lo = w * size
         jobs.append(
             (
@@ -226,13 +223,9 @@ def _merge_megatron(
     absolute); the parts are deleted unless ``keep_parts``."""
     target = f"{stem}_text_document"
     if prefixes != [target]:
-        from data.formats import _megatron_indexed_dataset
-
-        _megatron_indexed_dataset()
-        from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
-
-        dtype = IndexedDataset(str(out / prefixes[0])).index.dtype
-        builder = IndexedDatasetBuilder(str(out / f"{target}.bin"), dtype=dtype)
+        indexed = megatron_indexed()
+        dtype = indexed.IndexedDataset(str(out / prefixes[0])).index.dtype
+        builder = indexed.IndexedDatasetBuilder(str(out / f"{target}.bin"), dtype=dtype)
         for prefix in prefixes:
             builder.add_index(str(out / prefix))
         builder.finalize(str(out / f"{target}.idx"))
