@@ -5,7 +5,10 @@ the ``engram-27b`` hash (its layers and heads), batches of 2 rows.
 The corpus is the CPython standard library's source, tokenised once and written in each format
 (megatron with megatron-core's builder, tokens as ``.npy`` and raw ``uint32 .bin``, text as
 ``.jsonl`` and ``.jsonl.zst``). One loader worker runs one ``MixtureStream`` role: the number
-here is what one worker process delivers (``text`` tokenises on the fly).
+here is what one worker process delivers (``text`` tokenises on the fly). ``text`` is also
+measured as one of 4 consumers (DP ranks x workers): it reads every record but tokenises only
+the documents of its own rows. The one-off document index of each text source (``data.doc_index``:
+every record tokenised once, counts cached) is timed on its own.
 
 Run: .venv/bin/python -m benchmarks.loader_formats [--batches 20] [--megabytes 8]
 """
@@ -23,7 +26,7 @@ import numpy as np
 
 from benchmarks.common import print_table
 from data.formats import tokenize_batch
-from data.mixture import parse_mixture
+from data.mixture import check_sources, parse_mixture
 from data.mixture_stream import MixtureStream
 from data.ngram_hash import CompressedTokenizer, NgramHasher
 from data.tokenizer import deepseek_v3_tokenizer_path, load_tokenizer
@@ -85,8 +88,17 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         sources, total = _write(Path(folder), _corpus(ns.megabytes), tok)
+        index_dir = str(Path(folder) / "doc_index")
+        text = [k for k in sources if k.startswith("text")]
+        sources |= {f"{k}, 1 of 4 consumers": {**sources[k], "consumers": 4} for k in text}
         for label, source in sources.items():
+            consumers = source.pop("consumers", 1)
             specs = parse_mixture([{"name": "s", "weight": 1, **source}])
+            start = time.perf_counter()
+            check_sources(specs, tok, index_dir=index_dir)
+            if label in text:
+                seconds = time.perf_counter() - start
+                rows.append([f"document index of {label} (once)", total / seconds])
             stream = MixtureStream(
                 specs,
                 BATCH,
@@ -94,7 +106,9 @@ def main() -> None:
                 tok.vocab_size,
                 tokenizer_path=str(tok_path),
                 eos_id=tok.eos_id,
+                index_dir=index_dir,
                 hasher=hasher,
+                dp_degree=consumers,
             ).batches()
             next(stream)  # opening the source is start-up, not steady state
             start = time.perf_counter()

@@ -84,7 +84,8 @@ def _ends_with_eos(doc: np.ndarray, eos_id: int) -> np.ndarray:
 
 
 class IndexedDocuments:
-    """Documents with known lengths and random access (``megatron``, ``tokens``)."""
+    """Documents with known lengths and random access (``megatron``, ``tokens``; ``text`` and
+    ``shards`` through their document index, ``data.block_docs``)."""
 
     name: str
     lengths: np.ndarray  # [D] tokens per document, EOS included
@@ -94,6 +95,10 @@ class IndexedDocuments:
 
     def document(self, index: int) -> np.ndarray:
         raise NotImplementedError
+
+    def permutation(self, rng: np.random.Generator) -> np.ndarray:
+        """An epoch's document order."""
+        return rng.permutation(len(self))
 
 
 class MegatronDocuments(IndexedDocuments):
@@ -223,6 +228,7 @@ class SkipCount:
 
     name: str
     strict: bool = False
+    quiet: bool = False  # count without the warning (a second read of what the index counted)
     count: int = 0
 
     def skip(self, where: str, why: str) -> None:
@@ -231,7 +237,7 @@ class SkipCount:
                 f"data.mixture {self.name!r}: {where}: {why} (data.strict = true makes this an "
                 "error; set it false to skip and count such records)"
             )
-        if self.count == 0:
+        if self.count == 0 and not self.quiet:
             log.warning(
                 "data.mixture %r: %s: %s; skipping such records (counted as data/skipped/%s)",
                 self.name,

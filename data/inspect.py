@@ -67,8 +67,10 @@ def inspect(cfg, num_batches: int, world_size: int):
     if specs:
         from data.mixture import check_sources
 
-        check_sources(specs, tok, d.strict)
-        kwargs = dict(specs=specs, tokenizer_path=str(tok.path), eos_id=tok.eos_id, **common)
+        workers = max(1, d.num_workers)
+        check_sources(specs, tok, d.strict, index_dir=d.index_dir, workers=workers)
+        where = dict(specs=specs, tokenizer_path=str(tok.path), eos_id=tok.eos_id)
+        kwargs = dict(**where, index_dir=d.index_dir, **common)
         names, weights = [s.name for s in specs], [s.weight for s in specs]
     else:
         kwargs = dict(folder=str(folder), split="train", url_prefix=d.url_prefix or None, **common)

@@ -9,6 +9,7 @@ it, so the main process records the state of what it has *consumed* (not what wo
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict
 
@@ -18,6 +19,8 @@ from data.batch import Batch
 from data.dataset import PackedShardStream, RoleState
 from data.mixture_stream import MixtureStream
 from data.shards import load_index
+
+log = logging.getLogger(__name__)
 
 
 class _RoleDataset(IterableDataset):
@@ -99,9 +102,7 @@ class StatefulLoader:
 
     def __next__(self) -> Batch:
         batch, role, state = self._take()
-        if self.dataset.mixture:  # the role keeps its stream cursors; the schedule is global
-            self.role_states[int(role)] = {k: state[k] for k in ("streams", "skipped")}
-        else:
+        if not self.dataset.mixture:  # a mixture's state is global (``shared``), not per role
             self.role_states[int(role)] = state
         self.last_state = state
         self.consumed += 1
@@ -150,17 +151,19 @@ class StatefulLoader:
         self._iter, self._ahead = None, None
 
     def _load_mixture_state(self, state: dict) -> None:
-        """A mixture's schedule is global: it resumes at any worker count and DP degree. The
-        cursors of streamed sources are per role: those need the same layout."""
+        """A mixture's state is its global schedule: it resumes at any worker count and DP
+        degree."""
         from data.mixture import check_resumable
 
-        specs = self.dataset.stream_kwargs["specs"]
-        same_roles = int(state["num_roles"]) == self.num_roles and not state.get("other_layout")
-        check_resumable(specs, state.get("mixture"), same_roles)
+        check_resumable(self.dataset.stream_kwargs["specs"], state.get("mixture"))
+        if any(r.get("streams") for r in state.get("role_states", {}).values()):
+            log.warning(
+                "the checkpoint read its text/shards sources in per-worker streams (before the "
+                "document index): they continue in the global order from here, so documents of "
+                "the current epoch may repeat or be left out once"
+            )
         self.consumed = int(state["consumed"])
-        self.role_states = (
-            {int(k): v for k, v in state["role_states"].items()} if same_roles else {}
-        )
+        self.role_states = {}
         self.last_state = dict(state.get("shared") or {})
         self._iter, self._ahead = None, None
 

@@ -2,10 +2,11 @@
 ``data.dataset.PackedShardStream``, run in the loader workers with the same packing, hashing and
 table planning.
 
-State (``batches(state)``): ``schedule`` (the global schedule after the last consumed batch),
-``batch`` (the index of the next global batch), ``streams`` (this role's cursor in each streamed
-source). Each yielded state also carries ``row_sources`` (the source of each of the batch's rows)
-and ``epochs`` (the epoch each source has reached), for metrics and ``data.inspect``.
+State (``batches(state)``): ``schedule`` (the global schedule after the last consumed batch) and
+``batch`` (the index of the next global batch); nothing is per role, so a resume continues at any
+worker count and DP degree. Each yielded state also carries ``row_sources`` (the source of each of
+the batch's rows), ``epochs`` (the epoch each source has reached) and ``skipped`` (records each
+source's index skipped), for metrics and ``data.inspect``.
 
 Legend: B batch per rank, T seq_len.
 """
@@ -18,15 +19,13 @@ import numpy as np
 
 from data.batch import Batch
 from data.dataset import BatchStage, pack_rows
-from data.formats import SkipCount
 from data.mixture import (
-    Exhausted,
+    NEEDS_INDEX,
     IndexedRows,
     Schedule,
     ScheduleState,
     SourceSpec,
-    StreamState,
-    source_rows,
+    open_documents,
 )
 
 
@@ -38,6 +37,8 @@ class MixtureStream(BatchStage):
             order (``val_batches``); training reads ``path`` forever.
         tokenizer_path: the run's tokenizer (text sources tokenise with it in the workers).
         eos_id: the document separator (tokens sources split at it; every document ends with it).
+        index_dir: the document index of text and shards sources (``data.doc_index``; built
+            before the loader starts).
         hasher, planners, plan_chunks, cp_rank, cp_degree, strict, seed: as ``PackedShardStream``.
     """
 
@@ -50,6 +51,7 @@ class MixtureStream(BatchStage):
         *,
         tokenizer_path: str,
         eos_id: int,
+        index_dir: str = "",
         seed: int = 0,
         dp_rank: int = 0,
         dp_degree: int = 1,
@@ -64,21 +66,13 @@ class MixtureStream(BatchStage):
     ):
         self.specs = specs
         self.tokenizer_path, self.eos_id, self.seed = tokenizer_path, eos_id, seed
+        self.index_dir = index_dir
         place = (dp_rank, dp_degree, role, num_roles, cp_rank, cp_degree)
         self._init_stage(
             batch_size, seq_len, vocab_size, hasher, strict, planners, plan_chunks, place
         )
         self.schedule = Schedule([s.weight for s in specs])
-        self.skips = {s.name: SkipCount(s.name, strict) for s in specs}
         self._tokenizer = None
-
-    @property
-    def consumer(self) -> int:
-        return self.dp_rank * self.num_roles + self.role
-
-    @property
-    def consumers(self) -> int:
-        return self.dp_degree * self.num_roles
 
     def tokenizer(self):
         if self._tokenizer is None:
@@ -87,25 +81,15 @@ class MixtureStream(BatchStage):
             self._tokenizer = load_tokenizer(self.tokenizer_path)
         return self._tokenizer
 
-    def _rows(self, spec: SourceSpec, split: str, state, consumer: int, consumers: int, shuffle):
-        needs_tokenizer = spec.format == "text"
-        return source_rows(
-            spec,
-            spec.path if split == "train" else spec.val_path,
-            split=split,
-            row_len=self.seq_len + 1,
-            seed=self.seed,
-            shuffle=shuffle,
-            consumer=consumer,
-            consumers=consumers,
-            tokenizer=self.tokenizer() if needs_tokenizer else None,
-            eos_id=self.eos_id,
-            skips=self.skips[spec.name],
-            shard_kwargs=dict(
-                batch_size=1, seq_len=self.seq_len, vocab_size=self.vocab_size, seed=self.seed
-            ),
-            state=state,
+    def _rows(self, spec: SourceSpec, split: str, shuffle: bool) -> IndexedRows:
+        from data.doc_index import default_dir
+
+        path = spec.path if split == "train" else spec.val_path
+        tokenizer = self.tokenizer() if spec.format in NEEDS_INDEX else None
+        docs = open_documents(
+            spec, path, split, self.eos_id, tokenizer, default_dir(self.index_dir)
         )
+        return IndexedRows(docs, self.seq_len + 1, self.seed, shuffle)
 
     def batches(self, state: dict | None = None):
         """Yield ``(batch, state after it)`` for this role's global batches, forever."""
@@ -117,18 +101,8 @@ class MixtureStream(BatchStage):
                 int(saved["rows"]), list(saved["counts"]), list(saved["credits"])
             )
         next_batch = int(state.get("batch", 0))
-        streams = state.get("streams", {})
-        rows = {
-            spec.name: self._rows(
-                spec,
-                "train",
-                StreamState(**streams[spec.name]) if spec.name in streams else None,
-                self.consumer,
-                self.consumers,
-                shuffle=True,
-            )
-            for spec in self.specs
-        }
+        rows = {spec.name: self._rows(spec, "train", shuffle=True) for spec in self.specs}
+        skipped = {name: getattr(r.docs, "skipped", 0) for name, r in rows.items()}
         per_batch = self.batch_size * self.dp_degree
         while True:
             target = next_batch + (self.role - next_batch) % self.num_roles
@@ -138,8 +112,7 @@ class MixtureStream(BatchStage):
             tokens = np.empty((self.batch_size, self.seq_len + 1), dtype=np.int64)
             keys = np.empty_like(tokens)
             for i, (source, index) in enumerate(mine):
-                reader = rows[self.specs[source].name]
-                row = reader.row(index) if isinstance(reader, IndexedRows) else reader.next_row()
+                row = rows[self.specs[source].name].row(index)
                 tokens[i], keys[i] = row[0], row[1] + (source << 48)
             next_batch = target + 1
             yield (
@@ -147,42 +120,28 @@ class MixtureStream(BatchStage):
                 {
                     "schedule": asdict(schedule),
                     "batch": next_batch,
-                    "streams": {
-                        n: asdict(r.state)
-                        for n, r in rows.items()
-                        if not isinstance(r, IndexedRows)
-                    },
                     "row_sources": [source for source, _ in mine],
                     "epochs": self._epochs(rows, schedule),
-                    "skipped": {n: s.count for n, s in self.skips.items()},
+                    "skipped": skipped,
                 },
             )
 
     def _epochs(self, rows: dict, schedule: ScheduleState) -> dict[str, int]:
-        out = {}
-        for i, spec in enumerate(self.specs):
-            reader = rows[spec.name]
-            if isinstance(reader, IndexedRows):
-                out[spec.name] = reader.epoch_of(max(schedule.counts[i] - 1, 0))
-            else:
-                out[spec.name] = reader.state.epoch
-        return out
+        return {
+            spec.name: rows[spec.name].epoch_of(max(schedule.counts[i] - 1, 0))
+            for i, spec in enumerate(self.specs)
+        }
 
     def val_batches(self, spec: SourceSpec, limit: int) -> list[Batch]:
         """Up to ``limit`` batches of ``spec``'s held-out documents, read once, in order (the
         same on every rank: validation deals them itself)."""
-        reader = self._rows(spec, "val", None, 0, 1, shuffle=False)
-        if isinstance(reader, IndexedRows):
-            full_rows = reader.epoch_tokens // reader.row_len
-            produce = iter(reader.row(j) for j in range(full_rows))
-        else:
-            reader.single_pass = True
-            produce = _until_exhausted(reader)
+        reader = self._rows(spec, "val", shuffle=False)
+        full_rows = reader.epoch_tokens // reader.row_len
         out = []
-        while len(out) < limit:
-            block = [row for _, row in zip(range(self.batch_size), produce)]
-            if len(block) < self.batch_size:
+        for first in range(0, full_rows - self.batch_size + 1, self.batch_size):
+            if len(out) == limit:
                 break
+            block = [reader.row(j) for j in range(first, first + self.batch_size)]
             tokens = np.stack([r[0] for r in block])
             keys = np.stack([r[1] for r in block])
             out.append(self._finish(tokens, keys))
@@ -196,11 +155,3 @@ class MixtureStream(BatchStage):
                 "batch: a source was tokenized with another tokenizer"
             )
         return self._engram_stage(pack_rows(tokens, keys))
-
-
-def _until_exhausted(reader):
-    while True:
-        try:
-            yield reader.next_row()
-        except Exhausted:
-            return

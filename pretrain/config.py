@@ -46,6 +46,9 @@ class DataConfig:
     # [[data.mixture]] tables: weighted sources (shards, megatron, tokens, text), docs/data.md;
     # empty: dataset_path alone
     mixture: list = field(default_factory=list)
+    # text and shards sources' token counts per document (data/doc_index.py), cached across runs;
+    # "" -> $ENGRAM_CACHE/doc_index or ~/.cache/engram/doc_index. Share it between nodes.
+    index_dir: str = ""
 
 
 @dataclass

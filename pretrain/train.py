@@ -77,7 +77,15 @@ class Trainer:
         folder, mixture = mixture_and_folder(cfg.data, self.rank)
         self.tokenizer = build_tokenizer(cfg.data, folder)
         if mixture:
-            check_sources(mixture, self.tokenizer, cfg.data.strict)
+            check_sources(
+                mixture,
+                self.tokenizer,
+                cfg.data.strict,
+                index_dir=cfg.data.index_dir,
+                workers=max(1, cfg.data.num_workers),
+                rank=self.rank,
+                world=self.dist.world_size,
+            )
             if not any(s.val_path for s in mixture):
                 log.warning("data.mixture: no source has a val_path; val_loss is not computed")
         self.args = build_model_args(cfg.model, self.tokenizer, cfg.data.seq_len)
@@ -178,6 +186,7 @@ class Trainer:
         if mixture:
             tok = self.tokenizer
             where = dict(specs=mixture, tokenizer_path=str(tok.path), eos_id=tok.eos_id)
+            where["index_dir"] = d.index_dir
         else:
             where = dict(folder=str(folder), url_prefix=d.url_prefix or None)
         return dict(
@@ -268,18 +277,17 @@ class Trainer:
 
     def data_scalars(self) -> dict[str, float]:
         """A mixture's ``data/tokens/<name>`` (global, cumulative), ``data/epoch/<name>`` and
-        ``data/skipped/<name>`` (records skipped by this rank's workers)."""
+        ``data/skipped/<name>`` (records of the source that its document index skipped)."""
         state = self.loader.last_state
         if "schedule" not in state:
             return {}
         specs = self.loader.dataset.stream_kwargs["specs"]
-        seq_len, roles = self.cfg.data.seq_len, self.loader.role_states.values()
+        seq_len = self.cfg.data.seq_len
         out = {}
         for i, spec in enumerate(specs):
             out[f"data/tokens/{spec.name}"] = state["schedule"]["counts"][i] * seq_len
             out[f"data/epoch/{spec.name}"] = state["epochs"][spec.name]
-            skipped = sum(r.get("skipped", {}).get(spec.name, 0) for r in roles)
-            out[f"data/skipped/{spec.name}"] = skipped
+            out[f"data/skipped/{spec.name}"] = state.get("skipped", {}).get(spec.name, 0)
         return out
 
     def engram_scalars(self) -> dict[str, float]:
@@ -373,15 +381,19 @@ def main(argv: list[str] | None = None) -> int:
     if trainer.rank == 0 and summary["preempted"]:
         print(f"\nstopped at step {summary['step']}: {summary['checkpoint']}", flush=True)
     elif trainer.rank == 0:
-        folder = Path(summary["run_folder"])
+        folder, checkpoint = Path(summary["run_folder"]), summary["checkpoint"]
+        generate = (
+            f"\n  generate:    {_python()} -m launch.generate --checkpoint {checkpoint} "
+            "--prompt 'def main(' --max_new_tokens 48"
+            if checkpoint
+            else ""
+        )
         print(
             f"\ndone: step {summary['step']}, held-out loss {summary['val_loss']:.4f}\n"
             f"  logs:        {folder / 'metrics.jsonl'} (TensorBoard: "
             f"{folder / cfg.metrics.save_tb_folder})\n"
             f"  config:      {folder / 'config.toml'}\n"
-            f"  checkpoint:  {summary['checkpoint']}\n"
-            f"  generate:    {_python()} -m launch.generate --checkpoint {summary['checkpoint']} "
-            "--prompt 'def main(' --max_new_tokens 48",
+            f"  checkpoint:  {checkpoint or '(checkpoint.enable = false)'}{generate}",
             flush=True,
         )
     return 0

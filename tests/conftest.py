@@ -10,6 +10,12 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported, for spawned ranks too
+if "ENGRAM_CACHE" not in os.environ:  # the document index of test corpora: not the user's cache
+    import atexit
+    import tempfile
+
+    os.environ["ENGRAM_CACHE"] = tempfile.mkdtemp(prefix="engram-test-cache-")
+    atexit.register(__import__("shutil").rmtree, os.environ["ENGRAM_CACHE"], True)
 
 import shutil  # noqa: E402
 import sysconfig  # noqa: E402

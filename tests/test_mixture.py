@@ -152,6 +152,26 @@ def test_malformed_records_are_skipped_and_counted_or_refused_when_strict(tmp_pa
         list(text_records(str(tmp_path / "r.jsonl"), "text", SkipCount("web", strict=True)))
 
 
+def test_the_document_index_counts_skipped_records_and_strict_refuses_them(corpus, tmp_path):
+    lines = ['{"text": "one"}', "{not json", '{"body": "no text field"}', '{"text": "two"}']
+    (tmp_path / "r.jsonl").write_text("\n".join(lines) + "\n")
+    tok = load_tokenizer(corpus / "tokenizer.model")
+    specs = parse_mixture([{"name": "web", "format": "text", "path": str(tmp_path), "weight": 1}])
+    with pytest.raises(SourceError, match="not a JSON line.*data.strict"):
+        check_sources(specs, tok, strict=True, index_dir=tmp_path / "strict")
+    assert check_sources(specs, tok, index_dir=tmp_path / "index") == {"web": 2}
+    stream = MixtureStream(
+        specs,
+        1,
+        4,
+        tok.vocab_size,
+        tokenizer_path=tok.path,
+        eos_id=tok.eos_id,
+        index_dir=str(tmp_path / "index"),
+    )
+    assert next(stream.batches())[1]["skipped"] == {"web": 2}  # data/skipped/web
+
+
 # ----- the mixture ------------------------------------------------------------------------------
 
 
@@ -171,7 +191,7 @@ def test_blend_shares_follow_the_weights_and_every_token_comes_from_its_source(s
     assert state["epochs"]["a"] >= 1  # the small source ran out and began its next epoch
 
 
-def _global_batches(specs, dp, roles, count, batch_per_rank, state=None):
+def _global_batches(specs, dp, roles, count, batch_per_rank, state=None, **kwargs):
     """The first ``count`` global batches as the loader of each rank would consume them."""
     per_rank = []
     for rank in range(dp):
@@ -185,7 +205,8 @@ def _global_batches(specs, dp, roles, count, batch_per_rank, state=None):
                 eos_id=EOS,
                 dp_rank=rank,
                 dp_degree=dp,
-            ),
+            )
+            | kwargs,
             num_workers=0 if roles == 1 else roles,
         )
         if state is not None:
@@ -225,23 +246,77 @@ def test_a_changed_mixture_is_refused_and_new_weights_warn(sources, caplog):
     assert any("weights changed" in r.message for r in caplog.records)
 
 
-def test_text_source_resumes_exactly_mid_file(corpus, tmp_path, sources):
+def _text_and_shards(corpus, root, sources):
+    """A megatron, a text (JSON lines in 3 files) and a shards source (the corpus itself)."""
     _, a, _ = sources
-    records = [{"text": f"line {i} " * (3 + i % 7)} for i in range(120)]
-    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    tok = load_tokenizer(corpus / "tokenizer.model")
-    specs = parse_mixture(
+    for part in range(3):
+        records = [{"text": f"line {part} {i} " * (3 + i % 7)} for i in range(40)]
+        (root / f"t{part}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return parse_mixture(
         [
             {"name": "a", "format": "megatron", "path": a, "weight": 1},
-            {"name": "web", "format": "text", "path": str(tmp_path / "t.jsonl"), "weight": 1},
+            {"name": "web", "format": "text", "path": str(root / "t*.jsonl"), "weight": 2},
+            {"name": "code", "format": "shards", "path": str(corpus), "weight": 1},
         ]
     )
-    kwargs = dict(tokenizer_path=str(corpus / "tokenizer.model"), eos_id=tok.eos_id)
+
+
+def test_text_and_shards_follow_the_global_order_and_resume_at_another_layout(
+    corpus, tmp_path, sources
+):
+    tok = load_tokenizer(corpus / "tokenizer.model")
+    specs = _text_and_shards(corpus, tmp_path, sources)
+    assert check_sources(specs, tok) == {"a": 0, "web": 0, "code": 0}  # builds the index
+    extra = dict(tokenizer_path=str(corpus / "tokenizer.model"), vocab_size=tok.vocab_size)
+    one, _ = _global_batches(specs, 1, 1, 6, 8, **extra)
+    two, saved = _global_batches(specs, 2, 2, 3, 4, **extra)
+    for i in range(3):
+        assert torch.equal(one[i], two[i]), i
+    resumed, _ = _global_batches(specs, 1, 1, 3, 8, {**saved, "other_layout": True}, **extra)
+    for i in range(3):
+        assert torch.equal(resumed[i], one[3 + i]), i
+    # a resume in the same process from a mid-epoch state: exactly the uninterrupted batches
+    kwargs = dict(tokenizer_path=extra["tokenizer_path"], eos_id=tok.eos_id)
     straight = MixtureStream(specs, 4, 32, tok.vocab_size, **kwargs).batches()
     want = [next(straight) for _ in range(12)]
-    resumed = MixtureStream(specs, 4, 32, tok.vocab_size, **kwargs).batches(want[5][1])
+    again = MixtureStream(specs, 4, 32, tok.vocab_size, **kwargs).batches(want[5][1])
     for i in range(6, 12):
-        assert np.array_equal(next(resumed)[0].tokens, want[i][0].tokens), i
+        assert np.array_equal(next(again)[0].tokens, want[i][0].tokens), i
+
+
+def test_indexed_text_and_shards_are_the_records_tokenised_and_the_shards_read(
+    corpus, tmp_path, sources
+):
+    from data.block_docs import ShardDocuments, TextDocuments
+    from data.doc_index import default_dir, shard_entries, text_entries
+    from data.formats import tokenize_batch
+    from data.shards import load_index, read_shard
+
+    tok = load_tokenizer(corpus / "tokenizer.model")
+    specs = _text_and_shards(corpus, tmp_path, sources)
+    check_sources(specs, tok)
+    where = default_dir()
+    entries = text_entries("web", str(tmp_path / "t*.jsonl"), "text", tok.identity)
+    texts = [t for e in entries for t in text_records(e.location, "text", SkipCount("web"))]
+    docs = TextDocuments("web", entries, where, tok)
+    assert len(docs) == len(texts) == 120
+    order = docs.permutation(np.random.default_rng(0))
+    assert sorted(order.tolist()) == list(range(120))
+    for i in order:  # read in an epoch's order: each file once, windows in memory
+        assert docs.document(int(i)).tolist() == tokenize_batch(tok, [texts[i]])[0].tolist()
+    want = []
+    for shard in load_index(corpus, "train")["shards"]:
+        want += [d.tokens for d in read_shard(str(corpus / shard["name"]), tok.vocab_size)]
+    shards = ShardDocuments("code", shard_entries("code", str(corpus), "train"), where, 1000)
+    assert len(shards) == len(want)
+    for i in shards.permutation(np.random.default_rng(1))[:200]:
+        assert np.array_equal(shards.document(int(i)), want[i])
+    # a file that changed after its index was built is named, with the fix
+    (tmp_path / "t1.jsonl").write_text(json.dumps({"text": "short"}) + "\n")
+    stale = TextDocuments("web", entries, where, tok)  # the entries of the old file
+    with pytest.raises(SourceError, match="t1.jsonl holds fewer records than its document index"):
+        for i in range(len(stale)):
+            stale.document(i)
 
 
 # ----- bad input --------------------------------------------------------------------------------
@@ -274,7 +349,7 @@ def test_bad_sources_are_refused_before_training(corpus, tmp_path, sources):
     with pytest.raises(SourceError, match="matches no file"):
         check(dict(format="text", path=str(tmp_path / "nothing*.jsonl")))
     (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(SourceError, match="holds no 'text' text"):
+    with pytest.raises(SourceError, match="hold no 'text' text"):
         check(dict(format="text", path=str(tmp_path / "empty.jsonl")))
     np.save(tmp_path / "big.npy", np.array([5, 1200, EOS], dtype=np.int32))
     with pytest.raises(SourceError, match="token id 1200, beyond the tokenizer's 1000"):
@@ -472,9 +547,10 @@ def test_prepare_writes_megatron_pairs_that_megatron_core_and_the_mixture_read(c
     assert [docs.document(i).tolist() for i in range(len(docs))] == [want[k] for k in sorted(want)]
 
 
-def test_a_text_source_served_over_http_trains(corpus, tmp_path, sources):
+def test_text_and_shards_sources_served_over_http_train(corpus, tmp_path, sources):
     import functools
     import http.server
+    import shutil
     import threading
 
     from pretrain.config import load_config
@@ -486,11 +562,14 @@ def test_a_text_source_served_over_http_trains(corpus, tmp_path, sources):
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/web.jsonl"
+    shutil.copytree(corpus, tmp_path / "served")  # a data.prepare folder behind a URL
+    host = f"http://127.0.0.1:{server.server_address[1]}"
+    url = f"{host}/web.jsonl"
     _, a, _ = sources
     mixture = (
         f'--data.mixture=[{{name = "web", format = "text", path = "{url}", weight = 1, '
-        f'val_path = "{url}"}}, {{name = "code", format = "megatron", path = "{a}", weight = 1}}]'
+        f'val_path = "{url}"}}, {{name = "code", format = "megatron", path = "{a}", weight = 1}}, '
+        f'{{name = "served", format = "shards", path = "{host}/served", weight = 1}}]'
     )
     try:
         trainer = Trainer(
@@ -505,4 +584,5 @@ def test_a_text_source_served_over_http_trains(corpus, tmp_path, sources):
         server.shutdown()
     assert summary["step"] == 3 and np.isfinite(summary["val_loss"])
     assert set(trainer.validator.per_source) == {"web"}
-    assert trainer.data_scalars()["data/tokens/web"] > 0
+    scalars = trainer.data_scalars()
+    assert scalars["data/tokens/web"] > 0 and scalars["data/tokens/served"] > 0

@@ -1,8 +1,10 @@
-"""A data.mixture of indexed sources continues its global sequence when a job resumes at another
-DP degree: 2 ranks train and checkpoint, 1 rank resumes, and it reads the batches an
+"""A data.mixture (megatron, tokens and text) continues its global sequence when a job resumes
+at another DP degree: 2 ranks train and checkpoint, 1 rank resumes, and it reads the batches an
 uninterrupted 1-rank job reads (docs/data.md)."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import torch
@@ -15,9 +17,12 @@ def _mixture(root):
 
     a = _megatron(root / "a", _docs(0, 120, 3, 500, eos_every=2))
     np.save(root / "b.npy", np.concatenate(_docs(1, 150, 500, 1000)).astype(np.int32))
+    records = [json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n" * 3}) for i in range(150)]
+    (root / "web.jsonl").write_text("\n".join(records) + "\n")
     return (
         f'--data.mixture=[{{name = "a", format = "megatron", path = "{a}", weight = 1}}, '
-        f'{{name = "b", format = "tokens", path = "{root / "b.npy"}", weight = 2}}]'
+        f'{{name = "b", format = "tokens", path = "{root / "b.npy"}", weight = 2}}, '
+        f'{{name = "web", format = "text", path = "{root / "web.jsonl"}", weight = 1}}]'
     )
 
 
