@@ -19,6 +19,7 @@ from torch import nn
 
 from data.batch import EngramInputs
 from data.ngram_hash import EngramHashSpec
+from models.engram_fused import engram_mix
 from models.engram_table import EngramTable
 from models.sequence import LOCAL_SEQUENCE
 from models.sharded_init import kaiming_uniform_, normal_
@@ -95,8 +96,56 @@ def signed_sqrt(x: torch.Tensor) -> torch.Tensor:
     return x.abs().clamp_min(1e-6).sqrt() * x.sign()
 
 
+def branch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float | None) -> torch.Tensor:
+    """RMSNorm of every branch at once: ``x [..., G, D]`` with per-branch weights ``[G, D]`` (one
+    fused norm and one multiply instead of G norms)."""
+    return F.rms_norm(x, (x.shape[-1],), eps=eps) * weight
+
+
+def engram_gate(
+    keys: torch.Tensor,
+    query: torch.Tensor,
+    key_weight: torch.Tensor,
+    query_weight: torch.Tensor,
+    eps: float | None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``sigmoid(signed_sqrt(<norm(key), norm(query)> / sqrt(D)))`` of every branch: ``keys``
+    and ``query [B, T, G, D]``, norm weights ``[G, D]`` -> ``[B, T, G, 1]``. ``dtype``: the whole
+    gate in that dtype, norm weights included (V4.1: float32)."""
+    if dtype is not None:
+        keys, query = keys.to(dtype), query.to(dtype)
+        key_weight, query_weight = key_weight.to(dtype), query_weight.to(dtype)
+    k = branch_rms_norm(keys, key_weight, eps)
+    q = branch_rms_norm(query, query_weight, eps)
+    score = (k * q).sum(dim=-1, keepdim=True) / math.sqrt(keys.shape[-1])
+    return signed_sqrt(score).sigmoid()
+
+
+def causal_taps(
+    x: torch.Tensor, weight: torch.Tensor, dilation: int, left: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A depthwise causal dilated conv as K shifted multiply-adds (no padding, crop or
+    transpose): ``x [N, L, C]``, ``weight [C, K]`` -> ``[N, L, C]``, where output ``t`` reads
+    inputs ``t - (K-1-k) * dilation``. ``left [N, W, C]``: the W = (K-1) * dilation inputs before
+    ``x`` (a cache or a halo); None: zeros (the sequence start)."""
+    taps, length = weight.shape[1], x.shape[1]
+    out = x * weight[:, taps - 1]
+    for k in range(taps - 1):
+        shift = (taps - 1 - k) * dilation
+        if shift < length:
+            out[:, shift:] += x[:, : length - shift] * weight[:, k]
+        if left is not None:
+            width, inside = left.shape[1], min(shift, length)
+            out[:, :inside] += left[:, width - shift : width - shift + inside] * weight[:, k]
+    return out
+
+
 class ShortConv(nn.Module):
-    """Per-branch RMSNorm, depthwise causal conv over G*D channels (dilation = N), SiLU."""
+    """Per-branch RMSNorm, depthwise causal conv over G*D channels (dilation = N), SiLU.
+
+    The conv runs as shifted multiply-adds (``causal_taps``); ``conv`` holds its weight under the
+    reference's name (``short_conv.conv.weight [G*D, 1, K]``)."""
 
     def __init__(self, dim: int, hc_mult: int, kernel_size: int, dilation: int, init: str):
         super().__init__()
@@ -125,26 +174,20 @@ class ShortConv(nn.Module):
         """``x [B, T, G, D]`` -> ``[B, T, G, D]``; ``cache``: incremental decoding, whose left
         context is the cached inputs of the positions before these."""
         batch, seq, streams, dim = x.shape
-        normed = torch.cat([self.norms[i](x[:, :, i, :]) for i in range(streams)], dim=-1)
+        weights = torch.stack([norm.weight for norm in self.norms])  # [G, D]
+        normed = branch_rms_norm(x, weights, self.norms[0].eps).reshape(batch, seq, -1)
         if cache is not None:
-            return self._decoding(normed, cache).reshape(batch, seq, streams, dim)
-        if self.sequence.degree == 1:
-            y = self.conv(normed.transpose(1, 2))[..., :seq]  # [B, G*D, T + pad] -> causal crop
-            return F.silu(y).transpose(1, 2).reshape(batch, seq, streams, dim)
-        return self._chunked(normed).reshape(batch, seq, streams, dim)
+            y = self._decoding(normed, cache)
+        elif self.sequence.degree == 1:
+            y = causal_taps(normed, self.conv.weight[:, 0], self.dilation)
+        else:
+            y = self._chunked(normed)
+        return F.silu(y).reshape(batch, seq, streams, dim)
 
     @property
     def context_width(self) -> int:
         """Earlier positions one output reads: ``(kernel - 1) * dilation``."""
         return (self.kernel_size - 1) * self.dilation
-
-    def _valid(self, padded: torch.Tensor) -> torch.Tensor:
-        """The conv of ``padded [N, W + L, C]``, whose first W positions are left context only:
-        ``[N, L, C]`` (no padding, nothing to crop)."""
-        y = F.conv1d(
-            padded.transpose(1, 2), self.conv.weight, dilation=self.dilation, groups=padded.shape[2]
-        )  # [N, C, W + L] -> [N, C, L]
-        return F.silu(y).transpose(1, 2)
 
     def _decoding(self, normed: torch.Tensor, cache: LayerCache) -> torch.Tensor:
         """``[B, T, C]`` after the cached context (zeros at the sequence start, as the causal
@@ -154,9 +197,9 @@ class ShortConv(nn.Module):
         left = cache.conv_context
         if left is None:
             left = normed.new_zeros(batch, width, channels)
-        padded = torch.cat([left, normed], dim=1)
-        cache.conv_context = padded[:, padded.shape[1] - width :]
-        return self._valid(padded)
+        seen = torch.cat([left, normed], dim=1)
+        cache.conv_context = seen[:, seen.shape[1] - width :]
+        return causal_taps(normed, self.conv.weight[:, 0], self.dilation, left)
 
     def _chunked(self, normed: torch.Tensor) -> torch.Tensor:
         """The conv of each local chunk after its halo (context parallelism):
@@ -164,9 +207,9 @@ class ShortConv(nn.Module):
         batch, seq, channels = normed.shape
         halo = self.sequence.halo(normed, self.context_width)  # [B, S, W, C]
         chunks = halo.shape[1]
-        local = normed.view(batch, chunks, seq // chunks, channels)
-        padded = torch.cat([halo, local], dim=2).flatten(0, 1)  # [B*S, W + L, C]
-        return self._valid(padded).reshape(batch, seq, channels)  # the halo is the left context
+        local = normed.reshape(batch * chunks, seq // chunks, channels)
+        out = causal_taps(local, self.conv.weight[:, 0], self.dilation, halo.flatten(0, 1))
+        return out.reshape(batch, seq, channels)  # the halo is the left context
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -205,6 +248,7 @@ class Engram(nn.Module):
         self.key_norms = nn.ModuleList([nn.RMSNorm(dim, eps=eps) for _ in range(hc_mult)])
         self.query_norms = nn.ModuleList([nn.RMSNorm(dim, eps=eps) for _ in range(hc_mult)])
         self.gate_probe = nn.Identity()  # no parameters: a hook point for gate statistics
+        self.fused = True  # the fused dense tail (models.engram_fused) where it applies
 
     def forward(
         self,
@@ -224,35 +268,44 @@ class Engram(nn.Module):
     def combine(
         self, hidden: torch.Tensor, rows: torch.Tensor, cache: LayerCache | None = None
     ) -> torch.Tensor:
-        """Gate, value and conv from already-fetched rows ``[B, T, E]`` (prefetch/offload seam)."""
-        if self.cfg.variant == "paper":
-            keys = [proj(rows) for proj in self.key_projs]
-            value = self.value_proj(rows)
-            gate_dtype = None
-        else:
-            *keys, value = self.kv_proj(rows).split(self.dim, dim=-1)
-            gate_dtype = torch.float32
-        gates = torch.stack(
-            [self._gate(keys[i], hidden[:, :, i, :], i, gate_dtype) for i in range(self.hc_mult)],
-            dim=2,
-        )  # [B, T, G, 1]
-        gates = self.gate_probe(gates)  # identity; ``GateMonitor`` hooks it
-        out = gates.to(value.dtype) * value.unsqueeze(2)  # [B, T, G, D]
-        if self.cfg.variant == "paper":
-            out = out + self.short_conv(out, cache)
-        return out
+        """Gate, value and conv from already-fetched rows ``[B, T, E]`` (prefetch/offload seam).
 
-    def _gate(self, key, query, branch: int, dtype) -> torch.Tensor:
-        key_norm, query_norm = self.key_norms[branch], self.query_norms[branch]
-        if dtype is None:
-            score = (key_norm(key) * query_norm(query)).sum(dim=-1)
-        else:  # V4.1: the whole gate, norm weights included, in ``dtype`` (float32)
-            dim = (self.dim,)
-            k = F.rms_norm(key.to(dtype), dim, key_norm.weight.to(dtype), key_norm.eps)
-            q = F.rms_norm(query.to(dtype), dim, query_norm.weight.to(dtype), query_norm.eps)
-            score = (k * q).sum(dim=-1)
-        score = signed_sqrt(score / math.sqrt(self.dim))
-        return score.sigmoid().unsqueeze(-1)
+        The G key projections and the value projection run as one GEMM (the paper variant
+        concatenates their weights, which keep their own names; V4.1 stores them fused). The
+        rest runs as one fused autograd function (``models.engram_fused``), or as the composite
+        below for decoding and context parallelism (``fused = False`` forces it)."""
+        if self.cfg.variant == "paper":
+            projs = [*self.key_projs, self.value_proj]
+            weight = torch.cat([p.weight for p in projs])  # [(G+1) * D, E]
+            kv = F.linear(rows, weight, torch.cat([p.bias for p in projs]))
+        else:
+            kv = self.kv_proj(rows)
+        conv = self.short_conv if self.cfg.variant == "paper" else None
+        if self.fused and cache is None and (conv is None or conv.sequence.degree == 1):
+            eps = self.cfg.gate_norm_eps
+            eps = torch.finfo(torch.float32).eps if eps is None else eps
+            weights = [n.weight for n in [*self.key_norms, *self.query_norms]]
+            if conv is None:
+                spec = (self.hc_mult, self.dim, eps, 0.0, 1, False)
+            else:
+                weights += [n.weight for n in conv.norms] + [conv.conv.weight]
+                spec = (self.hc_mult, self.dim, eps, conv.norms[0].eps, conv.dilation, True)
+            out, gates = engram_mix(kv, hidden, spec, *weights)
+            self.gate_probe(gates)  # identity; ``GateMonitor`` hooks it
+            return out
+        key_w = torch.stack([n.weight for n in self.key_norms])  # [G, D]
+        query_w = torch.stack([n.weight for n in self.query_norms])
+        split = self.hc_mult * self.dim
+        keys = kv[..., :split].unflatten(-1, (self.hc_mult, self.dim))  # [B, T, G, D]
+        value = kv[..., split:]  # [B, T, D]
+        gate_dtype = None if conv is not None else torch.float32
+        eps = self.cfg.gate_norm_eps
+        gates = engram_gate(keys, hidden, key_w, query_w, eps, gate_dtype)  # [B, T, G, 1]
+        gates = self.gate_probe(gates)
+        out = gates.to(value.dtype) * value.unsqueeze(2)  # [B, T, G, D]
+        if conv is not None:
+            out = out + conv(out, cache)
+        return out
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:

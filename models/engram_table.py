@@ -52,7 +52,9 @@ class EngramTable(nn.Module):
         return hash_ids + self.offsets
 
     def lookup_flat(self, flat_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(flat_ids, self.weight, sparse=self.sparse)
+        if self.sparse:  # inductor cannot take sparse gradients: compiled blocks run it eagerly
+            return _sparse_lookup(flat_ids, self.weight)
+        return F.embedding(flat_ids, self.weight)
 
     def forward(self, hash_ids: torch.Tensor, plan=None) -> torch.Tensor:
         return self.lookup_flat(self.flat_ids(hash_ids))  # [B, T, K] -> [B, T, K, Dh]
@@ -67,6 +69,11 @@ class EngramTable(nn.Module):
         self.init_buffers()
         weight, first_row = local_rows(self.weight)
         init_table_rows(weight, first_row)
+
+
+@torch.compiler.disable
+def _sparse_lookup(flat_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.embedding(flat_ids, weight, sparse=True)
 
 
 INIT_BLOCK_ROWS = 1 << 16

@@ -167,3 +167,110 @@ def test_lighter_row_states_follow_their_formulas(state):
     shapes = {k: tuple(x.shape) for k, x in opt.state[table.weight].items() if k != "step"}
     expected = {"exp_avg": (50, 6), "exp_avg_sq": (50, 1)} if state == "adam_row_v" else {}
     assert shapes == (expected or {"sum_sq": (50, 1)})
+
+
+def _fused_vs_composite(variant: str, dtype=torch.float32):
+    """Outputs and every gradient (hidden, rows, each parameter) of the fused dense tail and of
+    the composite, on one module with non-zero conv and norm weights."""
+    module = _module(_cfg(variant=variant, conv_init="reference")).to(dtype)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 16, 2, 24, generator=gen, dtype=dtype)
+    rows = torch.randn(2, 16, module.cfg.embed_dim, generator=gen, dtype=dtype)
+    cotangent = torch.randn(2, 16, 2, 24, generator=gen, dtype=dtype)
+    results = []
+    for fused in (True, False):
+        module.fused = fused
+        module.zero_grad(set_to_none=True)
+        h, r = hidden.clone().requires_grad_(), rows.clone().requires_grad_()
+        out = module.combine(h, r)
+        (out * cotangent).sum().backward()
+        grads = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+        results.append((out.detach(), h.grad, r.grad, grads))
+    return results
+
+
+@pytest.mark.parametrize("variant", ["paper", "v4.1"])
+def test_fused_tail_equals_the_composite_values_and_gradients(variant):
+    """The hand-written backward (models/engram_fused.py) against autograd of the composite."""
+    fused, composite = _fused_vs_composite(variant)
+
+    def close(got, want, what):  # the parity cases' measure: max error over the largest value
+        err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+        assert err < 1e-5, f"{what}: relative error {err:.3g}"
+
+    for got, want, what in zip(fused[:3], composite[:3], ("output", "hidden", "rows")):
+        close(got, want, what)
+    assert fused[3].keys() == composite[3].keys() and len(fused[3]) >= 4
+    for name in composite[3]:
+        close(fused[3][name], composite[3][name], name)
+
+
+def test_fused_tail_gradcheck():
+    """Finite differences in float64 of every input of the fused function, conv included."""
+    from models.engram_fused import engram_mix
+
+    gen = torch.Generator().manual_seed(0)
+    g, d, k = 2, 6, 3
+
+    def rand(*shape, low=None):
+        t = torch.randn(*shape, generator=gen, dtype=torch.float64)
+        return (t.abs() + low if low else t).requires_grad_()
+
+    kv, hidden = rand(2, 7, (g + 1) * d), rand(2, 7, g, d)
+    weights = [rand(d, low=0.5) for _ in range(3 * g)] + [rand(g * d, 1, k)]
+    spec = (g, d, 1e-6, 1e-5, 2, True)
+    assert torch.autograd.gradcheck(
+        lambda kv, h, *w: engram_mix(kv, h, spec, *w)[0], (kv, hidden, *weights)
+    )
+
+
+def test_the_dense_tail_traces_as_one_graph():
+    """Projections, norms, gate, value and conv are one dynamo graph: no graph break for
+    ``torch.compile`` (explain only traces). The sparse table lookup before it stays eager
+    (inductor cannot take sparse gradients)."""
+    module = _module(_cfg(conv_init="reference"))
+    hidden, rows = torch.randn(2, 16, 2, 24), torch.randn(2, 16, module.cfg.embed_dim)
+    explained = torch._dynamo.explain(module.combine)(hidden, rows)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+
+
+@pytest.mark.slow
+def test_a_compiled_engram_model_trains_like_the_eager_one():
+    """``compile.enable``: every block compiled (inductor, CPU), the table lookup eager: the same
+    loss, and the same gradients of every Engram parameter, as eager, to float32 rounding (mHC's
+    Sinkhorn iterations, reordered by inductor, move the other gradients by up to ~1e-2)."""
+    from models.flavors import resolve_model_args
+    from models.transformer import Transformer
+    from parallel.wrappers import apply_block_wrappers
+
+    # the experts as a loop: inductor on CPU has no float32 grouped GEMM
+    args = resolve_model_args("debug", {"moe.use_grouped_mm": False}, vocab_size=512)
+    torch.manual_seed(0)
+    import copy
+
+    models = [Transformer(args)]
+    models[0].init_weights()
+    models.append(copy.deepcopy(models[0]))
+    apply_block_wrappers(models[1].layers, "none", compile_blocks=True)
+    tokens = torch.randint(0, 512, (2, 32))
+    engram = {
+        layer: torch.randint(0, 50, (2, 32, args.engram.num_heads))
+        for layer in args.engram.layer_ids
+    }
+    grads, losses = [], []
+    for model in models:
+        loss = model(tokens, engram=engram).logits.float().square().mean()
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad for n, p in model.named_parameters() if "engram" in n})
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert len(grads[0]) >= 9 and all(g is not None for g in grads[1].values())
+    for name, want in grads[0].items():
+        got = grads[1][name]
+        got, want = (g.to_dense() if g.is_sparse else g for g in (got, want))
+        err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+        assert err < 1e-4, f"{name}: {err:.3g}"
