@@ -6,8 +6,10 @@ parallel plan for one rank: parameters per rank, FLOPs per token and the analyti
 estimate (``models.memory``, ``peak_gib``). Then (unless ``--analytical``) it runs a real step on
 fake tensors (``pretrain.simulation.simulate``): the traced peak memory (``peak_gib_traced``),
 the communication per collective and mesh axis (``comm_gib_per_step``), and the step time,
-tokens/s and MFU on stated H100 constants (``pretrain.simulation.cost_model``; ``--efficiency``,
-``--nvlink_gbps``... override them). The last line is a JSON summary; the exit code is 1 when
+tokens/s and MFU from every traced kernel's roofline time (``pretrain.simulation.roofline``,
+constants fitted to measured GPU steps in ``benchmarks/calibration.json``) and the links
+(``pretrain.simulation.cost_model``; ``--nvlink_gbps``... override them); ``est_engram_s`` is
+Engram's own share. The last line is a JSON summary; the exit code is 1 when
 the layout does not fit in 90 % of ``--gpu_memory_gib`` (by the traced peak when there is one).
 A 27B recipe takes about a minute per traced rank.
 """
@@ -28,6 +30,7 @@ from models.parallel_plans import validate_parallelism
 from parallel.dims import ParallelDims
 from pretrain.config import load_config
 from pretrain.simulation.cost_model import Hardware, estimate
+from pretrain.simulation.roofline import Calibration
 from pretrain.simulation.simulate import GIB, comm_summary, rank_model, trace_step
 
 
@@ -58,6 +61,7 @@ def dry_run(
     gpu_memory_gib: float,
     simulate: bool = False,
     hardware: Hardware | None = None,
+    calibration: Calibration | None = None,
 ) -> dict:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -98,7 +102,9 @@ def dry_run(
         "fits": memory.peak_gib <= 0.9 * gpu_memory_gib,
     }
     if simulate:
-        est = simulated(cfg, dims, world_size, rank, accounting.flops_per_token, ac, hardware)
+        est = simulated(
+            cfg, dims, world_size, rank, accounting.flops_per_token, hardware, calibration
+        )
         result.update(est)
         result["fits"] = result["peak_gib_traced"] <= 0.9 * gpu_memory_gib
     return result
@@ -110,21 +116,23 @@ def simulated(
     world_size: int,
     rank: int,
     flops_per_token: float,
-    recompute: bool,
     hw: Hardware | None,
+    calibration: Calibration | None = None,
 ) -> dict:
     """The traced fields: memory and communication of a fake step, and the time estimate."""
     hw = hw or Hardware()
     trace = trace_step(cfg, world_size, rank)
     est = estimate(
         trace.collectives,
-        microbatches=trace.microbatches,
+        trace.ops,
+        repeats=trace.repeats,
         tokens_per_microbatch=trace.tokens_per_microbatch,
         data_parallel_degree=dims.batch_degree,  # ranks holding different tokens
         world_size=world_size,
         flops_per_token=flops_per_token,
-        recompute=recompute,
         hw=hw,
+        cal=calibration or Calibration.load(),
+        sparse_grad_bytes=trace.sparse_grad_bytes_per_microbatch,
     )
     return {
         "peak_gib_traced": round(trace.peak_bytes / GIB, 2),
@@ -193,10 +201,13 @@ def _print_simulated(result: dict) -> None:
     for key, value in result["comm_gib_per_step"].items():
         print(f"  {key:>30}: {value:9.3f}")
     print(
-        f"  step {result['est_step_s']:.2f} s = compute {result['est_compute_s']:.2f} s + exposed "
-        f"communication {result['est_exposed_comm_s']:.2f} s (of {result['est_comm_s']:.2f} s); "
+        f"  step {result['est_step_s']:.3f} s = compute {result['est_compute_s']:.3f} s (optimizer "
+        f"{result['est_optimizer_s']:.3f} s, Engram {result['est_engram_s']:.3f} s) + exposed "
+        f"communication {result['est_exposed_comm_s']:.3f} s (of {result['est_comm_s']:.3f} s); "
         f"{result['est_tokens_per_s']:,} tokens/s, MFU {100 * result['est_mfu']:.1f} %"
     )
+    cal = result["calibration"]
+    print(f"  roofline calibrated on {cal['device']} (torch {cal['torch']}, {cal['date']})")
 
 
 def _world_from_config(path: str, overrides: list[str]) -> int:

@@ -14,7 +14,8 @@ iso-FLOP arm off by more than 1% stops the sweep). Every arm x seed is one train
   run the same command with ``--launcher collect`` to gather the results.
 
 Writes ``<out>/results.json`` (``{"experiment", "arms": [{"name", "rho" or "table_rows",
-"total_params", "activated_params", "engram_params", "flops_per_token", "tokens",
+"total_params", "activated_params", "engram_params", "flops_per_token",
+"flops_per_token_measured" (``models.flop_count``), "tokens",
 "val_loss": [one per seed]}]}``), PNG plots (needs the ``[analysis]`` extra: matplotlib) and
 ``<out>/report.md``.
 """
@@ -29,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from models.derive import EXPERIMENTS, Arm, check, derive
 from pretrain.config import apply, load_config, to_toml
 
@@ -41,16 +44,27 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--corpus", required=True, help="a data.prepare output folder")
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--tokens", type=int, default=0, help="training tokens per run (sets --steps)")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--size", default="s", choices=("s", "m"))
+    p.add_argument("--size", default="s", choices=("xs", "s", "m"))
     p.add_argument("--seq_len", type=int, default=256)
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--eval_batches", type=int, default=16)
+    p.add_argument(
+        "--eval_tokens",
+        type=int,
+        default=262_144,
+        help="validation tokens per run, the same windows for every arm (at least 256K)",
+    )
+    p.add_argument("--eval_batches", type=int, default=0, help="overrides --eval_tokens")
     p.add_argument("--launcher", default="serial", choices=("serial", "slurm", "collect"))
     p.add_argument("--config", default=BASE_CONFIG, help="base job config the arms override")
     ns = p.parse_args(argv)
     ns.seeds = [int(s) for s in ns.seeds.split(",") if s != ""]
+    if ns.tokens:
+        ns.steps = max(1, -(-ns.tokens // (ns.batch_size * ns.seq_len)))
+    if not ns.eval_batches:
+        ns.eval_batches = -(-ns.eval_tokens // (ns.batch_size * ns.seq_len))
     if not ns.seeds:
         p.error("--seeds needs at least one seed, e.g. 0,1,2")
     return ns
@@ -113,6 +127,7 @@ def train_run(ns, arm: Arm, seed: int, folder: Path) -> dict:
     cfg = trainer.cfg
     result = {
         "val_loss": summary["val_loss"],
+        "val_windows": trainer.validator.window_losses,  # per batch: paired comparisons
         "tokens": cfg.training.steps * cfg.training.batch_size * cfg.data.seq_len,
         "seconds": time.perf_counter() - start,
     }
@@ -171,12 +186,60 @@ def results(ns, arms: list[Arm], vocab: int, per_arm: dict[str, list[dict]]) -> 
             activated_params=acc.activated_params,
             engram_params=acc.engram_params,
             flops_per_token=acc.flops_per_token,
+            flops_per_token_measured=arm.measured_flops_per_token,
             tokens=runs[0].get("tokens") if runs else None,
             val_loss=[r["val_loss"] for r in runs],
+            val_windows=[r.get("val_windows") or [r["val_loss"]] for r in runs],
             seconds=[r.get("seconds") for r in runs],
         )
         rows.append(row)
     out["arms"] = rows
+    out["comparisons"] = comparisons(rows)
+    return out
+
+
+def paired_bootstrap(
+    a: list[list[float]], b: list[list[float]], resamples: int = 4000, seed: int = 0
+) -> tuple[float, tuple[float, float]]:
+    """Mean of ``a - b`` over seeds x validation windows (both arms trained with the same seeds
+    and evaluated on the same windows: each cell is paired) and its 95 % interval from a
+    two-level bootstrap: seeds resampled, then windows, with replacement."""
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)  # [S, W]
+    seeds, windows = diff.shape
+    rng = np.random.default_rng(seed)
+    pick_s = rng.integers(0, seeds, (resamples, seeds))
+    pick_w = rng.integers(0, windows, (resamples, windows))
+    means = diff[pick_s[:, :, None], pick_w[:, None, :]].mean(axis=(1, 2))
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(diff.mean()), (float(low), float(high))
+
+
+def verdict(interval: tuple[float, float]) -> str:
+    """Lower loss is better: ``a - b`` wholly below 0 -> "A better", above -> "B better"."""
+    low, high = interval
+    return "A better" if high < 0 else "B better" if low > 0 else "undecided"
+
+
+def comparisons(rows: list[dict]) -> list[dict]:
+    """Every arm against the first (the MoE arm, rho = 1, or the smallest table), where both
+    have the same seeds and windows."""
+    out = []
+    first = rows[0] if rows else None
+    for row in rows[1:]:
+        a, b = row.get("val_windows") or [], first.get("val_windows") or []
+        shapes = {np.shape(a), np.shape(b)}
+        if not a or not b or len(shapes) != 1:
+            continue
+        diff, interval = paired_bootstrap(a, b)
+        out.append(
+            {
+                "a": row["name"],
+                "b": first["name"],
+                "diff_mean": diff,
+                "ci95": list(interval),
+                "verdict": verdict(interval),
+            }
+        )
     return out
 
 
@@ -209,8 +272,12 @@ def plot(res: dict, out: Path) -> Path | None:
         return None
     rows = [r for r in res["arms"] if r["val_loss"]]
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    means = [summary_stats(r["val_loss"])[0] for r in rows]
-    stds = [summary_stats(r["val_loss"])[1] for r in rows]
+    means, stds = [], [[], []]  # error bars: each arm's 95 % interval (bootstrap)
+    for r in rows:
+        mean, (low, high) = arm_interval(r)
+        means.append(mean)
+        stds[0].append(mean - low)
+        stds[1].append(high - mean)
     if res["experiment"] == "allocation":
         xs = [100 * r["rho"] for r in rows]
         ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3)
@@ -228,7 +295,8 @@ def plot(res: dict, out: Path) -> Path | None:
     else:
         for i, r in enumerate(rows):
             ax.scatter([i] * len(r["val_loss"]), r["val_loss"], alpha=0.5)
-            ax.errorbar([i], [means[i]], yerr=[stds[i]], marker="_", markersize=20, capsize=6)
+            yerr = [[stds[0][i]], [stds[1][i]]]
+            ax.errorbar([i], [means[i]], yerr=yerr, marker="_", markersize=20, capsize=6)
         ax.set_xticks(range(len(rows)), [r["name"] for r in rows])
     ax.set_ylabel("validation loss")
     ax.set_title(f"{res['experiment']} (size {res['size']}, {res['steps']} steps)")
@@ -239,27 +307,10 @@ def plot(res: dict, out: Path) -> Path | None:
     return path
 
 
-def iso_flop_verdict(rows: list[dict]) -> list[str]:
-    """MoE minus Engram loss, over the seeds (unpaired) and seed by seed (paired: both arms see
-    the same data order and initial seed, so the per-seed difference removes the order's
-    effect, which dominates at small step counts)."""
-    (m_mean, m_std), (e_mean, e_std) = (summary_stats(r["val_loss"]) for r in rows)
-    spread = 2 * max(m_std, e_std)
-    verdict = "beats" if m_mean - e_mean > spread else "does not clearly beat"
-    lines = [
-        f"Unpaired: Engram {verdict} MoE: mean difference {m_mean - e_mean:+.4f}, twice the "
-        f"larger seed std {spread:.4f}."
-    ]
-    moe, engram = rows[0]["val_loss"], rows[1]["val_loss"]
-    if len(moe) == len(engram) and len(moe) > 1:
-        diffs = [m - e for m, e in zip(moe, engram, strict=True)]
-        d_mean, d_std = summary_stats(diffs)
-        paired = "beats" if d_mean > 2 * d_std else "does not clearly beat"
-        lines.append(
-            f"Paired by seed: Engram {paired} MoE: differences "
-            f"{', '.join(f'{d:+.4f}' for d in diffs)} (mean {d_mean:+.4f}, std {d_std:.4f})."
-        )
-    return lines
+def arm_interval(row: dict) -> tuple[float, tuple[float, float]]:
+    """An arm's mean validation loss over seeds x windows and its 95 % bootstrap interval."""
+    windows = row.get("val_windows") or [[v] for v in row["val_loss"]]
+    return paired_bootstrap(windows, np.zeros_like(np.asarray(windows, dtype=np.float64)))
 
 
 def report(res: dict, checks: list[str], out: Path, png: Path | None) -> str:
@@ -275,8 +326,21 @@ def report(res: dict, checks: list[str], out: Path, png: Path | None) -> str:
             f"| {r['name']} | {mean:.4f} +- {std:.4f} | {len(r['val_loss'])} | {r['tokens']} |"
         )
     rows = [r for r in res["arms"] if r["val_loss"]]
-    if res["experiment"] == "iso_flop" and len(rows) == 2:
-        lines += ["", *iso_flop_verdict(rows)]
+    if res.get("comparisons"):
+        lines += [
+            "",
+            "Each arm against the first: mean loss difference (a minus b) over seeds x "
+            "validation windows, with its 95 % paired bootstrap interval:",
+            "",
+            "| a | b | a - b | 95 % interval | verdict |",
+            "|---|---|---|---|---|",
+        ]
+        for c in res["comparisons"]:
+            low, high = c["ci95"]
+            lines.append(
+                f"| {c['a']} | {c['b']} | {c['diff_mean']:+.4f} | [{low:+.4f}, {high:+.4f}] "
+                f"| {c['verdict']} |"
+            )
     if res["experiment"] == "allocation" and rows:
         best = min(rows, key=lambda r: summary_stats(r["val_loss"])[0])
         lines += ["", f"Minimum at rho = {best['rho']:.2f}."]

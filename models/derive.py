@@ -1,6 +1,6 @@
 """Experiment arms derived from a parameter budget, not written by hand.
 
-The paper's three comparisons, at ladder sizes (``s``, ``m``):
+The paper's three comparisons, at ladder sizes (``xs``, ``s``, ``m``):
 - ``iso_flop``: the MoE ladder flavor against an Engram arm with the same total parameters and
   training FLOPs per token. The Engram arm gives up routed experts; the freed parameters become
   table rows, and Engram's key/value projections (activated compute) are paid for by a narrower
@@ -21,11 +21,15 @@ from models.accounting import Accounting, account
 from models.args import ModelArgs
 from models.flavors import resolve_model_args
 
-SIZES = {"s": ("ladder-moe-s", "ladder-engram-s"), "m": ("ladder-moe-m", "ladder-engram-m")}
+SIZES = {
+    "xs": ("ladder-moe-xs", "ladder-engram-xs"),  # a few million non-table parameters: CPU
+    "s": ("ladder-moe-s", "ladder-engram-s"),
+    "m": ("ladder-moe-m", "ladder-engram-m"),
+}
 EXPERIMENTS = ("iso_flop", "allocation", "memory_scaling")
 # Engram width per n-gram order in the derived arms: a quarter of the model width keeps the
 # key/value projections payable by the one dense FFN (they are (hc_mult + 1) projections)
-ENGRAM_WIDTH = {"s": 64, "m": 128}
+ENGRAM_WIDTH = {"xs": 32, "s": 64, "m": 128}
 MEMORY_FACTORS = (1, 3, 10, 30)  # table rows, relative to the iso-FLOP arm's
 TOLERANCE = 0.01  # iso-parameter and iso-FLOP: within 1%
 
@@ -39,6 +43,7 @@ class Arm:
     overrides: dict = field(default_factory=dict)
     rho: float | None = None  # allocation: the share of the sparse budget experts keep
     table_rows: int = 0  # Engram rows over all layers (0: no Engram)
+    measured_flops_per_token: float = 0.0  # counted on the instantiated model (``check``)
 
     def args(self, vocab_size: int) -> ModelArgs:
         return resolve_model_args(self.flavor, dict(self.overrides), vocab_size=vocab_size)
@@ -144,10 +149,21 @@ def derive(experiment: str, size: str, vocab_size: int, seq_len: int) -> list[Ar
     ]
 
 
-def check(experiment: str, arms: list[Arm], vocab_size: int, seq_len: int) -> list[str]:
-    """One line per arm (total, activated, FLOPs relative to the first arm); raises when an
-    iso-parameter or iso-FLOP experiment is off by more than ``TOLERANCE``."""
+MEASURED_TOLERANCE = 0.02  # iso arms' FLOPs as the counter measures them: within 2%
+
+
+def check(
+    experiment: str, arms: list[Arm], vocab_size: int, seq_len: int, measure: bool = True
+) -> list[str]:
+    """One line per arm (total, activated, FLOPs relative to the first arm, from
+    ``models.accounting``; with ``measure`` also the FLOPs per token counted on the instantiated
+    model and its parameters, ``models.flop_count``); raises when an iso-parameter or iso-FLOP
+    experiment is off by more than ``TOLERANCE`` by the accounting, or its FLOPs by more than
+    ``MEASURED_TOLERANCE`` by the count. Sets ``arm.measured_flops_per_token``."""
+    from models.flop_count import measure as count
+
     ref = arms[0].accounting(vocab_size, seq_len)
+    ref_measured = None
     lines = []
     for arm in arms:
         a = arm.accounting(vocab_size, seq_len)
@@ -156,7 +172,7 @@ def check(experiment: str, arms: list[Arm], vocab_size: int, seq_len: int) -> li
             "activated": a.activated_params / ref.activated_params,
             "flops": a.flops_per_token / ref.flops_per_token,
         }
-        lines.append(
+        line = (
             f"{arm.name:>10}: total {a.total_params / 1e6:8.2f}M ({ratios['total']:.4f}), "
             f"activated {a.activated_params / 1e6:7.2f}M ({ratios['activated']:.4f}), "
             f"FLOPs/token {a.flops_per_token / 1e6:8.1f}M ({ratios['flops']:.4f}), "
@@ -169,4 +185,22 @@ def check(experiment: str, arms: list[Arm], vocab_size: int, seq_len: int) -> li
                     f"{experiment} arm {arm.name}: {key} is {ratios[key]:.4f} of the first "
                     f"arm's, beyond {TOLERANCE:.0%}; the derivation is wrong for this size"
                 )
+        if measure:
+            m = count(arm.args(vocab_size), seq_len)
+            arm.measured_flops_per_token = m.flops_per_token
+            ref_measured = ref_measured or m.flops_per_token
+            ratio = m.flops_per_token / ref_measured
+            line += (
+                f"\n{'':>10}  measured: FLOPs/token {m.flops_per_token / 1e6:8.1f}M ({ratio:.4f}; "
+                f"{m.flops_per_token / a.flops_per_token:.4f} of the accounting), module "
+                f"params {m.total_params / 1e6:8.2f}M ({m.total_params / a.total_params:.4f} of "
+                "the accounting)"
+            )
+            if abs(ratio - 1) > MEASURED_TOLERANCE:
+                raise ValueError(
+                    f"{experiment} arm {arm.name}: its measured FLOPs per token are {ratio:.4f} "
+                    f"of the first arm's, beyond {MEASURED_TOLERANCE:.0%} (models.flop_count); "
+                    "the arms are not iso-FLOP as instantiated"
+                )
+        lines.append(line)
     return lines

@@ -220,6 +220,8 @@ FLAVORS: dict[str, Callable[[], ModelArgs]] = {
     "demo": _demo,
     "debug-v3": _debug_v3,
     "debug-v41": _debug_v41,
+    "ladder-moe-xs": _ladder(128, 4, 8, engram=False),
+    "ladder-engram-xs": _ladder(128, 4, 6, engram=True),
     "ladder-moe-s": _ladder(256, 6, 16, engram=False),
     "ladder-engram-s": _ladder(256, 6, 12, engram=True),
     "ladder-moe-m": _ladder(512, 8, 16, engram=False),

@@ -45,6 +45,7 @@ class Validator:
         if not self.mixture:
             self.stream_kwargs.update(split="val", shuffle=False)
         self.per_source: dict[str, float] = {}
+        self.window_losses: list[float] = []  # the last run's mean loss of each batch
         self.num_batches = num_batches
         self.dp_rank, self.dp_degree, self.dp_group = dp_rank, dp_degree, dp_group
         self.cp_group = cp_group
@@ -89,6 +90,7 @@ class Validator:
         names = sorted(set(self._sources))
         # [overall, per source...] x [loss sum, tokens]
         total = torch.zeros(1 + len(names), 2, device=self.device, dtype=torch.float64)
+        windows = torch.zeros(len(batches), device=self.device, dtype=torch.float64)
         for slot in range(-(-len(batches) // self.dp_degree)):
             index = slot * self.dp_degree + self.dp_rank
             # every rank runs the same number of forwards (sharded tables exchange rows in each);
@@ -100,12 +102,17 @@ class Validator:
                 tokens = batch.num_tokens
                 row = torch.stack([ce.double() * tokens, ce.new_tensor(tokens).double()])
                 total[0] += row
+                windows[index] = ce.double()
                 if self.mixture:
                     total[1 + names.index(self._sources[index])] += row
         all_reduce_sum_(total, self.dp_group)
+        all_reduce_sum_(windows, self.dp_group)
         if self.cp_group is not None:
             all_reduce_sum_(total, self.cp_group)
+            all_reduce_sum_(windows, self.cp_group)
+            windows /= self.cp_group.size()  # each rank's chunk holds as many tokens
         sm.model.train()
+        self.window_losses = windows.tolist()  # each batch's mean loss: paired comparisons
         if self.mixture:
             self.per_source = {
                 n: (total[1 + i, 0] / total[1 + i, 1]).item() for i, n in enumerate(names)

@@ -44,6 +44,8 @@ from models.parallelize import parallelize_deepseek_engram
 from models.transformer import Transformer
 from parallel.dims import ParallelDims
 from pretrain.optimizer import Optimizers
+from pretrain.rowwise_adam import RowwiseAdam
+from pretrain.simulation.roofline import OpRecord, attention_cost, op_cost
 from pretrain.step import StepModel, forward_backward, lookup_planners, optimizer_step
 
 GIB = 2**30
@@ -63,6 +65,7 @@ class Collective:
     microbatch: int  # index of the microbatch (-1 in the optimizer phase)
     host: bool  # a CPU (gloo) side group: host integers, no GPU link
     repeat: int = 1  # how many microbatches of the step issue it (``trace_step`` traces two)
+    overlapped: bool = False  # issued where the code runs it beside compute (``_overlapping``)
 
 
 def _ring_sent(kind: str, nbytes: int, n: int) -> int:
@@ -136,6 +139,7 @@ class CommRecorder:
                 -1 if optimizer else self.microbatch,
                 dist.get_backend(group) == "gloo",
                 1 if optimizer else self.repeat,
+                not optimizer and _overlapping(),
             )
         )
 
@@ -149,6 +153,26 @@ class CommRecorder:
         if splits:
             return (sum(splits) - splits[me]) * row_bytes
         return nbytes * (len(ranks) - 1) // len(ranks)
+
+
+def _overlapping() -> bool:
+    """Whether the collective being issued runs beside compute: FSDP2's all-gathers and
+    reduce-scatters (their own streams, prefetched a block ahead) and the asynchronous gradient
+    all-reduces started as gradients become ready (``parallel/plan.py``). Every other collective
+    (context parallelism's gathers, expert and table all-to-alls) blocks."""
+    import sys
+
+    frame = sys._getframe(2)
+    while frame is not None:
+        code = frame.f_code
+        if (
+            "/distributed/fsdp/" in code.co_filename
+            or code.co_name == "hook"
+            and (code.co_filename.endswith("parallel/plan.py"))
+        ):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _storages(t: torch.Tensor) -> list:
@@ -203,6 +227,11 @@ class StepTracer(TorchDispatchMode):
         self.total = self.peak = 0
         self.peak_by_label: dict[str, int] = {}
         self.phase = "model"
+        self.ops: list[OpRecord] = []  # every kernel of the traced step (``roofline``)
+        self.engram_optimizer = False  # inside the tables' row-wise optimizer step
+        self.in_engram = 0  # inside an Engram module's forward (its hooks count)
+        self.engram_nodes: set = set()  # the autograd nodes Engram's forwards made
+        self._op_name = "attention"
 
     def set_phase(self, phase: str, microbatch: int = -1, repeat: int = 1) -> None:
         self.phase = self.comm.phase = phase
@@ -211,7 +240,20 @@ class StepTracer(TorchDispatchMode):
     def reset_peak(self) -> None:
         self.peak, self.peak_by_label = self.total, {k: v for k, v in self.by_label.items() if v}
         self.comm.records.clear()
+        self.ops.clear()
         self.scalars = 0
+
+    def add_cost(self, flops: float, nbytes: float, expert: bool = False) -> None:
+        """One kernel of the step (``roofline.OpRecord``), charged to the current phase and to
+        Engram when an Engram module (or its table's optimizer) runs it."""
+        if self.phase == "model":
+            return
+        phase = self.comm.microbatch if self.phase == "microbatch" else -1
+        node = torch._C._current_autograd_node()  # in backward: the node being run
+        engram = self.engram_optimizer or (
+            node in self.engram_nodes if node is not None else self.in_engram > 0
+        )
+        self.ops.append(OpRecord(flops, nbytes, phase, engram, expert, self._op_name))
 
     def track(self, tensors, label: str | None = None) -> None:
         for t in tensors:
@@ -289,6 +331,10 @@ class StepTracer(TorchDispatchMode):
                 self.track([out])
             else:
                 self.track([t for t in tree_leaves(out) if isinstance(t, torch.Tensor)])
+            cost = op_cost(func, args, kwargs, out)
+            if cost is not None:
+                self._op_name = func.overloadpacket.__name__
+                self.add_cost(*cost)
         return out
 
 
@@ -313,6 +359,9 @@ def _model_values(inner, tokens_per_rank: int) -> None:
             engram.table.exchange_counts = list  # symmetric: receive what is sent
 
 
+_TRACING: list[StepTracer] = []  # the tracer of the step being traced (attention charges it)
+
+
 class _FusedAttention(torch.autograd.Function):
     """Attention as the GPU's fused kernels (flex / flash) hold it: the output and the row
     log-sum-exp are saved for backward, never the ``T x T`` scores that CPU SDPA's math path
@@ -320,6 +369,9 @@ class _FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v):
+        if _TRACING:
+            _TRACING[-1]._op_name = "attention"
+            _TRACING[-1].add_cost(*attention_cost(q, k, v, backward=False))
         out = q.new_empty((*q.shape[:-1], v.shape[-1]))
         lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -328,6 +380,9 @@ class _FusedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, k, v, _, _ = ctx.saved_tensors
+        if _TRACING:
+            _TRACING[-1]._op_name = "attention_backward"
+            _TRACING[-1].add_cost(*attention_cost(q, k, v, backward=True))
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -369,6 +424,9 @@ class Trace:
     tokens_per_microbatch: int = 0
     trace_s: float = 0.0
     axis_names: dict[tuple[int, ...], str] = field(default_factory=dict)
+    ops: list[OpRecord] = field(default_factory=list)  # every kernel (``roofline``)
+    sparse_grad_bytes_per_microbatch: int = 0
+    repeats: dict[int, int] = field(default_factory=dict)  # traced microbatch -> how many
 
 
 def trace_step(cfg, world_size: int, rank: int) -> Trace:
@@ -422,7 +480,10 @@ def trace_step(cfg, world_size: int, rank: int) -> Trace:
         tracer = StepTracer(rank)
         tracer.track([*wrapped.parameters(), *wrapped.buffers()], "model")
         fused = mock.patch.object(F, "scaled_dot_product_attention", fused_attention)
-        with fake, tracer, fused:
+        table_step = mock.patch.object(RowwiseAdam, "step", _flagged(RowwiseAdam.step, tracer))
+        _TRACING.append(tracer)
+        hooks = _watch_engram(inner, tracer)
+        with fake, tracer, fused, table_step:
             optimizers = Optimizers(wrapped, cfg.optimizer, cuda=True)  # CUDA's kernels
             _warm_up(optimizers)
             tracer.track(_optimizer_state(optimizers), "optimizer_state")
@@ -438,6 +499,10 @@ def trace_step(cfg, world_size: int, rank: int) -> Trace:
             optimizer_step(sm, optimizers, cfg.training.max_norm)
         axis_names = mesh_axis_names(dims, mesh, world_size)
     finally:
+        if _TRACING:
+            _TRACING.pop()
+            for hook in hooks:
+                hook.remove()
         dist.destroy_process_group()
     extra = num_micro * sparse_grad_bytes(args, batch)
     return Trace(
@@ -450,7 +515,52 @@ def trace_step(cfg, world_size: int, rank: int) -> Trace:
         tokens_per_microbatch=batch.num_tokens,
         trace_s=time.perf_counter() - start,
         axis_names=axis_names,
+        ops=tracer.ops,
+        sparse_grad_bytes_per_microbatch=extra // num_micro,
+        repeats=dict(traced),
     )
+
+
+def _watch_engram(model, tracer: StepTracer) -> list:
+    """Hooks that tell the tracer which kernels are Engram's: inside an Engram module's forward,
+    and, in backward, the autograd nodes between its output and its inputs."""
+    from torch.utils._pytree import tree_leaves
+
+    from models.engram import Engram
+
+    def enter(module, args):
+        tracer.in_engram += 1
+
+    def leave(module, args, output):
+        tracer.in_engram -= 1
+        stop = {t.grad_fn for t in tree_leaves(args) if isinstance(t, torch.Tensor)}
+        todo = [output.grad_fn]
+        while todo:
+            node = todo.pop()
+            if node is None or node in stop or node in tracer.engram_nodes:
+                continue
+            tracer.engram_nodes.add(node)
+            todo.extend(n for n, _ in node.next_functions)
+
+    hooks = []
+    for module in model.modules():
+        if isinstance(module, Engram):
+            hooks += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    return hooks
+
+
+def _flagged(step, tracer: StepTracer):
+    """``RowwiseAdam.step`` that marks its kernels as Engram's."""
+
+    @functools.wraps(step)
+    def flagged(self, *args, **kwargs):
+        tracer.engram_optimizer = True
+        try:
+            return step(self, *args, **kwargs)
+        finally:
+            tracer.engram_optimizer = False
+
+    return flagged
 
 
 def rank_model(cfg, args, dims: ParallelDims, **kwargs):
