@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -58,11 +59,24 @@ def parse(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--eval_batches", type=int, default=0, help="overrides --eval_tokens")
     p.add_argument("--launcher", default="serial", choices=("serial", "slurm", "collect"))
+    p.add_argument(
+        "--parallel", type=int, default=1, help="serial launcher: runs at once (processes)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads per run (0: torch's default, or cores / --parallel)",
+    )
     p.add_argument("--config", default=BASE_CONFIG, help="base job config the arms override")
     ns = p.parse_args(argv)
     ns.seeds = [int(s) for s in ns.seeds.split(",") if s != ""]
     if ns.tokens:
         ns.steps = max(1, -(-ns.tokens // (ns.batch_size * ns.seq_len)))
+    if ns.parallel < 1:
+        p.error("--parallel must be at least 1")
+    if not ns.threads and ns.parallel > 1:  # 0 with one run: torch's default
+        ns.threads = max(1, (os.cpu_count() or 1) // ns.parallel)
     if not ns.eval_batches:
         ns.eval_batches = -(-ns.eval_tokens // (ns.batch_size * ns.seq_len))
     if not ns.seeds:
@@ -105,6 +119,7 @@ def run_config(ns, arm: Arm, seed: int, folder: Path):
             f"--metrics.eval_batches={ns.eval_batches}",
             f"--metrics.log_freq={max(1, ns.steps // 10)}",
             "--metrics.progress_bar=false",
+            f"--training.num_threads={ns.threads}",
         ],
     )
     for key, value in arm.overrides.items():
@@ -133,6 +148,40 @@ def train_run(ns, arm: Arm, seed: int, folder: Path) -> dict:
     }
     done.write_text(json.dumps(result) + "\n")
     return result
+
+
+def _train_one(job) -> tuple[int, dict]:
+    index, ns, arm, seed, folder = job
+    return index, train_run(ns, arm, seed, Path(folder))
+
+
+def run_all(ns, runs: list[tuple[Arm, int, Path]]) -> list[dict]:
+    """Train every arm x seed here, ``ns.parallel`` at a time (spawned processes, each at
+    ``ns.threads`` torch threads), in the order given; results in that order."""
+    jobs = [(i, ns, arm, seed, str(folder)) for i, (arm, seed, folder) in enumerate(runs)]
+    for i, (arm, seed, folder) in enumerate(runs):
+        print(f"[{i + 1}/{len(runs)}] {arm.name} seed {seed} -> {folder}", flush=True)
+    out: list[dict | None] = [None] * len(runs)
+
+    def finished(index: int, result: dict) -> None:
+        arm, seed, _ = runs[index]
+        out[index] = result
+        loss = result["val_loss"]
+        print(f"[{index + 1}/{len(runs)}] {arm.name} seed {seed}: val_loss {loss:.4f}", flush=True)
+
+    if ns.parallel == 1:
+        for job in jobs:
+            finished(*_train_one(job))
+        return out
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # not a multiprocessing.Pool: its daemonic workers could not start the loader's processes
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(ns.parallel, mp_context=context) as pool:
+        for future in as_completed([pool.submit(_train_one, job) for job in jobs]):
+            finished(*future.result())
+    return out
 
 
 def write_slurm(ns, runs: list[tuple[Arm, int, Path]], out: Path) -> Path:
@@ -369,15 +418,11 @@ def main(argv=None) -> int:
         )
         return 0
     per_arm: dict[str, list[dict]] = {a.name: [] for a in arms}
-    for i, (arm, seed, folder) in enumerate(runs):
-        if ns.launcher == "collect":
-            result = collect_run(folder)
-        else:
-            print(f"[{i + 1}/{len(runs)}] {arm.name} seed {seed} -> {folder}", flush=True)
-            result = train_run(ns, arm, seed, folder)
-            print(
-                f"[{i + 1}/{len(runs)}] {arm.name} seed {seed}: val_loss {result['val_loss']:.4f}"
-            )
+    if ns.launcher == "collect":
+        done = [collect_run(folder) for _, _, folder in runs]
+    else:
+        done = run_all(ns, runs)
+    for (arm, _, _), result in zip(runs, done, strict=True):
         if result is not None:
             per_arm[arm.name].append(result)
     res = results(ns, arms, vocab, per_arm)

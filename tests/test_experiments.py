@@ -115,6 +115,11 @@ def test_sweep_driver_runs_and_resumes(corpus, tmp_path):
     after = (tmp_path / "sweep" / "runs" / "moe" / "seed0" / "result.json").stat().st_mtime
     assert before == after
     assert json.loads((tmp_path / "sweep" / "results.json").read_text())["arms"] == res["arms"]
+    # two runs at once, in spawned processes at one thread each: the same losses
+    argv[2] = f"--out={tmp_path / 'parallel'}"
+    assert main([*argv, "--parallel=2", "--threads=1"]) == 0
+    both = json.loads((tmp_path / "parallel" / "results.json").read_text())
+    assert [a["val_loss"] for a in both["arms"]] == [a["val_loss"] for a in res["arms"]]
 
 
 def _model_and_windows(seed=0):

@@ -146,8 +146,10 @@ def op_cost(func, args, kwargs, out) -> tuple[float, float, bool] | None:
     if func._schema.name.startswith("_c10d_functional"):
         return None  # collectives: the comm model
     inputs, outputs = _tensors((args, kwargs)), _tensors(out)
-    if not outputs:  # metadata (device, sizes, ...) or a host value
-        return None
+    if not outputs:
+        outputs = _mutated(func, args, kwargs)  # in-place ops returning nothing (_foreach_, ...)
+        if not outputs:  # metadata (device, sizes, ...) or a host value
+            return None
     flops, expert = 0.0, name == "_grouped_mm"
     if func.overloadpacket in flop_registry:  # the grouped GEMM's: models.flop_count
         try:
@@ -167,6 +169,20 @@ def op_cost(func, args, kwargs, out) -> tuple[float, float, bool] | None:
     fresh = sum(tensor_bytes(t) for t in outputs if id(t) not in {id(i) for i in inputs})
     in_place = sum(tensor_bytes(t) for t in inputs if id(t) in written)
     return flops, float(read + fresh + in_place), expert
+
+
+def _mutated(func, args, kwargs) -> list[torch.Tensor]:
+    """The tensors an op writes through its arguments (``Tensor(a!)``, ``Tensor(a!)[]``)."""
+    out = []
+    for position, argument in enumerate(func._schema.arguments):
+        if argument.alias_info is None or not argument.alias_info.is_write:
+            continue
+        if position < len(args):
+            value = args[position]
+        else:
+            value = (kwargs or {}).get(argument.name)
+        out += _tensors(value)
+    return out
 
 
 def attention_cost(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward: bool):
