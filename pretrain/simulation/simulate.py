@@ -464,6 +464,7 @@ def trace_step(cfg, world_size: int, rank: int) -> Trace:
             model.to_empty(device="cpu")
         return model
 
+    tracer, hooks = None, []
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
         mesh, (wrapped, inner, plan) = rank_model(cfg, args, dims, materialize_fn=fake_materialize)
@@ -481,8 +482,8 @@ def trace_step(cfg, world_size: int, rank: int) -> Trace:
         tracer.track([*wrapped.parameters(), *wrapped.buffers()], "model")
         fused = mock.patch.object(F, "scaled_dot_product_attention", fused_attention)
         table_step = mock.patch.object(RowwiseAdam, "step", _flagged(RowwiseAdam.step, tracer))
-        _TRACING.append(tracer)
         hooks = _watch_engram(inner, tracer)
+        _TRACING.append(tracer)
         with fake, tracer, fused, table_step:
             optimizers = Optimizers(wrapped, cfg.optimizer, cuda=True)  # CUDA's kernels
             _warm_up(optimizers)
@@ -499,10 +500,10 @@ def trace_step(cfg, world_size: int, rank: int) -> Trace:
             optimizer_step(sm, optimizers, cfg.training.max_norm)
         axis_names = mesh_axis_names(dims, mesh, world_size)
     finally:
-        if _TRACING:
-            _TRACING.pop()
-            for hook in hooks:
-                hook.remove()
+        for hook in hooks:
+            hook.remove()
+        if tracer in _TRACING:
+            _TRACING.remove(tracer)
         dist.destroy_process_group()
     extra = num_micro * sparse_grad_bytes(args, batch)
     return Trace(
