@@ -100,30 +100,19 @@ def traces(tail: str = "fused") -> dict:
 
 
 def predict(traced: dict, cal: Calibration) -> dict[str, float]:
-    from pretrain.simulation.cost_model import Hardware, estimate
+    from pretrain.simulation.cost_model import Hardware, estimate_trace
 
-    out = {}
-    for flavor, (trace, dims, flops) in traced.items():
-        est = estimate(
-            trace.collectives,
-            trace.ops,
-            repeats=trace.repeats,
-            tokens_per_microbatch=trace.tokens_per_microbatch,
-            data_parallel_degree=dims.batch_degree,
-            world_size=1,
-            flops_per_token=flops,
-            hw=Hardware(),
-            cal=cal,
-            sparse_grad_bytes=trace.sparse_grad_bytes_per_microbatch,
-        )
-        out[flavor] = est["est_step_s"]
-    return out
+    return {
+        flavor: estimate_trace(trace, dims, 1, flops, Hardware(), cal)["est_step_s"]
+        for flavor, (trace, dims, flops) in traced.items()
+    }
 
 
 def fit(traced: dict, measured: dict[str, float], base: Calibration) -> Calibration:
     """The grid point of (compute, memory) efficiency with the least squared relative error
     (one GPU: no collectives, so a step is the sum of its kernels' roofline times)."""
     from pretrain.simulation.cost_model import table_optimizer_record
+    from pretrain.simulation.roofline import roofline_seconds
 
     arrays = {}
     for flavor, (trace, _, _) in traced.items():
@@ -133,24 +122,20 @@ def fit(traced: dict, measured: dict[str, float], base: Calibration) -> Calibrat
         arrays[flavor] = (
             np.array([o.flops for o in ops]),
             np.array([o.bytes for o in ops]),
-            np.array([base.moe_imbalance if o.expert else 1.0 for o in ops]),
+            np.array([o.expert for o in ops]),
         )
     best, best_err = base, float("inf")
     grid = np.round(np.arange(0.20, 0.96, 0.01), 2)
     for compute, memory in itertools.product(grid, grid):
+        cal = Calibration(
+            **{**base.__dict__, "compute_efficiency": compute, "memory_efficiency": memory}
+        )
         err = 0.0
-        for flavor, (flops, nbytes, scale) in arrays.items():
-            per_op = np.maximum(
-                flops / (base.peak_tflops * 1e12 * compute),
-                nbytes / (base.hbm_gbps * 1e9 * memory),
-            )
-            step = float(((per_op + base.launch_us * 1e-6) * scale).sum())
+        for flavor, (flops, nbytes, expert) in arrays.items():
+            step = float(roofline_seconds(flops, nbytes, expert, cal).sum())
             err += (step / measured[flavor] - 1) ** 2
         if err < best_err:
-            best_err = err
-            best = Calibration(
-                **{**base.__dict__, "compute_efficiency": compute, "memory_efficiency": memory}
-            )
+            best, best_err = cal, err
     return best
 
 

@@ -29,7 +29,7 @@ from models.memory import RankCounts, estimate_memory
 from models.parallel_plans import validate_parallelism
 from parallel.dims import ParallelDims
 from pretrain.config import load_config
-from pretrain.simulation.cost_model import Hardware, estimate
+from pretrain.simulation.cost_model import Hardware, estimate_trace
 from pretrain.simulation.roofline import Calibration
 from pretrain.simulation.simulate import GIB, comm_summary, rank_model, trace_step
 
@@ -122,18 +122,8 @@ def simulated(
     """The traced fields: memory and communication of a fake step, and the time estimate."""
     hw = hw or Hardware()
     trace = trace_step(cfg, world_size, rank)
-    est = estimate(
-        trace.collectives,
-        trace.ops,
-        repeats=trace.repeats,
-        tokens_per_microbatch=trace.tokens_per_microbatch,
-        data_parallel_degree=dims.batch_degree,  # ranks holding different tokens
-        world_size=world_size,
-        flops_per_token=flops_per_token,
-        hw=hw,
-        cal=calibration or Calibration.load(),
-        sparse_grad_bytes=trace.sparse_grad_bytes_per_microbatch,
-    )
+    cal = calibration or Calibration.load()
+    est = estimate_trace(trace, dims, world_size, flops_per_token, hw, cal)
     return {
         "peak_gib_traced": round(trace.peak_bytes / GIB, 2),
         "memory_traced_gib": {k: round(v / GIB, 2) for k, v in trace.peak_by_label.items()}

@@ -19,7 +19,7 @@ from torch import nn
 
 from data.batch import EngramInputs
 from data.ngram_hash import EngramHashSpec
-from models.engram_fused import engram_mix
+from models.engram_fused import causal_taps, engram_mix
 from models.engram_table import EngramTable
 from models.sequence import LOCAL_SEQUENCE
 from models.sharded_init import kaiming_uniform_, normal_
@@ -122,30 +122,11 @@ def engram_gate(
     return signed_sqrt(score).sigmoid()
 
 
-def causal_taps(
-    x: torch.Tensor, weight: torch.Tensor, dilation: int, left: torch.Tensor | None = None
-) -> torch.Tensor:
-    """A depthwise causal dilated conv as K shifted multiply-adds (no padding, crop or
-    transpose): ``x [N, L, C]``, ``weight [C, K]`` -> ``[N, L, C]``, where output ``t`` reads
-    inputs ``t - (K-1-k) * dilation``. ``left [N, W, C]``: the W = (K-1) * dilation inputs before
-    ``x`` (a cache or a halo); None: zeros (the sequence start)."""
-    taps, length = weight.shape[1], x.shape[1]
-    out = x * weight[:, taps - 1]
-    for k in range(taps - 1):
-        shift = (taps - 1 - k) * dilation
-        if shift < length:
-            out[:, shift:] += x[:, : length - shift] * weight[:, k]
-        if left is not None:
-            width, inside = left.shape[1], min(shift, length)
-            out[:, :inside] += left[:, width - shift : width - shift + inside] * weight[:, k]
-    return out
-
-
 class ShortConv(nn.Module):
     """Per-branch RMSNorm, depthwise causal conv over G*D channels (dilation = N), SiLU.
 
-    The conv runs as shifted multiply-adds (``causal_taps``); ``conv`` holds its weight under the
-    reference's name (``short_conv.conv.weight [G*D, 1, K]``)."""
+    The conv runs as shifted multiply-adds (``engram_fused.causal_taps``); ``conv`` holds its
+    weight under the reference's name (``short_conv.conv.weight [G*D, 1, K]``)."""
 
     def __init__(self, dim: int, hc_mult: int, kernel_size: int, dilation: int, init: str):
         super().__init__()

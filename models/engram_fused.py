@@ -47,9 +47,14 @@ def _param_sum(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(0, -3).sum(dim=0)
 
 
-def taps_forward(x: torch.Tensor, weight: torch.Tensor, dilation: int) -> torch.Tensor:
-    """``y[t] = sum_k weight[:, k] * x[t - (K-1-k) * dilation]`` (zeros before the start):
-    ``x [N, L, C]``, ``weight [C, K]``."""
+def causal_taps(
+    x: torch.Tensor, weight: torch.Tensor, dilation: int, left: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A depthwise causal dilated conv as K shifted multiply-adds (no padding, crop or
+    transpose): ``x [N, L, C]``, ``weight [C, K]`` -> ``[N, L, C]``, where output ``t`` reads
+    inputs ``t - (K-1-k) * dilation``. ``left [N, W, C]``: the W = (K-1) * dilation inputs before
+    ``x`` (a cache or a halo); None: zeros (the sequence start). Differentiable; the fused tail
+    runs it without autograd."""
     taps, length = weight.shape[1], x.shape[1]
     columns = weight.unbind(1)
     out = x * columns[taps - 1]
@@ -57,13 +62,17 @@ def taps_forward(x: torch.Tensor, weight: torch.Tensor, dilation: int) -> torch.
         shift = (taps - 1 - k) * dilation
         if shift < length:
             out[:, shift:].addcmul_(x[:, : length - shift], columns[k])
+        if left is not None:
+            width, inside = left.shape[1], min(shift, length)
+            out[:, :inside].addcmul_(left[:, width - shift : width - shift + inside], columns[k])
     return out
 
 
 def taps_backward(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, dilation: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input gradient ``[N, L, C]``, weight gradient ``[C, K]``) of ``taps_forward``."""
+    """(input gradient ``[N, L, C]``, weight gradient ``[C, K]``) of ``causal_taps`` without
+    ``left``."""
     taps, length = weight.shape[1], x.shape[1]
     columns = weight.unbind(1)
     grad_x = grad * columns[taps - 1]
@@ -109,7 +118,7 @@ class EngramMix(torch.autograd.Function):
             conv_w = weights[-1].flatten(1).to(f32)  # [C, K]
             ohat, ro = _norm(out, conv_eps)
             normed = (ohat * conv_norm_w).flatten(-2)  # [B, T, C]
-            pre = taps_forward(normed, conv_w, dilation)
+            pre = causal_taps(normed, conv_w, dilation)
             out = out + torch.nn.functional.silu(pre).view_as(out)
             saved += [ro, ohat, normed, pre, conv_norm_w, conv_w]
         ctx.save_for_backward(*saved)

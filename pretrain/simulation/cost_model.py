@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from pretrain.simulation.roofline import Calibration, OpRecord, op_seconds
-from pretrain.simulation.simulate import Collective
+from pretrain.simulation.simulate import Collective, Trace
 
 GB = 1e9
 
@@ -135,3 +135,21 @@ def estimate(
         "est_kernels": len(ops),
         "calibration": cal.summary(),
     }
+
+
+def estimate_trace(
+    trace: Trace, dims, world_size: int, flops_per_token: float, hw: Hardware, cal: Calibration
+) -> dict:
+    """``estimate`` of a traced step (``simulate.trace_step``) of a rank of ``dims``."""
+    return estimate(
+        trace.collectives,
+        trace.ops,
+        repeats=trace.repeats,
+        tokens_per_microbatch=trace.tokens_per_microbatch,
+        data_parallel_degree=dims.batch_degree,  # ranks holding different tokens
+        world_size=world_size,
+        flops_per_token=flops_per_token,
+        hw=hw,
+        cal=cal,
+        sparse_grad_bytes=trace.sparse_grad_bytes_per_microbatch,
+    )

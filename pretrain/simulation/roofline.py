@@ -24,6 +24,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 CALIBRATION = Path(__file__).resolve().parents[2] / "benchmarks" / "calibration.json"
@@ -109,11 +110,16 @@ class OpRecord:
     name: str = ""  # the aten op (reports)
 
 
+def roofline_seconds(flops, nbytes, expert, cal: Calibration):
+    """Seconds of kernels (floats, or numpy arrays of many: the calibration's fit)."""
+    compute = np.divide(flops, cal.peak_tflops * 1e12 * cal.compute_efficiency)
+    memory = np.divide(nbytes, cal.hbm_gbps * 1e9 * cal.memory_efficiency)
+    seconds = np.maximum(compute, memory) + cal.launch_us * 1e-6
+    return seconds * np.where(expert, cal.moe_imbalance, 1.0)
+
+
 def op_seconds(op: OpRecord, cal: Calibration) -> float:
-    compute = op.flops / (cal.peak_tflops * 1e12 * cal.compute_efficiency)
-    memory = op.bytes / (cal.hbm_gbps * 1e9 * cal.memory_efficiency)
-    seconds = max(compute, memory) + cal.launch_us * 1e-6
-    return seconds * (cal.moe_imbalance if op.expert else 1.0)
+    return float(roofline_seconds(op.flops, op.bytes, op.expert, cal))
 
 
 def _tensors(tree) -> list[torch.Tensor]:

@@ -231,7 +231,6 @@ class StepTracer(TorchDispatchMode):
         self.engram_optimizer = False  # inside the tables' row-wise optimizer step
         self.in_engram = 0  # inside an Engram module's forward (its hooks count)
         self.engram_nodes: set = set()  # the autograd nodes Engram's forwards made
-        self._op_name = "attention"
 
     def set_phase(self, phase: str, microbatch: int = -1, repeat: int = 1) -> None:
         self.phase = self.comm.phase = phase
@@ -243,7 +242,7 @@ class StepTracer(TorchDispatchMode):
         self.ops.clear()
         self.scalars = 0
 
-    def add_cost(self, flops: float, nbytes: float, expert: bool = False) -> None:
+    def add_cost(self, name: str, flops: float, nbytes: float, expert: bool = False) -> None:
         """One kernel of the step (``roofline.OpRecord``), charged to the current phase and to
         Engram when an Engram module (or its table's optimizer) runs it."""
         if self.phase == "model":
@@ -253,7 +252,7 @@ class StepTracer(TorchDispatchMode):
         engram = self.engram_optimizer or (
             node in self.engram_nodes if node is not None else self.in_engram > 0
         )
-        self.ops.append(OpRecord(flops, nbytes, phase, engram, expert, self._op_name))
+        self.ops.append(OpRecord(flops, nbytes, phase, engram, expert, name))
 
     def track(self, tensors, label: str | None = None) -> None:
         for t in tensors:
@@ -333,8 +332,7 @@ class StepTracer(TorchDispatchMode):
                 self.track([t for t in tree_leaves(out) if isinstance(t, torch.Tensor)])
             cost = op_cost(func, args, kwargs, out)
             if cost is not None:
-                self._op_name = func.overloadpacket.__name__
-                self.add_cost(*cost)
+                self.add_cost(func.overloadpacket.__name__, *cost)
         return out
 
 
@@ -370,8 +368,7 @@ class _FusedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v):
         if _TRACING:
-            _TRACING[-1]._op_name = "attention"
-            _TRACING[-1].add_cost(*attention_cost(q, k, v, backward=False))
+            _TRACING[-1].add_cost("attention", *attention_cost(q, k, v, backward=False))
         out = q.new_empty((*q.shape[:-1], v.shape[-1]))
         lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -381,8 +378,7 @@ class _FusedAttention(torch.autograd.Function):
     def backward(ctx, grad):
         q, k, v, _, _ = ctx.saved_tensors
         if _TRACING:
-            _TRACING[-1]._op_name = "attention_backward"
-            _TRACING[-1].add_cost(*attention_cost(q, k, v, backward=True))
+            _TRACING[-1].add_cost("attention_backward", *attention_cost(q, k, v, backward=True))
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
