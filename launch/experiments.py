@@ -130,6 +130,7 @@ def run_config(ns, arm: Arm, seed: int, folder: Path):
 
 def train_run(ns, arm: Arm, seed: int, folder: Path) -> dict:
     """Train one arm x seed here (resuming a checkpoint there); its ``result.json``."""
+    from pretrain.rowwise_adam import RowwiseAdam
     from pretrain.train import Trainer
 
     done = folder / "result.json"
@@ -140,8 +141,11 @@ def train_run(ns, arm: Arm, seed: int, folder: Path) -> dict:
     summary = trainer.fit()
     trainer.loader.close()
     cfg = trainer.cfg
+    tables = [o for o in trainer.optimizers.optimizers if isinstance(o, RowwiseAdam)]
+    touched, rows = tables[0].rows_touched() if tables else (0, 0)
     result = {
         "val_loss": summary["val_loss"],
+        "rows_touched": touched / rows if rows else None,  # fraction of table rows trained
         "val_windows": trainer.validator.window_losses,  # per batch: paired comparisons
         "tokens": cfg.training.steps * cfg.training.batch_size * cfg.data.seq_len,
         "seconds": time.perf_counter() - start,
@@ -240,6 +244,7 @@ def results(ns, arms: list[Arm], vocab: int, per_arm: dict[str, list[dict]]) -> 
             val_loss=[r["val_loss"] for r in runs],
             val_windows=[r.get("val_windows") or [r["val_loss"]] for r in runs],
             seconds=[r.get("seconds") for r in runs],
+            rows_touched=[r.get("rows_touched") for r in runs],
         )
         rows.append(row)
     out["arms"] = rows
@@ -365,14 +370,20 @@ def arm_interval(row: dict) -> tuple[float, tuple[float, float]]:
 def report(res: dict, checks: list[str], out: Path, png: Path | None) -> str:
     lines = [f"# {res['experiment']} (size {res['size']}, {res['steps']} steps)", ""]
     lines += ["Accounting (relative to the first arm):", "", "```", *checks, "```", ""]
-    lines += ["| arm | val loss (mean +- std) | seeds | tokens |", "|---|---|---|---|"]
+    lines += [
+        "| arm | val loss (mean +- std) | seeds | tokens | table rows trained |",
+        "|---|---|---|---|---|",
+    ]
     for r in res["arms"]:
         if not r["val_loss"]:
-            lines.append(f"| {r['name']} | (not run) | 0 | - |")
+            lines.append(f"| {r['name']} | (not run) | 0 | - | - |")
             continue
         mean, std = summary_stats(r["val_loss"])
+        touched = [t for t in r.get("rows_touched") or [] if t is not None]
+        trained = f"{100 * statistics.fmean(touched):.1f} %" if touched else "-"
         lines.append(
-            f"| {r['name']} | {mean:.4f} +- {std:.4f} | {len(r['val_loss'])} | {r['tokens']} |"
+            f"| {r['name']} | {mean:.4f} +- {std:.4f} | {len(r['val_loss'])} | {r['tokens']} "
+            f"| {trained} |"
         )
     rows = [r for r in res["arms"] if r["val_loss"]]
     if res.get("comparisons"):

@@ -120,6 +120,31 @@ class RowwiseAdam(torch.optim.Optimizer):
                     tier.step_done()
         return loss
 
+    @torch.no_grad()
+    def rows_touched(self, block_rows: int = 1 << 20) -> tuple[int, int]:
+        """(rows that have ever had a nonzero gradient, rows) over this rank's tables.
+
+        A row's last state field (Adam's second moment, Adagrad's accumulator) stays exactly 0
+        until its first nonzero gradient, so it records which rows training reached. An
+        offloaded table is flushed and read from its store, ``block_rows`` records at a time.
+        """
+        touched = total = 0
+        last = self.state_names[-1]
+        for group in self.param_groups:
+            for param in group["params"]:
+                tier = getattr(param, "engram_tier", None)
+                if tier is None:
+                    moment = self.state[param][last]
+                    moment = getattr(moment, "_local_tensor", moment)  # a row-sharded DTensor
+                else:
+                    tier.cache.flush()
+                    moment = tier.store.field(last)
+                total += moment.shape[0]
+                for start in range(0, moment.shape[0], block_rows):
+                    block = moment[start : start + block_rows]
+                    touched += int(block.ne(0).any(dim=1).sum())
+        return touched, total
+
     def _update_in_memory(self, param, state, rows, values, step, hyper) -> None:
         targets = [param, *(state[name] for name in self.state_names)]
         fields = [t.index_select(0, rows) for t in targets]

@@ -136,6 +136,18 @@ def test_rowwise_adam_leaves_untouched_rows():
     assert changed == [3, 5]
 
 
+@pytest.mark.parametrize("state", ["adam", "adam_row_v", "adagrad_row"])
+def test_rows_touched_counts_the_rows_that_had_a_gradient(state):
+    tables = [torch.nn.Embedding(20, 4, sparse=True), torch.nn.Embedding(30, 4, sparse=True)]
+    opt = RowwiseAdam([t.weight for t in tables], lr=0.1, state=state)
+    assert opt.rows_touched() == (0, 50)
+    for ids in ([3, 5, 5], [7, 3]):
+        opt.zero_grad()
+        (tables[0](torch.tensor(ids)).sum() + tables[1](torch.tensor([29])).sum()).backward()
+        opt.step()
+    assert opt.rows_touched(block_rows=4) == (4, 50)  # rows 3, 5, 7 and 29
+
+
 @pytest.mark.parametrize("state", ["adam_row_v", "adagrad_row"])
 def test_lighter_row_states_follow_their_formulas(state):
     """One second moment per row (Adam) and row-wise Adagrad, against their textbook updates

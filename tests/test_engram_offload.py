@@ -102,13 +102,13 @@ def device_reference(accum: int = 1, state: str = "adam"):
     table = sm.inner.engram_layers()[0].table
     rowwise = opts.optimizers[1]
     moments = {k: rowwise.state[table.weight][k].clone() for k in rowwise.state_names}
-    return trace, {"weight": table.weight.detach().clone(), **moments}, sm
+    return trace, {"weight": table.weight.detach().clone(), **moments}, sm, opts
 
 
 @pytest.mark.parametrize("placement", ["host", "disk"])
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_offloaded_table_is_bit_identical_to_device(tmp_path, placement, prefetch):
-    want_trace, want_table, want_sm = device_reference()
+    want_trace, want_table, want_sm, want_opts = device_reference()
     sm, opts = build(placement, tmp_path)
     got_trace = run(sm, opts, range(STEPS), prefetch)
     assert got_trace == want_trace  # losses and gradient norms, every step, bit for bit
@@ -121,13 +121,15 @@ def test_offloaded_table_is_bit_identical_to_device(tmp_path, placement, prefetc
             assert torch.equal(value, dense[name]), name
     stats = OffloadedTables(sm.inner).take_stats()
     assert 0 < stats.hits < stats.lookups and stats.bytes_written > 0  # the cache evicted
+    touched, rows = opts.optimizers[1].rows_touched(block_rows=100)  # read from the store
+    assert (touched, rows) == want_opts.optimizers[1].rows_touched() and 0 < touched < rows
 
 
 @pytest.mark.parametrize("state", ["adam_row_v", "adagrad_row"])
 def test_lighter_optimizer_state_is_bit_identical_to_device(tmp_path, state):
     """One second moment per row (Adam) or row-wise Adagrad: records of 2 x Dh + 1 or Dh + 1
     floats, trained exactly as the in-memory table with the same state."""
-    want_trace, want_table, _ = device_reference(state=state)
+    want_trace, want_table, *_ = device_reference(state=state)
     sm, opts = build("disk", tmp_path, state=state)
     assert run(sm, opts, range(STEPS), prefetch=True) == want_trace
     got = table_state(sm)
@@ -139,7 +141,7 @@ def test_lighter_optimizer_state_is_bit_identical_to_device(tmp_path, state):
 
 
 def test_offloaded_table_with_accumulation(tmp_path):
-    want_trace, want_table, _ = device_reference(accum=2)
+    want_trace, want_table, *_ = device_reference(accum=2)
     sm, opts = build("disk", tmp_path)
     assert run(sm, opts, range(STEPS), prefetch=True, accum=2) == want_trace
     got = table_state(sm)
@@ -220,7 +222,7 @@ def test_checkpoint_resume_and_placement_conversion_are_bit_identical(
     the same as 20 uninterrupted steps on the device."""
     from pretrain.checkpoint import CheckpointManager, TableStateMismatch
 
-    want_trace, want_table, _ = device_reference(state=state)
+    want_trace, want_table, *_ = device_reference(state=state)
     sm, opts = build(source, tmp_path, state=state)
     first = run(sm, opts, range(10), prefetch=True)
     identity = {"tokenizer_identity": "t", "engram_hash": None}

@@ -105,6 +105,8 @@ def test_sweep_driver_runs_and_resumes(corpus, tmp_path):
         assert len(arm["val_windows"]) == 1 and len(arm["val_windows"][0]) == 1  # 1 batch
         assert arm["val_windows"][0][0] == pytest.approx(arm["val_loss"][0])
         assert arm["flops_per_token_measured"] > 0
+        (touched,) = arm["rows_touched"]  # the fraction of table rows that training reached
+        assert touched is None if arm["name"] == "moe" else 0 < touched < 1
     (comparison,) = res["comparisons"]
     assert (comparison["a"], comparison["b"]) == ("engram", "moe")
     assert comparison["verdict"] in ("A better", "B better", "undecided")
