@@ -7,10 +7,10 @@ are known a batch ahead: ``OffloadedTables.prefetch(next_batch)`` makes them res
 current step computes.
 
 Training is exact: the forward gathers the staged rows and returns the same values as
-``EngramTable``; the backward produces the very sparse gradient ``F.embedding(sparse=True)``
-produces (flat row ids in lookup order, one gradient row per lookup) on a *virtual* parameter of
-the table's full shape, which owns no rows (one shared row of storage, expanded), so clipping and
-the norm see the table where it always was; ``pretrain.rowwise_adam`` then updates the rows in the
+``EngramTable``; the backward adds into the same step row buffer (``RowGradBuffer``: a coalesced
+sparse gradient over the step's rows) as an in-memory table's, on a *virtual* parameter of the
+table's full shape, which owns no rows (one shared row of storage, expanded), so clipping and the
+norm see the table where it always was; ``pretrain.rowwise_adam`` then updates the rows in the
 cache, with the same arithmetic as for an in-memory table.
 
 Legend: B batch, T sequence, K heads, Dh head dim, R table rows, U unique rows of a microbatch,
@@ -34,7 +34,7 @@ from torch.utils import _pytree as pytree
 
 from data.batch import unique_per_chunk
 from data.ngram_hash import head_offsets
-from models.engram_table import INIT_BLOCK_ROWS, init_table_rows
+from models.engram_table import INIT_BLOCK_ROWS, RowGradBuffer, init_table_rows
 from models.row_tier import (
     RowCache,
     RowStore,
@@ -92,26 +92,20 @@ class OffloadPlanner:
 
 
 class _StagedLookup(torch.autograd.Function):
-    """``staged[inverse]`` whose gradient goes to the virtual table parameter, built exactly as
-    ``F.embedding(flat_ids, weight, sparse=True)`` builds it."""
+    """``staged[inverse]`` whose gradient goes into the virtual table parameter's step row
+    buffer, exactly as an in-memory table's (``models.engram_table.RowGradBuffer``)."""
 
     @staticmethod
-    def forward(ctx, weight, staged, unique, inverse):
-        ctx.save_for_backward(unique, inverse)
-        ctx.shape = weight.shape
+    def forward(ctx, weight, staged, buffer, rows, inverse):
+        ctx.weight, ctx.buffer, ctx.rows = weight, buffer, rows
+        ctx.save_for_backward(inverse)
         return staged[inverse]  # [U, Dh] -> [B, T, K, Dh]
 
     @staticmethod
     def backward(ctx, grad):
-        unique, inverse = ctx.saved_tensors
-        flat = unique[inverse].reshape(1, -1)  # flat row ids in lookup order
-        values = grad.reshape(-1, grad.shape[-1])
-        return (
-            torch.sparse_coo_tensor(flat, values, ctx.shape, check_invariants=False),
-            None,
-            None,
-            None,
-        )
+        (inverse,) = ctx.saved_tensors
+        ctx.buffer.add(ctx.weight, ctx.rows, inverse, grad)
+        return None, None, None, None, None
 
 
 class TierRows:
@@ -133,6 +127,7 @@ class TierRows:
             torch.zeros(1, head_dim, device=cache.device).expand(store.num_rows, head_dim)
         )
         self.weight.engram_tier = self
+        self.grad_rows = RowGradBuffer()
         self._step_rows: list[np.ndarray] = []
 
     def _tier_lookup(self, rows: np.ndarray, inverse: torch.Tensor) -> torch.Tensor:
@@ -141,9 +136,8 @@ class TierRows:
         staged = self.cache.acquire(rows, train=train, width=self.store.layout["weight"])
         if train:
             self._step_rows.append(rows)
-        device = self.cache.device
-        unique = torch.from_numpy(rows).to(device, non_blocking=True)
-        return _StagedLookup.apply(self.weight, staged, unique, inverse.to(device))
+        inverse = inverse.to(self.cache.device)
+        return _StagedLookup.apply(self.weight, staged, self.grad_rows, rows, inverse)
 
     def step_rows(self) -> np.ndarray:
         """Sorted unique local rows looked up since the last optimizer step (the rows of the

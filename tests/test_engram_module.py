@@ -286,3 +286,46 @@ def test_a_compiled_engram_model_trains_like_the_eager_one():
         got, want = (g.to_dense() if g.is_sparse else g for g in (got, want))
         err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
         assert err < 1e-4, f"{name}: {err:.3g}"
+
+
+def test_planned_lookups_accumulate_into_one_row_buffer_per_step():
+    """Microbatches of one step, planned by the loader-side planner, add their gradients into
+    one coalesced buffer over the union of their rows (grown when a microbatch brings new rows).
+    It equals the sparse gradient of unplanned lookups, summed and coalesced, and the next step
+    starts a new buffer."""
+    from models.engram_table import EngramTable
+
+    table = EngramTable([13, 17, 19], head_dim=4)
+    torch.manual_seed(0)
+    table.weight.data.normal_()
+    g = torch.Generator().manual_seed(1)
+    micro = [torch.randint(0, 13, (2, 5, 3), generator=g) for _ in range(3)]
+    micro[2][..., 0] = 12  # a row the first two microbatches may lack: the buffer grows
+    weights = [torch.randn(2, 5, 3, 4, generator=g) for _ in micro]
+
+    planner = table.planner()
+    for ids, w in zip(micro, weights, strict=True):
+        plan = planner(ids.numpy()).to_torch()
+        (table(ids, plan) * w).sum().backward()
+    got = table.weight.grad
+    assert got.is_sparse and got.is_coalesced()
+    rows = torch.unique(torch.cat([table.flat_ids(ids).flatten() for ids in micro]))
+    assert torch.equal(got.indices()[0], rows)  # the union, once each: nothing grew per lookup
+    assert got.values().shape == (len(rows), 4)
+
+    table.weight.grad = None
+    for ids, w in zip(micro, weights, strict=True):
+        (table(ids) * w).sum().backward()  # unplanned: F.embedding's sparse gradient
+    want = table.weight.grad.coalesce()
+    assert torch.equal(want.indices(), got.indices())
+    torch.testing.assert_close(got.values(), want.values(), rtol=0, atol=1e-6)
+
+    table.weight.grad = None  # the next step (zero_grad): a fresh buffer of its own rows
+    plan = planner(micro[0].numpy()).to_torch()
+    (table(micro[0], plan) * weights[0]).sum().backward()
+    assert torch.equal(
+        table.weight.grad.indices()[0], torch.unique(table.flat_ids(micro[0]).flatten())
+    )
+    # a plan of two pipeline chunks must be split with the batch before it reaches a lookup
+    with pytest.raises(ValueError, match="pipeline microbatches"):
+        table(micro[0], planner(micro[0].numpy(), 2).to_torch())

@@ -6,7 +6,7 @@ storages, no values), and driven through the real step: ``grad_accum_steps`` mic
 ``forward_backward`` (the last one synchronising) and ``optimizer_step``. On the way:
 
 - ``MemoryTracer`` follows every storage: parameters, gradients
-  (sparse Engram table gradients growing over the microbatches, FSDP's unsharded accumulation
+  (the Engram tables' step row buffers, FSDP's unsharded accumulation
   buffers), optimizer moments, activations, the autocast weight copies, temporaries. Its peak is
   ``peak_gib_traced``. Not traced: the CUDA/NCCL contexts and allocator fragmentation, which the
   ``<= 72 of 80 GiB`` target leaves room for.
@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from data.batch import Batch, EngramInputs, context_shard, plan_lookups
+from models.engram_table import RowPlan
 from models.flavors import resolve_model_args
 from models.parallel_plans import validate_parallelism
 from models.parallelize import parallelize_deepseek_engram
@@ -580,14 +581,17 @@ def rank_model(cfg, args, dims: ParallelDims, **kwargs):
 
 
 def sparse_grad_bytes(args, batch: Batch) -> int:
-    """One microbatch's sparse table gradients on this rank: a float32 row plus an int64 index
-    per row looked up here (a sharded table's rows requested from this shard, symmetric with
-    what this rank requests; a replicated table's every lookup)."""
+    """One microbatch's sparse table gradients on this rank that the trace cannot see: a
+    float32 row plus an int64 index per row a sharded table's shard is asked for (symmetric
+    with what this rank requests), or per lookup of an unplanned table. A planned in-memory
+    table's row buffer (``RowGradBuffer``) is traced like any tensor."""
     if args.engram is None or not args.engram.sparse_grad:
         return 0
     total = 0
     for inputs in batch.engram.values():
         plan = inputs.plan
+        if isinstance(plan, RowPlan):
+            continue
         rows = int(plan.send_counts.sum()) if plan is not None else inputs.hash_ids.numel()
         total += rows * (args.engram.head_dim * 4 + 8)
     return total
