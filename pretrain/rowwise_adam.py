@@ -50,6 +50,63 @@ def adagrad_rows_(w, s, grad, lr: float, eps: float) -> None:
     w.addcdiv_(grad, s.sqrt().add_(eps), value=-lr)
 
 
+def _adam_math(w, m, v, grad, step_size, beta1, beta2, eps):
+    """``adam_rows_`` out of place (the body of the fused update; the hyper-parameters may be
+    0-d tensors, graph inputs of the compiled update)."""
+    m = m * beta1 + grad * (1 - beta1)
+    if v.shape[1] == grad.shape[1]:
+        v = v * beta2 + grad * grad * (1 - beta2)
+    else:
+        v = v * beta2 + grad.square().mean(dim=1, keepdim=True) * (1 - beta2)
+    return w - step_size * (m / (v.sqrt() + eps)), m, v
+
+
+def _adagrad_math(w, s, grad, lr, eps):
+    s = s + grad.square().mean(dim=1, keepdim=True)
+    return w - lr * (grad / (s.sqrt() + eps)), s
+
+
+def _updated(fields, grad, scalars):
+    if len(fields) == 3:
+        return _adam_math(*fields, grad, scalars[0], scalars[1], scalars[2], scalars[3])
+    return _adagrad_math(*fields, grad, scalars[0], scalars[1])
+
+
+def _scalars(fields: int, values, step: float, lr: float, betas, eps: float) -> torch.Tensor:
+    """The update's hyper-parameters as one small tensor on the rows' device (a non-blocking
+    copy), so that the compiled update takes them as inputs and never recompiles for them."""
+    if fields == 3:
+        beta1, beta2 = betas
+        step_size = lr * (1 - beta2**step) ** 0.5 / (1 - beta1**step)
+        host = [step_size, beta1, beta2, eps]
+    else:
+        host = [lr, eps]
+    return torch.tensor(host, dtype=values.dtype).to(values.device, non_blocking=True)
+
+
+def _fused_in_memory_(targets, rows, grad, scalars) -> None:
+    """Gather the rows and their state, update, scatter back: one compiled kernel region."""
+    fields = [t.index_select(0, rows) for t in targets]
+    for target, new in zip(targets, _updated(fields, grad, scalars), strict=True):
+        target.index_copy_(0, rows, new)
+
+
+def _fused_in_records_(records, slots, widths: list[int], grad, scalars) -> None:
+    """The same over records (the row and its state side by side) at cache ``slots``."""
+    fields = records.index_select(0, slots).split(widths, dim=1)
+    records.index_copy_(0, slots, torch.cat(_updated(fields, grad, scalars), dim=1))
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(fn):
+    """``fn`` compiled once per process (dynamic row counts)."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return _COMPILED[fn]
+
+
 def update_rows_(fields, grad, step: float, lr: float, betas, eps: float) -> None:
     """Update gathered ``fields`` (the row, then its state, as ``record_layout`` orders them)."""
     if len(fields) == 3:
@@ -69,13 +126,20 @@ class RowwiseAdam(torch.optim.Optimizer):
     """
 
     def __init__(
-        self, params, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8, state: str = "adam"
+        self,
+        params,
+        lr: float = 1e-3,
+        betas=(0.9, 0.95),
+        eps: float = 1e-8,
+        state: str = "adam",
+        fused: bool | None = None,
     ):
         if lr < 0:
             raise ValueError(f"optimizer.lr={lr}: must be >= 0")
         engram_state_fields(state)  # a clear error for an unknown state, before anything else
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps))
         self.kind = state
+        self.fused = fused
         for group in self.param_groups:
             for param in group["params"]:
                 tier = getattr(param, "engram_tier", None)
@@ -115,7 +179,7 @@ class RowwiseAdam(torch.optim.Optimizer):
                     if tier is None:
                         self._update_in_memory(param, state, rows, values, step, hyper)
                     else:
-                        _update_in_tier(tier, rows, values, step, hyper)
+                        _update_in_tier(tier, rows, values, step, hyper, self._fuse(values))
                 if tier is not None:
                     tier.step_done()
         return loss
@@ -145,21 +209,35 @@ class RowwiseAdam(torch.optim.Optimizer):
                     touched += int(block.ne(0).any(dim=1).sum())
         return touched, total
 
+    def _fuse(self, values: torch.Tensor) -> bool:
+        """The compiled update: asked for (``fused=True``), or by default on CUDA."""
+        return self.fused if self.fused is not None else values.is_cuda
+
     def _update_in_memory(self, param, state, rows, values, step, hyper) -> None:
         targets = [param, *(state[name] for name in self.state_names)]
+        if self._fuse(values):
+            scalars = _scalars(len(targets), values, step, **hyper)
+            # a detached alias: dynamo cannot take a sparse tensor's values tensor as an input
+            _compiled(_fused_in_memory_)(targets, rows, values.detach(), scalars)
+            return
         fields = [t.index_select(0, rows) for t in targets]
         update_rows_(fields, values, step, **hyper)
         for target, updated in zip(targets, fields, strict=True):
             target.index_copy_(0, rows, updated)
 
 
-def _update_in_tier(tier, rows, values, step, hyper) -> None:
+def _update_in_tier(tier, rows, values, step, hyper, fused: bool = False) -> None:
     """The rows' records sit in the tier's cache slots since their lookup (pinned)."""
     host_rows = tier.step_rows()  # the coalesced gradient's rows, known on the host
     if rows.device.type == "cpu" and not np.array_equal(rows.numpy(), host_rows):
         raise RuntimeError("the table gradient's rows differ from the rows looked up this step")
     cache = tier.cache
     slots = torch.from_numpy(cache.slots(host_rows)).to(cache.device)
+    if fused:
+        widths = list(tier.store.layout.values())
+        scalars = _scalars(len(widths), values, step, **hyper)
+        _compiled(_fused_in_records_)(cache.records, slots, widths, values.detach(), scalars)
+        return
     records = cache.records.index_select(0, slots)
     update_rows_(split_records(records, tier.store.layout), values, step, **hyper)  # in place
     cache.records.index_copy_(0, slots, records)

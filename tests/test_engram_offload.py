@@ -324,3 +324,20 @@ def test_write_behind_lands_before_a_read_of_the_same_rows(tmp_path, monkeypatch
     store.write_behind(np.array([9]), torch.full((1, 3), 2.0))
     store.sync()  # lands everything
     assert store.records[9, 0] == 2.0
+
+
+@pytest.mark.slow
+def test_fused_row_update_of_an_offloaded_table_follows_the_in_memory_one(tmp_path):
+    """The compiled row update (CUDA's default) over cache records trains a host table
+    bit-identically to the compiled update over an in-memory table's rows and state."""
+    want_sm, want_opts = build("device", Path("/nonexistent"))
+    sm, opts = build("host", tmp_path)
+    want_opts.optimizers[1].fused = opts.optimizers[1].fused = True
+    want = run(want_sm, want_opts, range(STEPS), prefetch=False)
+    got = run(sm, opts, range(STEPS), prefetch=True)
+    assert got == want
+    table = want_sm.inner.engram_layers()[0].table
+    rowwise = want_opts.optimizers[1]
+    want_state = {"weight": table.weight.detach(), **rowwise.state[table.weight]}
+    for name, value in table_state(sm).items():
+        assert torch.equal(value, want_state[name]), name
