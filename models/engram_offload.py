@@ -2,7 +2,7 @@
 
 The table's rows and their row-wise Adam moments live in a ``RowStore`` (host memory or a file);
 a device-side ``RowCache`` holds the rows in use (``models.row_tier``). The loader's planner
-(``OffloadPlanner``, run in its workers) deduplicates each batch's rows, so the rows a batch needs
+(``RowPlanner``, run in its workers) deduplicates each batch's rows, so the rows a batch needs
 are known a batch ahead: ``OffloadedTables.prefetch(next_batch)`` makes them resident while the
 current step computes.
 
@@ -24,7 +24,6 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -32,9 +31,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from data.batch import unique_per_chunk
 from data.ngram_hash import head_offsets
-from models.engram_table import INIT_BLOCK_ROWS, RowGradBuffer, init_table_rows
+from models.engram_table import (
+    INIT_BLOCK_ROWS,
+    RowGradBuffer,
+    RowPlan,
+    RowPlanner,
+    init_table_rows,
+)
 from models.row_tier import (
     RowCache,
     RowStore,
@@ -46,49 +50,6 @@ from models.row_tier import (
 from parallel.engram_table_parallel import ShardedEngramTable, ShardPlan, ShardPlanner
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class OffloadPlan:
-    """One layer's deduplicated lookups for one batch, per row chunk (``data.batch``).
-
-    ``unique_ids`` and ``counts`` stay on the host (the tier reads them); ``inverse`` goes to the
-    device. Every field has the chunks (or the batch rows) on dim 0.
-    """
-
-    unique_ids: Any  # [C, U] sorted flat row ids per chunk, 0-padded
-    counts: Any  # [C] unique rows of each chunk
-    inverse: Any  # [B, T, K] position of every lookup in its chunk's unique_ids
-
-    def to_torch(self) -> OffloadPlan:
-        return OffloadPlan(
-            *(torch.as_tensor(f) for f in (self.unique_ids, self.counts, self.inverse))
-        )
-
-    def pin_memory(self) -> OffloadPlan:
-        return OffloadPlan(self.unique_ids, self.counts, self.inverse.pin_memory())
-
-    def to(self, device, non_blocking: bool = False) -> OffloadPlan:
-        inverse = self.inverse.to(device, non_blocking=non_blocking)
-        return OffloadPlan(self.unique_ids, self.counts, inverse)
-
-    def rows(self, chunk: int = 0) -> np.ndarray:
-        """The sorted unique flat rows of ``chunk`` (host numpy)."""
-        count = int(self.counts[chunk])
-        return np.asarray(self.unique_ids[chunk, :count], dtype=np.int64)
-
-
-pytree.register_dataclass(OffloadPlan)
-
-
-@dataclass
-class OffloadPlanner:
-    """The loader-side planner of an offloaded table: picklable, pure numpy."""
-
-    offsets: np.ndarray  # [K] head offsets of the layer's flat table
-
-    def __call__(self, hash_ids: np.ndarray, num_chunks: int = 1) -> OffloadPlan:
-        return OffloadPlan(*unique_per_chunk(np.asarray(hash_ids) + self.offsets, num_chunks))
 
 
 class _StagedLookup(torch.autograd.Function):
@@ -217,10 +178,10 @@ class OffloadedEngramTable(TierRows, nn.Module):
     def num_rows(self) -> int:
         return self.store.num_rows
 
-    def planner(self) -> OffloadPlanner:
-        return OffloadPlanner(self.offsets_np)
+    def planner(self) -> RowPlanner:
+        return RowPlanner(self.offsets_np)
 
-    def forward(self, hash_ids: torch.Tensor, plan: OffloadPlan | None = None) -> torch.Tensor:
+    def forward(self, hash_ids: torch.Tensor, plan: RowPlan | None = None) -> torch.Tensor:
         """``hash_ids [B, T, K]`` -> rows ``[B, T, K, Dh]`` through the loader's ``plan``."""
         if plan is None:
             plan = self.planner()(hash_ids.cpu().numpy()).to_torch().to(hash_ids.device)
@@ -231,7 +192,7 @@ class OffloadedEngramTable(TierRows, nn.Module):
             )
         return self._tier_lookup(plan.rows(0), plan.inverse)
 
-    def prefetch(self, plan: OffloadPlan) -> None:
+    def prefetch(self, plan: RowPlan) -> None:
         for chunk in range(len(plan.counts)):
             self.cache.prefetch(plan.rows(chunk))
 

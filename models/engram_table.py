@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data.batch import register_pytree, unique_per_chunk
+from data.batch import host_side, register_pytree, unique_per_chunk
 from data.ngram_hash import head_offsets
 from models.sharded_init import local_rows
 
@@ -38,7 +38,10 @@ class RowPlan:
     inverse: Any  # [B, T, K] position of every lookup in its chunk's unique ids
 
     def to_torch(self) -> RowPlan:
-        return RowPlan(*(torch.as_tensor(f) for f in (self.unique_ids, self.counts, self.inverse)))
+        unique, counts, inverse = (
+            torch.as_tensor(f) for f in (self.unique_ids, self.counts, self.inverse)
+        )
+        return RowPlan(host_side(unique), host_side(counts), inverse)
 
     def pin_memory(self) -> RowPlan:
         return RowPlan(self.unique_ids, self.counts, self.inverse.pin_memory())
@@ -48,18 +51,24 @@ class RowPlan:
             self.unique_ids, self.counts, self.inverse.to(device, non_blocking=non_blocking)
         )
 
+    def rows(self, chunk: int = 0) -> np.ndarray:
+        """The sorted unique flat rows of ``chunk`` (host numpy, read without the device)."""
+        count = int(np.asarray(self.counts)[chunk])
+        return np.asarray(self.unique_ids)[chunk, :count].astype(np.int64, copy=False)
+
 
 register_pytree(RowPlan)  # the pipeline schedule chunks it with the batch
 
 
 @dataclass
 class RowPlanner:
-    """The loader-side planner of an in-memory table with sparse gradients: picklable numpy."""
+    """The loader-side planner of an in-memory table with sparse gradients, or of an offloaded
+    one (``models.engram_offload``): picklable, pure numpy."""
 
     offsets: np.ndarray  # [K] head offsets of the layer's flat table
 
     def __call__(self, hash_ids: np.ndarray, num_chunks: int = 1) -> RowPlan:
-        return RowPlan(*unique_per_chunk(hash_ids + self.offsets, num_chunks))
+        return RowPlan(*unique_per_chunk(np.asarray(hash_ids) + self.offsets, num_chunks))
 
 
 class EngramTable(nn.Module):
@@ -111,8 +120,8 @@ class EngramTable(nn.Module):
                 f"the lookup plan covers {plan.unique_ids.shape[0]} row chunks but reached one "
                 "lookup: plan with num_chunks equal to the pipeline microbatches"
             )
-        unique = plan.unique_ids[0, : int(plan.counts[0])]
-        return _buffered_lookup(self.weight, flat, self.grad_rows, unique, plan.inverse)
+        rows = plan.rows(0)  # host
+        return _buffered_lookup(self.weight, flat, self.grad_rows, rows, plan.inverse)
 
     @torch.no_grad()
     def init_buffers(self) -> None:
@@ -196,18 +205,8 @@ class _BufferedLookup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        ctx.buffer.add(ctx.weight, host_rows(ctx.unique), inverse, grad)
+        ctx.buffer.add(ctx.weight, ctx.unique, inverse, grad)
         return None, None, None, None, None
-
-
-def host_rows(unique: torch.Tensor) -> np.ndarray:
-    """A plan's unique rows as numpy. Under the step simulator's fake tensors the ids are not
-    known, only their number: stand-in rows ``0..U-1`` keep the buffer's shapes and kernels."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    if isinstance(unique, FakeTensor):
-        return np.arange(unique.shape[0], dtype=np.int64)
-    return unique.numpy()
 
 
 @torch.compiler.disable  # inductor cannot trace the host-side merge

@@ -119,17 +119,17 @@ class RowStore:
             self._map = np.frombuffer(self._mmap, dtype=np.float32).reshape(num_rows, width)
             self.records = torch.from_numpy(self._map)
             self._io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="engram-io")
-            self._writer = ThreadPoolExecutor(1, thread_name_prefix="engram-write-behind")
-            self._pending: list[tuple[np.ndarray, Future]] = []  # writes not yet landed
             self._advice_lock, self._scattering = threading.Lock(), 0
         else:
             raise ValueError(f"engram_table.placement={placement!r}: use device, host or disk")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="engram-write-behind")
+        self._pending: list[tuple[np.ndarray, Future]] = []  # writes not yet landed
 
     def read(self, rows: np.ndarray) -> torch.Tensor:
         """Records of ``rows`` (host tensor ``[n, W]``); waits for pending writes of them."""
+        self._land(rows)
         if self.path is None:
             return self.records.index_select(0, torch.from_numpy(rows))
-        self._land(rows)
         out = np.empty((len(rows), self.width), dtype=np.float32)
 
         def gather(part: slice) -> None:
@@ -149,14 +149,22 @@ class RowStore:
 
         self._scattered(scatter, len(rows))
 
-    def write_behind(self, rows: np.ndarray, records: torch.Tensor) -> None:
-        """``write`` in the background (disk): an eviction does not wait for the disk. A later
-        ``read`` of these rows, ``drain`` and ``sync`` wait for it."""
-        if self.path is None:
+    def write_behind(self, rows: np.ndarray, records: torch.Tensor, ready=None) -> None:
+        """``write`` in the background (disk, or records still arriving from the device): an
+        eviction does not wait for the disk or the copy. ``ready``: a CUDA event that the
+        device-to-host copy into ``records`` (page-locked) has completed. A later ``read`` of
+        these rows, ``drain`` and ``sync`` wait for the write."""
+        if self.path is None and ready is None:
             self.write(rows, records)
             return
+
+        def land() -> None:
+            if ready is not None:
+                ready.synchronize()  # this thread waits for the copy, not the training loop
+            self.write(rows, records)
+
         self._pending = [(r, f) for r, f in self._pending if not f.done()]
-        self._pending.append((rows, self._writer.submit(self.write, rows, records)))
+        self._pending.append((rows, self._writer.submit(land)))
 
     def _land(self, rows: np.ndarray | None = None) -> None:
         """Wait for the pending writes (of ``rows`` only, when given) and re-raise a failure."""
@@ -167,8 +175,7 @@ class RowStore:
 
     def drain(self) -> None:
         """Wait for every pending write (before the store is read or replaced in bulk)."""
-        if self.path is not None:
-            self._land()
+        self._land()
 
     def _scattered(self, fn, count: int) -> None:
         """Run ``fn(part)`` over row ranges of a scattered disk access: page faults without
@@ -200,9 +207,10 @@ class RowStore:
         return split_records(self.records, self.layout)[list(self.layout).index(name)]
 
     def sync(self) -> None:
-        """Make a disk store durable (before a checkpoint is declared complete)."""
+        """Land every pending write, and make a disk store durable (before a checkpoint is
+        declared complete)."""
+        self._land()
         if self.path is not None:
-            self._land()
             self._mmap.flush()
 
 
@@ -350,7 +358,18 @@ class RowCache:
 
     def _write_back(self, slots: np.ndarray) -> None:
         records = self.records.index_select(0, torch.from_numpy(slots).to(self.device))
-        self.store.write_behind(self.slot_row[slots].copy(), records.cpu())
+        rows = self.slot_row[slots].copy()
+        if self._copy_stream is None:
+            self.store.write_behind(rows, records)
+        else:  # device -> page-locked host on the copy stream; the store's writer waits for it
+            host = torch.empty(records.shape, dtype=records.dtype, pin_memory=True)
+            self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._copy_stream):
+                host.copy_(records, non_blocking=True)
+                records.record_stream(self._copy_stream)
+                ready = torch.cuda.Event()
+                ready.record(self._copy_stream)
+            self.store.write_behind(rows, host, ready)
         self.dirty[slots] = False
         self.stats.bytes_written += records.numel() * 4
 

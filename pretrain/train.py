@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 import sys
 import time
@@ -96,6 +95,7 @@ class Trainer:
         self.sm = self._build_model(mesh)
         self.tables = OffloadedTables(self.sm.inner)
         self._tier_seconds = 0.0  # step time since the last tier metrics
+        self._first_nonfinite: torch.Tensor | None = None  # on the device (``_watch_finite``)
         self.optimizers = Optimizers(self.sm.model, cfg.optimizer)
         stream_kwargs = self._stream_kwargs(folder, mixture)
         self.loader = StatefulLoader(
@@ -255,21 +255,47 @@ class Trainer:
         if self.sm.plan.cp_group is not None:  # the whole rows' loss, not this rank's chunks
             all_reduce_sum_(ce_sum, self.sm.plan.cp_group)
             ce_sum /= self.dims.cp
-        loss_value = ce_sum.item()
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(
-                f"loss is {loss_value} at step {self.step + 1}; stopping without saving. The "
-                f"last good checkpoint is {self.last_checkpoint or '(none yet)'}; lower "
-                "optimizer.lr or check the data"
-            )
+        self._watch_finite(ce_sum)
         grad_norm = optimizer_step(self.sm, self.optimizers, t.max_norm)
         self.step += 1
         self.last_batch = batch
+        # device tensors: read (a host synchronisation) only on logging steps, by ``host_values``
         return {
-            "loss": loss_value,
-            "grad_norm": grad_norm.item(),
+            "loss": ce_sum,
+            "grad_norm": grad_norm,
             "lr": self.optimizers.base_lr * factor,
-            "aux": {k: float(v) for k, v in aux_sum.items()},
+            "aux": aux_sum,
+        }
+
+    def _watch_finite(self, loss: torch.Tensor) -> None:
+        """Remember, on the device, the first step whose loss was not finite."""
+        bad = ~torch.isfinite(loss.detach())
+        if self._first_nonfinite is None:
+            self._first_nonfinite = torch.full((), -1, dtype=torch.int64, device=loss.device)
+        first = (self._first_nonfinite < 0) & bad
+        self._first_nonfinite = torch.where(first, self.step + 1, self._first_nonfinite)
+
+    def check_finite(self) -> None:
+        """Stop (FloatingPointError) if a loss since the start was NaN or infinite. Run before
+        anything is logged or saved, so no checkpoint holds a step after it."""
+        if self._first_nonfinite is None:
+            return
+        step = int(self._first_nonfinite)
+        if step >= 0:
+            raise FloatingPointError(
+                f"the loss was not finite at step {step}; stopping without saving. The last "
+                f"good checkpoint is {self.last_checkpoint or '(none yet)'}; lower "
+                "optimizer.lr or check the data"
+            )
+
+    def host_values(self, values: dict) -> dict:
+        """A step's values read to the host (the logging steps' one synchronisation)."""
+        self.check_finite()
+        return {
+            "loss": float(values["loss"]),
+            "grad_norm": float(values["grad_norm"]),
+            "lr": values["lr"],
+            "aux": {k: float(v) for k, v in values["aux"].items()},
         }
 
     def evaluate(self) -> tuple[float, int]:
@@ -324,16 +350,21 @@ class Trainer:
             self.metrics.step_done(tokens_per_step, self.loader.wait_seconds - wait_before)
             if self.metrics.should_log(self.step):
                 self.metrics.log_train(
-                    self.step, values, {**self.engram_scalars(), **self.data_scalars()}
+                    self.step,
+                    self.host_values(values),
+                    {**self.engram_scalars(), **self.data_scalars()},
                 )
             if self.step % m.eval_freq == 0 or self.step == t.steps:
+                self.check_finite()
                 val_loss, tokens = self.evaluate()
                 self.metrics.log_eval(self.step, val_loss, tokens, self.validator.per_source)
             saved = self.step % self.cfg.checkpoint.interval == 0 or self.step == t.steps
             if saved:
+                self.check_finite()
                 self.save(blocking=self.step == t.steps)
             if stop.requested(stop_group) and self.step < t.steps:
                 if not saved:
+                    self.check_finite()
                     self.save(blocking=True)
                 log.warning(
                     "stopped at step %d on %s; resume with the same command",

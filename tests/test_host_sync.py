@@ -14,7 +14,7 @@ import torch
 from data.batch import plan_lookups
 from parallel.expert_parallel import regroup_index
 from parallel.plan import ParallelPlan
-from pretrain.step import StepModel, forward_backward, lookup_planners
+from pretrain.step import StepModel, forward_backward, lookup_planners, optimizer_step
 from tests.distributed.parity import initial_model, make_batch, model_args
 from tests.host_sync import HostSyncCounter
 
@@ -119,3 +119,24 @@ def test_host_sync_budget_context_parallel():
     dp = run_ranks(_tables_rank, 2, 1)
     assert cp == dp, (cp, dp)
     assert set(cp[0]) <= {"tolist"}, cp
+
+
+@pytest.mark.parametrize("placement", ["device", "host"])
+def test_host_sync_budget_planned_tables(tmp_path, placement):
+    """With the loader's lookup plans, an in-memory table (its step row buffer) and a
+    host-placed one (cache slots, staged rows) add no host synchronisation to forward and
+    backward, at the first step and once the buffers exist."""
+    from tests.test_engram_offload import build
+    from tests.test_engram_offload import make_batch as table_batch
+
+    sm, opts = build(placement, tmp_path)
+    planners = lookup_planners(sm.inner)
+    assert planners  # both plan their lookups in the loader
+    for step in range(2):
+        first, second = (plan_lookups(table_batch(s), planners) for s in (step, step + 5))
+        with HostSyncCounter() as counter:
+            forward_backward(sm, first, scale=0.5, sync=False)  # two microbatches
+            forward_backward(sm, second, scale=0.5)
+        assert counter.total == 0, (step, dict(counter.counts))
+        assert sm.inner.engram_layers()[0].table.weight.grad.is_coalesced()
+        optimizer_step(sm, opts, max_norm=0.5)

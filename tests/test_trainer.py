@@ -158,6 +158,28 @@ def test_bf16_autocast_and_grad_accumulation(corpus, tmp_path):
     assert summary["val_loss"] < 20
 
 
+def test_the_step_reads_its_values_to_the_host_only_on_logging_steps(corpus, tmp_path):
+    """train_step leaves loss, norm and aux losses on the device; fit reads them (one host
+    synchronisation) on logging steps only, and logs what the step computed."""
+    extra = ["--metrics.log_freq=2", "--checkpoint.enable=false"]
+    trainer = _trainer(corpus, tmp_path / "log", steps=4, extra=extra)
+    reads, original = [], trainer.host_values
+
+    def host_values(values):
+        assert torch.is_tensor(values["loss"]) and torch.is_tensor(values["grad_norm"])
+        assert all(torch.is_tensor(v) for v in values["aux"].values())
+        out = original(values)
+        reads.append((trainer.step, out["loss"], float(values["loss"])))
+        return out
+
+    trainer.host_values = host_values
+    trainer.fit()
+    assert [step for step, *_ in reads] == [2, 4]
+    assert all(logged == computed for _, logged, computed in reads)
+    records = _records(tmp_path / "log")
+    assert sorted(records) == [2, 4] and records[4]["loss"] == reads[-1][1]
+
+
 def test_interrupted_save_and_corrupt_checkpoint_are_skipped(corpus, tmp_path, monkeypatch, caplog):
     dump = tmp_path / "run"
     trainer = _trainer(corpus, dump, steps=8)
