@@ -29,9 +29,10 @@ from models.memory import RankCounts, estimate_memory
 from models.parallel_plans import validate_parallelism
 from parallel.dims import ParallelDims
 from pretrain.config import load_config
+from pretrain.simulation.comm import GIB, comm_summary
 from pretrain.simulation.cost_model import Hardware, estimate_trace
 from pretrain.simulation.roofline import Calibration
-from pretrain.simulation.simulate import GIB, comm_summary, rank_model, trace_step
+from pretrain.simulation.simulate import rank_model, trace_step
 
 
 def rank_counts(model: torch.nn.Module, fsdp: bool) -> RankCounts:

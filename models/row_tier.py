@@ -356,8 +356,22 @@ class RowCache:
         self.row_slot[self.slot_row[slots]] = -1
         self.slot_row[slots] = -1
 
+    def upload(self, values: np.ndarray) -> torch.Tensor:
+        """Host ``values`` (slot or row indices) on the device. CUDA: from page-locked memory
+        on the copy stream, which the compute stream then waits for (an event, not the host)."""
+        host = torch.from_numpy(np.ascontiguousarray(values))
+        if self._copy_stream is None:
+            return host.to(self.device)
+        host = host.pin_memory()
+        with torch.cuda.stream(self._copy_stream):
+            out = host.to(self.device, non_blocking=True)
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_stream(self._copy_stream)
+        out.record_stream(compute)
+        return out
+
     def _write_back(self, slots: np.ndarray) -> None:
-        records = self.records.index_select(0, torch.from_numpy(slots).to(self.device))
+        records = self.records.index_select(0, self.upload(slots))
         rows = self.slot_row[slots].copy()
         if self._copy_stream is None:
             self.store.write_behind(rows, records)
@@ -383,7 +397,7 @@ class RowCache:
             with torch.cuda.stream(self._copy_stream):
                 self.records.index_copy_(
                     0,
-                    index.to(self.device, non_blocking=True),
+                    index.pin_memory().to(self.device, non_blocking=True),
                     records.pin_memory().to(self.device, non_blocking=True),
                 )
             torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
@@ -426,7 +440,7 @@ class RowCache:
         self.stats.wait_seconds += time.perf_counter() - started
         slots = self.row_slot[rows].astype(np.int64)
         source = self.records if width is None else self.records[:, :width]
-        staged = source.index_select(0, torch.from_numpy(slots).to(self.device))
+        staged = source.index_select(0, self.upload(slots))
         if train:
             self.dirty[slots] = True  # the optimizer step will update them
             self._train_tick = self.tick

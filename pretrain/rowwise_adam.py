@@ -232,7 +232,7 @@ def _update_in_tier(tier, rows, values, step, hyper, fused: bool = False) -> Non
     if rows.device.type == "cpu" and not np.array_equal(rows.numpy(), host_rows):
         raise RuntimeError("the table gradient's rows differ from the rows looked up this step")
     cache = tier.cache
-    slots = torch.from_numpy(cache.slots(host_rows)).to(cache.device)
+    slots = cache.upload(cache.slots(host_rows))
     if fused:
         widths = list(tier.store.layout.values())
         scalars = _scalars(len(widths), values, step, **hyper)

@@ -10,9 +10,10 @@ import pytest
 from launch.dry_run import dry_run
 from models.flavors import resolve_model_args
 from pretrain.config import load_config
+from pretrain.simulation.comm import Collective, comm_bytes
 from pretrain.simulation.cost_model import Hardware, collective_seconds, estimate
 from pretrain.simulation.roofline import Calibration, OpRecord
-from pretrain.simulation.simulate import Collective, comm_bytes, trace_step
+from pretrain.simulation.simulate import trace_step
 
 SMALL = [
     "--model.flavor=debug",

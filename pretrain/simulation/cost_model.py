@@ -30,8 +30,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from pretrain.simulation.comm import Collective
 from pretrain.simulation.roofline import Calibration, OpRecord, op_seconds
-from pretrain.simulation.simulate import Collective, Trace
+from pretrain.simulation.simulate import Trace
 
 GB = 1e9
 
