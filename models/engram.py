@@ -242,7 +242,8 @@ class Engram(nn.Module):
         (the ShortConv's context)."""
         if torch.is_tensor(inputs):
             inputs = EngramInputs(inputs)
-        rows = self.table(inputs.hash_ids, inputs.plan)
+        # rows already looked up (outside a recomputed block: ``parallel.wrappers``), or now
+        rows = inputs.rows if inputs.rows is not None else self.table(inputs.hash_ids, inputs.plan)
         rows = rows.flatten(start_dim=-2)  # [B, T, K, Dh] -> [B, T, E]
         return self.combine(hidden, rows, cache)
 

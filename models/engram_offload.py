@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +31,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from data.batch import host_side
 from data.ngram_hash import head_offsets
 from models.engram_table import (
     INIT_BLOCK_ROWS,
     RowGradBuffer,
     RowPlan,
     RowPlanner,
+    host_to_device,
     init_table_rows,
 )
 from models.row_tier import (
@@ -53,8 +55,11 @@ log = logging.getLogger(__name__)
 
 
 class _StagedLookup(torch.autograd.Function):
-    """``staged[inverse]`` whose gradient goes into the virtual table parameter's step row
-    buffer, exactly as an in-memory table's (``models.engram_table.RowGradBuffer``)."""
+    """``staged[inverse]`` whose gradient goes where the table's device twin puts it: into the
+    virtual parameter's step row buffer, as an in-memory table's (``RowGradBuffer``), or, for a
+    row shard (``buffer`` None), as the very sparse gradient ``F.embedding(sparse=True)`` makes
+    (one row per lookup), as a device row shard's, whose requested rows are known only on the
+    device."""
 
     @staticmethod
     def forward(ctx, weight, staged, buffer, rows, inverse):
@@ -65,8 +70,13 @@ class _StagedLookup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        ctx.buffer.add(ctx.weight, ctx.rows, inverse, grad)
-        return None, None, None, None, None
+        if ctx.buffer is not None:
+            ctx.buffer.add(ctx.weight, ctx.rows, inverse, grad)
+            return None, None, None, None, None
+        flat = host_to_device(ctx.rows, inverse.device)[inverse].reshape(1, -1)
+        values = grad.reshape(-1, grad.shape[-1])
+        coo = torch.sparse_coo_tensor(flat, values, ctx.weight.shape, check_invariants=False)
+        return coo, None, None, None, None
 
 
 class TierRows:
@@ -98,7 +108,8 @@ class TierRows:
         if train:
             self._step_rows.append(rows)
         inverse = inverse.to(self.cache.device)
-        return _StagedLookup.apply(self.weight, staged, self.grad_rows, rows, inverse)
+        buffer = None if isinstance(self, ShardedEngramTable) else self.grad_rows
+        return _StagedLookup.apply(self.weight, staged, buffer, rows, inverse)
 
     def step_rows(self) -> np.ndarray:
         """Sorted unique local rows looked up since the last optimizer step (the rows of the
@@ -204,12 +215,15 @@ class OffloadedEngramTable(TierRows, nn.Module):
 class HostShardPlan(ShardPlan):
     """A ``ShardPlan`` whose unique ids stay on the host, where the owners' tiers read them."""
 
+    def to_torch(self) -> HostShardPlan:
+        plan = super().to_torch()
+        return replace(plan, unique_ids=host_side(plan.unique_ids))
+
     def pin_memory(self) -> HostShardPlan:
-        return HostShardPlan(self.unique_ids, self.send_counts, self.inverse.pin_memory())
+        return replace(self, inverse=self.inverse.pin_memory())
 
     def to(self, device, non_blocking: bool = False) -> HostShardPlan:
-        inverse = self.inverse.to(device, non_blocking=non_blocking)
-        return HostShardPlan(self.unique_ids, self.send_counts, inverse)
+        return replace(self, inverse=self.inverse.to(device, non_blocking=non_blocking))
 
 
 pytree.register_dataclass(HostShardPlan)
@@ -270,11 +284,30 @@ class OffloadedShardedTable(TierRows, ShardedEngramTable):
 
     def _exchange_counts_and_rounds(self, send: list[int], round_: int):
         """Every rank's count for this one and its prefetch round (-1: none) for this lookup."""
-        out = torch.tensor([[count, round_] for count in send], dtype=torch.int64)
-        got = torch.empty(self.world * 2, dtype=torch.int64)
-        dist.all_to_all_single(got, out.reshape(-1), group=self.cpu_group)
-        got = got.view(self.world, 2)
+        got = self.exchange_counts(torch.tensor([[count, round_] for count in send]))
         return got[:, 0].tolist(), got[:, 1].tolist()
+
+    def _chunk_round(self, plan: HostShardPlan, chunk: int) -> int:
+        """The prefetch round that routed ``chunk``'s ids (-1: none)."""
+        send = [int(c) for c in plan.send_counts[chunk]]
+        unique = np.asarray(plan.unique_ids[chunk, : sum(send)], dtype=np.int64)
+        route = self._routed.get(rows_key(unique))
+        return route[0] if route is not None else -1
+
+    def count_columns(self, plan: HostShardPlan) -> torch.Tensor:
+        """Counts ``[P, C]`` and this rank's prefetch round of every chunk ``[P, C]``."""
+        counts = torch.as_tensor(plan.send_counts).T
+        chunks = counts.shape[1]
+        rounds = torch.tensor([self._chunk_round(plan, c) for c in range(chunks)])
+        return torch.cat([counts, rounds.expand(counts.shape[0], chunks)], dim=1)
+
+    def with_counts(self, plan: HostShardPlan, received: torch.Tensor) -> HostShardPlan:
+        chunks = received.shape[1] // 2
+        return replace(
+            plan,
+            recv_counts=host_side(received[:, :chunks].T.contiguous()),
+            rounds=host_side(received[:, chunks:].T.contiguous()),
+        )
 
     def _exchange_ids(self, unique: np.ndarray, send: list[int], recv: list[int]) -> np.ndarray:
         requested = torch.empty(sum(recv), dtype=torch.int64)
@@ -282,11 +315,14 @@ class OffloadedShardedTable(TierRows, ShardedEngramTable):
         dist.all_to_all_single(requested, ids, recv, send, group=self.cpu_group)
         return requested.numpy()
 
-    def _route(self, unique, send: list[int]) -> tuple[list[int], np.ndarray]:
+    def _route(self, unique, send: list[int], plan: HostShardPlan) -> tuple[list[int], np.ndarray]:
         unique = np.asarray(unique, dtype=np.int64)
         route = self._routed.pop(rows_key(unique), None)
         round_ = route[0] if route is not None else -1
-        recv, rounds = self._exchange_counts_and_rounds(send, round_)
+        if plan.recv_counts is not None:  # exchanged for the whole batch before the forward
+            recv, rounds = plan.recv_counts.tolist()[0], plan.rounds.tolist()[0]
+        else:
+            recv, rounds = self._exchange_counts_and_rounds(send, round_)
         if route is not None and all(r == round_ for r in rounds):
             self.reused_routes += 1
             return route[1], route[2]

@@ -180,13 +180,22 @@ class RowGradBuffer:
         self._grad, self.rows = weakref.ref(grad), rows
 
 
+def host_to_device(values: np.ndarray, device) -> torch.Tensor:
+    """Host integers on ``device``: on CUDA through page-locked memory, asynchronously (a copy
+    from pageable memory would wait for the stream)."""
+    host = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
+    device = torch.device(device)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _positions(merged: np.ndarray, rows: np.ndarray, device) -> torch.Tensor:
-    return torch.from_numpy(np.searchsorted(merged, rows)).to(device, non_blocking=True)
+    return host_to_device(np.searchsorted(merged, rows), device)
 
 
 def _sparse_rows(weight, rows: np.ndarray, values: torch.Tensor) -> torch.Tensor:
-    indices = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
-    indices = indices.to(values.device, non_blocking=True).unsqueeze(0)
+    indices = host_to_device(rows, values.device).unsqueeze(0)
     return torch.sparse_coo_tensor(
         indices, values, weight.shape, is_coalesced=True, check_invariants=False
     )

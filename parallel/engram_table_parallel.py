@@ -18,7 +18,7 @@ Legend: B batch, T sequence, K heads, Dh head dim, U unique rows of the local ba
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from data.batch import unique_per_chunk
+from data.batch import Batch, EngramInputs, host_side, unique_per_chunk
 from parallel.sharding import register_row_sharding
 
 
@@ -50,20 +50,27 @@ class ShardPlan:
     unique_ids: Any  # [C, U] sorted flat row ids per chunk (grouped by owner), 0-padded
     send_counts: Any  # [C, P] ids each chunk sends to each owner; stays on the host
     inverse: Any  # [B, T, K] position of every lookup in its chunk's unique_ids
+    # set by ``exchange_lookup_counts`` before the forward, on the host (None: not yet):
+    recv_counts: Any = None  # [C, P] ids each rank asks this one for, per chunk
+    rounds: Any = None  # [C, P] offloaded shards: every rank's prefetch round of the lookup
 
     def to_torch(self) -> ShardPlan:
         return type(self)(  # subclasses keep their class (and so their own ``to``)
-            *(torch.as_tensor(f) for f in (self.unique_ids, self.send_counts, self.inverse))
+            torch.as_tensor(self.unique_ids),
+            host_side(torch.as_tensor(self.send_counts)),
+            torch.as_tensor(self.inverse),
         )
 
     def pin_memory(self) -> ShardPlan:
-        return ShardPlan(self.unique_ids.pin_memory(), self.send_counts, self.inverse.pin_memory())
+        return replace(
+            self, unique_ids=self.unique_ids.pin_memory(), inverse=self.inverse.pin_memory()
+        )
 
     def to(self, device, non_blocking: bool = False) -> ShardPlan:
-        return ShardPlan(
-            self.unique_ids.to(device, non_blocking=non_blocking),
-            self.send_counts,  # read on the host: no device synchronisation to learn the splits
-            self.inverse.to(device, non_blocking=non_blocking),
+        return replace(  # the counts are read on the host: no synchronisation to learn splits
+            self,
+            unique_ids=self.unique_ids.to(device, non_blocking=non_blocking),
+            inverse=self.inverse.to(device, non_blocking=non_blocking),
         )
 
 
@@ -152,14 +159,22 @@ class ShardedEngramTable(nn.Module):
         """What the loader runs to plan this table's lookups (``data.batch``)."""
         return ShardPlanner(self.offsets_np, self.bounds)
 
-    def exchange_counts(self, send: list[int]) -> list[int]:
-        """How many ids every rank asks this one for, given what this rank asks each of them
-        (an all-to-all of host counts over the CPU group). The simulator
+    def exchange_counts(self, send: torch.Tensor) -> torch.Tensor:
+        """Host integers ``send [P, M]`` (row j: what this rank tells rank j) -> ``[P, M]`` (row
+        i: what rank i told this one): one all-to-all over the CPU group. The simulator
         (``pretrain.simulation.simulate``) swaps in symmetric traffic, since a fake process group
         moves no values."""
-        recv = torch.empty(self.world, dtype=torch.int64)
-        dist.all_to_all_single(recv, torch.tensor(send, dtype=torch.int64), group=self.cpu_group)
-        return recv.tolist()
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.cpu_group)
+        return recv
+
+    def count_columns(self, plan: ShardPlan) -> torch.Tensor:
+        """What this rank tells every owner before ``plan``'s lookups: ``[P, C]`` counts."""
+        return torch.as_tensor(plan.send_counts).T
+
+    def with_counts(self, plan: ShardPlan, received: torch.Tensor) -> ShardPlan:
+        """``plan`` with what every rank told this one (``received [P, C]``)."""
+        return replace(plan, recv_counts=host_side(received.T.contiguous()))
 
     def flat_ids(self, hash_ids: torch.Tensor) -> torch.Tensor:
         return hash_ids + self.offsets
@@ -179,16 +194,23 @@ class ShardedEngramTable(nn.Module):
                 "lookup: plan with num_chunks equal to the pipeline microbatches"
             )
         send = plan.send_counts.tolist()[0]  # host counts: no device synchronisation
-        recv, requested = self._route(plan.unique_ids[0, : sum(send)], send)
+        recv, requested = self._route(plan.unique_ids[0, : sum(send)], send, plan)
         local_rows = _ScaleGrad.apply(self._lookup_local(requested), self.grad_scale)
         rows = local_rows.new_empty(sum(send), self.head_dim)
         rows = all_to_all_single(rows, local_rows, send, recv, group=self.group)
         return rows[torch.as_tensor(plan.inverse, device=rows.device)]
 
-    def _route(self, unique, send: list[int]) -> tuple[list[int], torch.Tensor]:
+    def _received(self, send: list[int], plan: ShardPlan) -> list[int]:
+        """How many ids every rank asks this one for: exchanged for the whole batch before the
+        forward (``exchange_lookup_counts``), or here (a lookup outside a training step)."""
+        if plan.recv_counts is not None:
+            return plan.recv_counts.tolist()[0]
+        return self.exchange_counts(torch.tensor(send, dtype=torch.int64)[:, None])[:, 0].tolist()
+
+    def _route(self, unique, send: list[int], plan: ShardPlan) -> tuple[list[int], torch.Tensor]:
         """Send this rank's ``unique`` row ids (``send[j]`` to owner j); returns how many every
         rank asks this one for and the ids it asks for, in rank order."""
-        recv = self.exchange_counts(send)
+        recv = self._received(send, plan)
         unique = torch.as_tensor(unique, device=self.weight.device)
         requested = unique.new_empty(sum(recv))
         dist.all_to_all_single(requested, unique, recv, send, group=self.group)
@@ -202,3 +224,32 @@ class ShardedEngramTable(nn.Module):
     def init_weights(self) -> None:
         self.offsets.copy_(torch.from_numpy(self.offsets_np))
         self.init_rows(self.weight, self.row_start)
+
+
+def exchange_lookup_counts(model: nn.Module, batch: Batch) -> Batch:
+    """One exchange of host split counts for every row-sharded table's lookups of ``batch``
+    (all layers, all pipeline chunks), instead of one per lookup and per recompute. Every rank of
+    the tables' group calls it at the same point (the step does, before the forward); it returns
+    the batch with each plan holding what the other ranks will ask this one for."""
+    planned = [
+        (e.layer_id, e.table, batch.engram[e.layer_id])
+        for e in model.engram_layers()
+        if isinstance(e.table, ShardedEngramTable)
+        and e.layer_id in batch.engram
+        and batch.engram[e.layer_id].plan is not None
+        and batch.engram[e.layer_id].plan.recv_counts is None
+    ]
+    engram = dict(batch.engram)
+    groups: dict[int, list] = {}  # one exchange per table group (one group in every layout)
+    for entry in planned:
+        groups.setdefault(id(entry[1].cpu_group), []).append(entry)
+    for group in groups.values():
+        columns = [table.count_columns(inputs.plan) for _, table, inputs in group]
+        received = group[0][1].exchange_counts(torch.cat(columns, dim=1))
+        start = 0
+        for (layer, table, inputs), sent in zip(group, columns, strict=True):
+            part = received[:, start : start + sent.shape[1]]
+            start += sent.shape[1]
+            plan = table.with_counts(inputs.plan, part)
+            engram[layer] = EngramInputs(inputs.hash_ids, plan, inputs.rows)
+    return replace(batch, engram=engram)

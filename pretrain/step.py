@@ -18,6 +18,7 @@ from torch import nn
 
 from data.batch import Batch
 from parallel.distributed import all_reduce_sum_
+from parallel.engram_table_parallel import exchange_lookup_counts
 from parallel.plan import ParallelPlan
 from parallel.tensor_parallel import vocab_parallel_loss
 from pretrain.optimizer import Optimizers, clip_grad_norm
@@ -61,6 +62,7 @@ class MicroLoss:
 
 def forward_loss(sm: StepModel, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean cross-entropy and auxiliary losses of a batch already on the device (no backward)."""
+    batch = exchange_lookup_counts(sm.inner, batch)
     with sm.autocast(batch.tokens.device):
         if sm.pipeline is not None:
             return sm.pipeline.evaluate(batch), {}
@@ -85,6 +87,7 @@ def forward_backward(
     shards' replicas) start during the backward, as each gradient is final. Under pipeline
     parallelism the schedule runs the microbatches and ``scale`` is the runner's own.
     """
+    batch = exchange_lookup_counts(sm.inner, batch)  # once for every layer and recompute
     if sm.pipeline is not None:
         with sm.autocast(batch.tokens.device):
             return MicroLoss(sm.pipeline.train(batch).to(batch.tokens.device), {})

@@ -259,7 +259,12 @@ def test_yarn_changes_low_frequencies_only():
     torch.testing.assert_close(scaled[-1], base[-1] / 8)  # slow dims interpolated
 
 
-def test_activation_checkpointing_matches_plain():
+@pytest.mark.parametrize("planned", [False, True], ids=["hash_ids", "planned"])
+def test_activation_checkpointing_matches_plain(planned):
+    """Recomputed blocks give the plain gradients, and the Engram rows are looked up once,
+    before the recomputed region (bare hash ids, or the loader's inputs with a plan and the
+    step row buffer): the recompute does not look up again."""
+    from data.batch import EngramInputs
     from parallel.wrappers import apply_block_wrappers
 
     args = tiny("mla", hc=2)
@@ -267,8 +272,17 @@ def test_activation_checkpointing_matches_plain():
     grads = []
     for mode in ("none", "full"):
         model = build_model(args)
+        table = model.layers["0"].engram.table
+        if planned:
+            plan = table.planner()(hash_ids[0].numpy()).to_torch()
+            inputs = {0: EngramInputs(hash_ids[0], plan)}
+        else:
+            inputs = hash_ids
+        lookups = []
+        table.register_forward_hook(lambda *_, seen=lookups: seen.append(1))
         apply_block_wrappers(model.layers, mode, compile_blocks=False)
-        model(tokens, engram=hash_ids).logits.square().mean().backward()
+        model(tokens, engram=inputs).logits.square().mean().backward()
+        assert len(lookups) == 1, mode
         grads.append(
             {
                 n.replace("._checkpoint_wrapped_module", ""): p.grad.to_dense()

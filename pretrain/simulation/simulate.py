@@ -231,7 +231,11 @@ def _model_values(inner, tokens_per_rank: int) -> None:
             )
     for engram in inner.engram_layers():
         if hasattr(engram.table, "exchange_counts"):
-            engram.table.exchange_counts = list  # symmetric: receive what is sent
+            engram.table.exchange_counts = _symmetric  # receive what is sent
+
+
+def _symmetric(send: torch.Tensor) -> torch.Tensor:
+    return send.clone()
 
 
 _TRACING: list[StepTracer] = []  # the tracer of the step being traced (attention charges it)

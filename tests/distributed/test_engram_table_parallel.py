@@ -51,3 +51,58 @@ def test_table_parallel_matches_single_process(world, replicate, tmp_path):
     layout = dict(data_parallel_replicate_degree=replicate, engram_shard_degree=world)
     ckpt = save_initial(args, tmp_path / "init")
     check_parity(reference(args), run_ranks(run_layout, world, layout, args, ckpt))
+
+
+def _exchanges_rank(rank: int, world: int, placement: str):
+    import dataclasses
+
+    from data.batch import plan_lookups
+    from models.engram_offload import place_engram_tables
+    from models.parallelize import parallelize_deepseek_engram
+    from models.transformer import Transformer
+    from parallel.dims import ParallelDims
+    from pretrain.config import ParallelismConfig
+    from pretrain.step import StepModel, forward_backward, lookup_planners
+    from tests.distributed.parity import make_batch
+
+    args = model_args(sparse=True)
+    args.engram.hash = dataclasses.replace(args.engram.hash, layer_ids=[0, 1])
+    layout = ParallelismConfig(data_parallel_replicate_degree=2, engram_shard_degree=2)
+    dims = ParallelDims.from_config(layout, world)
+    with torch.device("meta"):
+        model = Transformer(args)
+
+    def place(m):
+        return place_engram_tables(m, placement, "100%", "cpu", None)
+
+    model, inner, plan = parallelize_deepseek_engram(
+        model, dims, dims.build_mesh("cpu"), "cpu", 0, "full", place_tables=place
+    )
+    sm = StepModel(model, inner, plan)
+    calls = {"exchanges": 0, "lookups": 0}
+    for engram in inner.engram_layers():
+        exchange = engram.table.exchange_counts
+
+        def counted(send, exchange=exchange):
+            calls["exchanges"] += 1
+            return exchange(send)
+
+        engram.table.exchange_counts = counted
+        engram.table.register_forward_hook(
+            lambda *_: calls.__setitem__("lookups", calls["lookups"] + 1)
+        )
+    batch = make_batch(0).select_rows(slice(2 * rank, 2 * rank + 2))
+    batch = dataclasses.replace(batch, engram={0: batch.engram[0], 1: batch.engram[0]})
+    forward_backward(sm, plan_lookups(batch, lookup_planners(inner)))
+    return calls, len(inner.engram_layers())
+
+
+@pytest.mark.parametrize("placement", ["device", "host"])
+def test_one_count_exchange_per_batch_and_no_lookup_in_the_recompute(placement):
+    """Two row-sharded Engram layers in recomputed blocks: one exchange of split counts serves
+    both layers' lookups, and each layer looks up once (the recompute reuses the rows)."""
+    from tests.distributed.helpers import run_ranks
+
+    for rank, (calls, layers) in run_ranks(_exchanges_rank, 2, placement).items():
+        assert layers == 2
+        assert calls == {"exchanges": 1, "lookups": layers}, (rank, calls)
