@@ -3,7 +3,8 @@ one forward + backward dispatches (each is at least one kernel launch and one tr
 memory on a GPU) and the CPU time.
 
 The demo flavor's widths, batch 4 x 256, torch at 1 thread. The Engram layer runs its table
-lookup, gate, value and ShortConv on ``hidden [B, T, G, D]``; the MoE layer is the demo's routed +
+lookup (planned as the loader plans it, so its gradient goes into the step's row buffer), gate,
+value and ShortConv on ``hidden [B, T, G, D]``; the MoE layer is the demo's routed +
 shared experts on ``[B, T, D]``. Both backward from a sum of their outputs.
 
 ``--composite`` runs the Engram layer's composite path (autograd of every op) instead of its
@@ -60,10 +61,12 @@ def layers(flavor: str = "demo", overrides: dict | None = None, compiled: bool =
     flat = torch.randn(BATCH, SEQ, args.dim, generator=gen, requires_grad=True)
 
     combine = torch.compile(engram.combine) if compiled else engram.combine
+    planner = engram.table.planner()  # what the loader's workers run: not timed here
+    plan = planner(ids.numpy()).to_torch() if planner is not None else None
 
     def run_engram():
         engram.zero_grad(set_to_none=True)
-        combine(hidden, engram.table(ids).flatten(-2)).sum().backward()
+        combine(hidden, engram.table(ids, plan).flatten(-2)).sum().backward()
 
     def run_moe():
         moe.zero_grad(set_to_none=True)
