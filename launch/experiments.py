@@ -1,5 +1,6 @@
 """``python -m launch.experiments {iso_flop,allocation,memory_scaling} --corpus DIR --out DIR
---steps N --seeds 0,1,2 [--size s|m]``
+[--steps N | --tokens N] --seeds 0,1,2 [--size xs|s|m] [--device cuda]
+[--launcher torchrun --nproc N]``
 
 The paper's three comparisons at small scale. Arms are derived from a budget
 (``models/derive.py``) and checked against ``models.accounting`` (printed; an iso-parameter or
@@ -9,6 +10,11 @@ iso-FLOP arm off by more than 1% stops the sweep). Every arm x seed is one train
 - ``--launcher serial`` (default) trains them one after another here. A finished run leaves
   ``result.json`` and is skipped next time; an interrupted one resumes from its checkpoint, so
   re-running the command finishes a half-done sweep.
+- ``--launcher torchrun --nproc N`` trains each run across N processes (GPUs) of this node
+  with ``torchrun``, one run after another, resuming as the serial launcher does.
+- ``--device cuda`` (or ``auto`` on a GPU) trains every run on the GPU in bf16, with the flex
+  attention path. Without ``--steps`` or ``--tokens`` a run trains the size's budget
+  (``DEFAULT_TOKENS``: xs 1.2M tokens, s 205K, m 50M).
 - ``--launcher slurm`` writes ``<out>/sweep.sbatch``, one array task per arm x seed (each a
   ``torchrun`` of ``pretrain.train`` with the run's ``config.toml``), and exits. Submit it, then
   run the same command with ``--launcher collect`` to gather the results.
@@ -37,6 +43,9 @@ from models.derive import EXPERIMENTS, Arm, check, derive
 from pretrain.config import apply, load_config, to_toml
 
 BASE_CONFIG = "pretrain/configs/demo.toml"
+# training tokens per run when neither --steps nor --tokens is given: xs is sized for the 2-core
+# CPU machine (iso_flop, 3 seeds, two runs side by side: about an hour), m for one GPU
+DEFAULT_TOKENS = {"xs": 1_200_000, "s": 204_800, "m": 50_000_000}
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -44,8 +53,13 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("experiment", choices=EXPERIMENTS)
     p.add_argument("--corpus", required=True, help="a data.prepare output folder")
     p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--tokens", type=int, default=0, help="training tokens per run (sets --steps)")
+    p.add_argument("--steps", type=int, default=0, help="training steps per run")
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=0,
+        help="training tokens per run (sets --steps); neither: the size's budget (DEFAULT_TOKENS)",
+    )
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--size", default="s", choices=("xs", "s", "m"))
     p.add_argument("--seq_len", type=int, default=256)
@@ -58,7 +72,17 @@ def parse(argv=None) -> argparse.Namespace:
         help="validation tokens per run, the same windows for every arm (at least 256K)",
     )
     p.add_argument("--eval_batches", type=int, default=0, help="overrides --eval_tokens")
-    p.add_argument("--launcher", default="serial", choices=("serial", "slurm", "collect"))
+    p.add_argument(
+        "--launcher", default="serial", choices=("serial", "torchrun", "slurm", "collect")
+    )
+    p.add_argument("--nproc", type=int, default=1, help="torchrun: processes (GPUs) per run")
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="training.device of every run; cuda (or auto on a GPU) also trains in bf16, with "
+        "the flex attention path",
+    )
     p.add_argument(
         "--parallel", type=int, default=1, help="serial launcher: runs at once (processes)"
     )
@@ -71,8 +95,23 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default=BASE_CONFIG, help="base job config the arms override")
     ns = p.parse_args(argv)
     ns.seeds = [int(s) for s in ns.seeds.split(",") if s != ""]
+    if not ns.tokens and not ns.steps:
+        ns.tokens = DEFAULT_TOKENS[ns.size]
     if ns.tokens:
         ns.steps = max(1, -(-ns.tokens // (ns.batch_size * ns.seq_len)))
+    if ns.device == "auto" and ns.launcher == "slurm":
+        ns.device = "cuda"  # the array tasks ask for GPUs
+    elif ns.device == "auto":
+        import torch
+
+        ns.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if ns.device == "cuda" and ns.launcher == "serial":
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--device cuda: torch sees no GPU here; use --device cpu, or run on a GPU")
+    if ns.nproc < 1:
+        p.error("--nproc must be at least 1")
     if ns.parallel < 1:
         p.error("--parallel must be at least 1")
     if not ns.threads and ns.parallel > 1:  # 0 with one run: torch's default
@@ -120,10 +159,14 @@ def run_config(ns, arm: Arm, seed: int, folder: Path):
             f"--metrics.log_freq={max(1, ns.steps // 10)}",
             "--metrics.progress_bar=false",
             f"--training.num_threads={ns.threads}",
+            f"--training.device={ns.device}",
+            f"--training.mixed_precision={'bf16' if ns.device == 'cuda' else 'none'}",
         ],
     )
     for key, value in arm.overrides.items():
         apply(cfg, "model", f"overrides.{key}", value)
+    if ns.nproc > 1 and arm.table_rows:  # FSDP cannot take whole tables: the ranks shard them
+        cfg.parallelism.engram_shard_degree = ns.nproc
     cfg.model.overrides["max_seq_len"] = max(ns.seq_len, 256)
     return cfg
 
@@ -212,7 +255,9 @@ torchrun --standalone --nproc_per_node=1 -m pretrain.train --config "$CONFIG"
 
 
 def collect_run(folder: Path) -> dict | None:
-    """A run trained elsewhere (slurm): its final validation loss from ``metrics.jsonl``."""
+    """A run trained elsewhere (torchrun, slurm): its final validation loss from
+    ``metrics.jsonl`` and its validation windows from ``val_windows.json`` (what the trainer
+    writes at each evaluation)."""
     done = folder / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -220,7 +265,53 @@ def collect_run(folder: Path) -> dict | None:
     if not metrics.is_file():
         return None
     evals = [json.loads(line) for line in metrics.read_text().splitlines() if "val_loss" in line]
-    return {"val_loss": evals[-1]["val_loss"], "tokens": None} if evals else None
+    if not evals:
+        return None
+    result = {"val_loss": evals[-1]["val_loss"], "tokens": None}
+    windows = folder / "val_windows.json"
+    if windows.is_file():
+        record = json.loads(windows.read_text())
+        if record["step"] == evals[-1]["step"]:
+            result["val_windows"] = record["val_windows"]
+    return result
+
+
+def torchrun_all(ns, runs: list[tuple[Arm, int, Path]]) -> list[dict | None]:
+    """Train every arm x seed with ``torchrun --nproc_per_node=ns.nproc`` (one after another;
+    an interrupted run resumes from its checkpoint), then collect them."""
+    import subprocess
+
+    out = []
+    for i, (arm, seed, folder) in enumerate(runs):
+        done = folder / "result.json"
+        if not done.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            config = folder / "config.toml"
+            config.write_text(to_toml(run_config(ns, arm, seed, folder)))
+            print(
+                f"[{i + 1}/{len(runs)}] {arm.name} seed {seed}: torchrun x {ns.nproc}", flush=True
+            )
+            command = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",  # torchrun, from this interpreter's environment
+                "--standalone",
+                f"--nproc_per_node={ns.nproc}",
+                "-m",
+                "pretrain.train",
+                "--config",
+                str(config),
+            ]
+            if subprocess.run(command, check=False).returncode != 0:
+                raise SystemExit(
+                    f"error: {arm.name} seed {seed} failed (see {folder}); fix it and run the "
+                    "same command again: finished runs are kept, this one resumes"
+                )
+            result = collect_run(folder)
+            result["tokens"] = ns.steps * ns.batch_size * ns.seq_len
+            done.write_text(json.dumps(result) + "\n")
+        out.append(collect_run(folder))
+    return out
 
 
 def results(ns, arms: list[Arm], vocab: int, per_arm: dict[str, list[dict]]) -> dict:
@@ -431,6 +522,8 @@ def main(argv=None) -> int:
     per_arm: dict[str, list[dict]] = {a.name: [] for a in arms}
     if ns.launcher == "collect":
         done = [collect_run(folder) for _, _, folder in runs]
+    elif ns.launcher == "torchrun":
+        done = torchrun_all(ns, runs)
     else:
         done = run_all(ns, runs)
     for (arm, _, _), result in zip(runs, done, strict=True):

@@ -8,6 +8,7 @@ gradient accumulation, optional bf16 autocast, clipping, periodic evaluation and
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import sys
@@ -301,6 +302,14 @@ class Trainer:
     def evaluate(self) -> tuple[float, int]:
         return self.validator.run(self.sm)
 
+    def save_val_windows(self) -> None:
+        """``val_windows.json`` in the run folder (rank 0): the step and the mean loss of every
+        validation window of the last evaluation, for paired comparisons between runs
+        (``launch.experiments``) that were trained elsewhere (torchrun, slurm)."""
+        if self.rank == 0 and self.validator.window_losses:
+            record = {"step": self.step, "val_windows": self.validator.window_losses}
+            (self.run_folder / "val_windows.json").write_text(json.dumps(record) + "\n")
+
     def data_scalars(self) -> dict[str, float]:
         """A mixture's ``data/tokens/<name>`` (global, cumulative), ``data/epoch/<name>`` and
         ``data/skipped/<name>`` (records of the source that its document index skipped)."""
@@ -358,6 +367,7 @@ class Trainer:
                 self.check_finite()
                 val_loss, tokens = self.evaluate()
                 self.metrics.log_eval(self.step, val_loss, tokens, self.validator.per_source)
+                self.save_val_windows()
             saved = self.step % self.cfg.checkpoint.interval == 0 or self.step == t.steps
             if saved:
                 self.check_finite()

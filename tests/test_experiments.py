@@ -111,6 +111,10 @@ def test_sweep_driver_runs_and_resumes(corpus, tmp_path):
     assert (comparison["a"], comparison["b"]) == ("engram", "moe")
     assert comparison["verdict"] in ("A better", "B better", "undecided")
     assert "95 % paired bootstrap" in (tmp_path / "sweep" / "report.md").read_text()
+    written = json.loads(
+        (tmp_path / "sweep" / "runs" / "moe" / "seed0" / "val_windows.json").read_text()
+    )
+    assert written == {"step": 3, "val_windows": res["arms"][0]["val_windows"][0]}
     # a finished sweep is not trained again
     before = (tmp_path / "sweep" / "runs" / "moe" / "seed0" / "result.json").stat().st_mtime
     assert main(argv) == 0
@@ -122,6 +126,53 @@ def test_sweep_driver_runs_and_resumes(corpus, tmp_path):
     assert main([*argv, "--parallel=2", "--threads=1"]) == 0
     both = json.loads((tmp_path / "parallel" / "results.json").read_text())
     assert [a["val_loss"] for a in both["arms"]] == [a["val_loss"] for a in res["arms"]]
+
+
+def test_budgets_devices_and_their_errors(corpus, tmp_path):
+    from launch.experiments import DEFAULT_TOKENS, parse, run_config
+
+    base = ["iso_flop", f"--corpus={corpus}", f"--out={tmp_path}"]
+    ns = parse([*base, "--size=m", "--launcher=slurm"])
+    assert ns.steps * ns.batch_size * ns.seq_len >= DEFAULT_TOKENS["m"] >= 50_000_000
+    assert ns.device == "cuda"  # a slurm array asks for GPUs
+    assert parse([*base, "--size=xs", "--tokens=4096"]).steps == 4
+    assert parse([*base, "--steps=7"]).steps == 7
+    from models.derive import derive
+
+    arm = derive("iso_flop", "xs", 1000, 256)[1]
+    cfg = run_config(ns, arm, 0, tmp_path / "run")
+    assert cfg.training.device == "cuda" and cfg.training.mixed_precision == "bf16"
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):  # argparse's error names the fix
+            parse([*base, "--device=cuda"])
+
+
+@pytest.mark.slow
+def test_torchrun_launcher_trains_each_run_across_processes(corpus, tmp_path):
+    """Each arm x seed trains under torchrun (2 gloo processes here); its validation windows
+    come from the trainer's val_windows.json, so comparisons are paired as for serial runs."""
+    from launch.experiments import main
+
+    argv = [
+        "iso_flop",
+        f"--corpus={corpus}",
+        f"--out={tmp_path / 'sweep'}",
+        "--steps=2",
+        "--seeds=0",
+        "--seq_len=64",
+        "--batch_size=2",
+        "--eval_batches=2",
+        "--device=cpu",
+        "--launcher=torchrun",
+        "--nproc=2",
+    ]
+    assert main(argv) == 0
+    res = json.loads((tmp_path / "sweep" / "results.json").read_text())
+    for arm in res["arms"]:
+        (windows,) = arm["val_windows"]
+        assert len(windows) == 2 and np.isfinite(arm["val_loss"][0])
+        assert arm["tokens"] == 2 * 2 * 64
+    assert res["comparisons"][0]["verdict"] in ("A better", "B better", "undecided")
 
 
 def _model_and_windows(seed=0):

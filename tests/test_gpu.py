@@ -130,3 +130,29 @@ def test_gpu_offloaded_table_is_bit_identical_to_device(tmp_path, placement):
     table.cache.flush()
     want_rows = want_sm.inner.engram_layers()[0].table.weight.detach().cpu()
     assert torch.equal(table.store.field("weight"), want_rows)
+
+
+def test_gpu_experiment_sweep_on_cuda(corpus, tmp_path):
+    """``launch.experiments --device cuda``: the arms train on the GPU in bf16 (flex attention)
+    with paired verdicts, and the fused row-wise update runs on CUDA."""
+    import json
+
+    from launch.experiments import main
+
+    argv = [
+        "iso_flop",
+        f"--corpus={corpus}",
+        f"--out={tmp_path}",
+        "--size=xs",
+        "--steps=4",
+        "--seeds=0",
+        "--seq_len=64",
+        "--batch_size=2",
+        "--eval_batches=2",
+        "--device=cuda",
+    ]
+    assert main(argv) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    config = (tmp_path / "runs" / "engram" / "seed0" / "config.toml").read_text()
+    assert 'device = "cuda"' in config and 'mixed_precision = "bf16"' in config
+    assert all(len(arm["val_windows"][0]) == 2 for arm in res["arms"])
