@@ -164,7 +164,10 @@ class RowGradBuffer:
         if held is None or self._grad is None or held is not self._grad():
             buffer = _sparse_rows(weight, unique, values.new_zeros(len(unique), values.shape[1]))
             buffer._values().index_add_(0, inverse, values)
-            self._hold(weight, buffer if held is None else held + buffer, unique)
+            if held is None:
+                self._hold(weight, buffer, unique)
+            else:  # a gradient this buffer did not make: add to it, and do not claim the sum
+                weight.grad, self._grad = held + buffer, None
             return
         merged = np.union1d(self.rows, unique)
         if len(merged) > len(self.rows):  # rows this step has not touched yet: grow the buffer

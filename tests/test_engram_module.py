@@ -358,3 +358,25 @@ def test_fused_rowwise_update_matches_the_eager_one(state):
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
     for a, b in zip(got[1], want[1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_a_planned_lookup_adds_to_a_gradient_it_did_not_make():
+    """A table whose gradient already holds an unplanned lookup's sparse rows: planned
+    lookups add to it (twice, without taking it for their own buffer), as autograd would."""
+    from models.engram_table import EngramTable
+
+    table = EngramTable([13, 17], head_dim=4)
+    table.weight.data.normal_()
+    g = torch.Generator().manual_seed(2)
+    ids = [torch.randint(0, 13, (2, 5, 2), generator=g) for _ in range(3)]
+    weights = [torch.randn(2, 5, 2, 4, generator=g) for _ in ids]
+    plans = [None, *(table.planner()(i.numpy()).to_torch() for i in ids[1:])]
+    for i, w, plan in zip(ids, weights, plans, strict=True):
+        (table(i, plan) * w).sum().backward()
+    got = table.weight.grad.coalesce()
+    table.weight.grad = None
+    for i, w in zip(ids, weights, strict=True):
+        (table(i) * w).sum().backward()
+    want = table.weight.grad.coalesce()
+    assert torch.equal(got.indices(), want.indices())
+    torch.testing.assert_close(got.values(), want.values(), rtol=0, atol=1e-6)
