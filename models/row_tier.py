@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.engram_table import host_to_device
+
 log = logging.getLogger(__name__)
 
 # ``optimizer.engram_state`` -> the optimizer state of one table row: field name -> values
@@ -359,12 +361,10 @@ class RowCache:
     def upload(self, values: np.ndarray) -> torch.Tensor:
         """Host ``values`` (slot or row indices) on the device. CUDA: from page-locked memory
         on the copy stream, which the compute stream then waits for (an event, not the host)."""
-        host = torch.from_numpy(np.ascontiguousarray(values))
         if self._copy_stream is None:
-            return host.to(self.device)
-        host = host.pin_memory()
+            return host_to_device(values, self.device)
         with torch.cuda.stream(self._copy_stream):
-            out = host.to(self.device, non_blocking=True)
+            out = host_to_device(values, self.device)
         compute = torch.cuda.current_stream(self.device)
         compute.wait_stream(self._copy_stream)
         out.record_stream(compute)
