@@ -36,5 +36,7 @@ setup(
         "megatron": ["megatron-core>=0.16.1"],
         "data": ["zstandard>=0.22", "pyarrow>=15"],  # text sources: .jsonl.zst and .parquet
         "analysis": ["matplotlib>=3.7"],  # plots of benchmarks and experiments
+        # fault-tolerant replica groups ([fault_tolerance]); wheels for Linux x86_64
+        "ft": ["torchft>=0.2.0"],
     },
 )

@@ -118,6 +118,14 @@ class TierRows:
             np.unique(np.concatenate(self._step_rows)) if self._step_rows else np.zeros(0, np.int64)
         )
 
+    def include_rows(self, rows: np.ndarray) -> None:
+        """Update ``rows`` (sorted, unique, local) this step too: the union of every replica
+        group's lookups, whose averaged gradient every group applies."""
+        extra = np.setdiff1d(rows, self.step_rows(), assume_unique=True)
+        if len(extra):
+            self.cache.hold_for_update(extra)
+            self._step_rows.append(extra)
+
     def step_done(self) -> None:
         self._step_rows = []
         self.cache.step_done()

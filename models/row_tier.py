@@ -448,6 +448,14 @@ class RowCache:
             self.window_start = self.tick + 1
         return staged
 
+    def hold_for_update(self, rows: np.ndarray) -> None:
+        """Make ``rows`` (sorted, unique) resident and pinned for this step's update without a
+        lookup: rows that other replica groups looked up, whose averaged gradient this group
+        applies as well."""
+        self.ensure(rows, count=False)
+        self.dirty[self.row_slot[rows]] = True
+        self._train_tick = self.tick
+
     def slots(self, rows: np.ndarray) -> np.ndarray:
         """Slots of resident ``rows`` (the optimizer's rows, pinned since their ``acquire``)."""
         slots = self.row_slot[rows].astype(np.int64)

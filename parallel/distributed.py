@@ -83,6 +83,15 @@ def cpu_group_for(group, *, force_new: bool = False):
     return _CPU_GROUPS[ranks]
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now (for a store or a test's rendezvous)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -45,6 +45,8 @@ class ParallelPlan:
     token_groups: list = field(default_factory=list)
     # the LM head's logits are vocab-sharded DTensors (tensor parallelism): use the parallel loss
     vocab_parallel: bool = False
+    # fault tolerance: the link to the other replica groups (``parallel.replicas.ReplicaSync``)
+    replicas: object = None
 
     # asynchronous all-reduces started during the last backward: id(param) -> (work, param)
     pending: dict = field(default_factory=dict)

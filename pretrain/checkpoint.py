@@ -94,8 +94,16 @@ class CheckpointManager:
     one."""
 
     def __init__(
-        self, folder: str | Path, keep_last: int, identity: dict, async_mode: str = "disabled"
+        self,
+        folder: str | Path,
+        keep_last: int,
+        identity: dict,
+        async_mode: str = "disabled",
+        shared: bool = False,
     ):
+        """``shared``: replica groups (fault tolerance) share the folder, and one of them may be
+        writing a checkpoint now: a starting group leaves ``.tmp`` folders alone (the writer
+        removes those older than each checkpoint it completes)."""
         self.folder = Path(folder)
         self.keep_last = keep_last
         # "async": dcp.async_save stages the state in host memory and writes it in a thread while
@@ -106,7 +114,7 @@ class CheckpointManager:
         self.identity = identity  # {"engram_hash": dict | None, "tokenizer_identity": str}
         if _rank() == 0:
             self.folder.mkdir(parents=True, exist_ok=True)
-            for stale in self.folder.glob(f"{PREFIX}*.tmp"):
+            for stale in [] if shared else self.folder.glob(f"{PREFIX}*.tmp"):
                 log.warning("removing incomplete checkpoint %s (a save was interrupted)", stale)
                 shutil.rmtree(stale, ignore_errors=True)
         barrier()
@@ -167,8 +175,13 @@ class CheckpointManager:
         barrier()
 
     def _prune(self) -> None:
-        for step in self.complete_steps()[: -self.keep_last]:
+        steps = self.complete_steps()
+        for step in steps[: -self.keep_last]:
             shutil.rmtree(self.path(step), ignore_errors=True)
+        for stale in self.folder.glob(f"{PREFIX}*.tmp"):  # saves older than the newest died
+            if int(stale.stem[len(PREFIX) :]) < steps[-1]:
+                log.warning("removing incomplete checkpoint %s (a save was interrupted)", stale)
+                shutil.rmtree(stale, ignore_errors=True)
 
     def check_identity(self, path: Path) -> None:
         meta = json.loads((path / "meta.json").read_text())

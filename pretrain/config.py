@@ -149,6 +149,26 @@ class MetricsConfig:
 
 
 @dataclass
+class FaultToleranceConfig:
+    """Replica groups that drop out and rejoin while the others train on (torchft; torchtitan's
+    key names). Each replica group is one copy of the whole layout; docs/fault_tolerance.md."""
+
+    enable: bool = False
+    replica_id: int = 0  # this replica group, 0 .. group_size - 1 (one torchrun per group)
+    group_size: int = 0  # replica groups in the job (each reads its own share of every step)
+    min_replica_size: int = 1  # a step commits only with at least this many replica groups
+    # the torchft lighthouse, "http://host:29510"; "" -> $TORCHFT_LIGHTHOUSE
+    lighthouse: str = ""
+    connect_timeout_s: int = 10  # an unreachable lighthouse is an error after this long
+    timeout_s: int = 60  # quorum, commit vote and a recovering replica's state transfer
+    # cross-replica collectives: a dead peer fails the step (not committed) after this long
+    process_group_timeout_ms: int = 10000
+    # at the end, each rank writes the sha256 of its whole training state to
+    # replica_<id>/state_digest_rank<r>.json (replica groups that agree hold the same bits)
+    state_digest: bool = False
+
+
+@dataclass
 class Config:
     job: JobConfig = field(default_factory=JobConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -164,6 +184,7 @@ class Config:
     engram_table: EngramTableConfig = field(default_factory=EngramTableConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
 
     def validate(self) -> None:
         t, o, s, c, m, d = (
@@ -221,10 +242,50 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.fault_tolerance.enable:
+            self.fault_tolerance_checks()
         if d.mixture:
             from data.mixture import parse_mixture
 
             parse_mixture(d.mixture)
+
+    def fault_tolerance_checks(self) -> None:
+        f = self.fault_tolerance
+        checks = [
+            (
+                f.group_size >= 1,
+                f"fault_tolerance.group_size={f.group_size}: set the number of replica groups "
+                "(launch/run_local.sh sets it from FT_REPLICAS)",
+            ),
+            (
+                0 <= f.replica_id < max(f.group_size, 1),
+                f"fault_tolerance.replica_id={f.replica_id}: must be in [0, group_size="
+                f"{f.group_size})",
+            ),
+            (
+                1 <= f.min_replica_size <= f.group_size,
+                f"fault_tolerance.min_replica_size={f.min_replica_size}: must be in [1, "
+                f"group_size={f.group_size}]",
+            ),
+            (
+                bool(self.data.mixture),
+                "fault_tolerance.enable needs data.mixture: a rejoining replica takes the global "
+                "data schedule from its peer, and only a mixture's position is global; describe "
+                "the folder as one source ([[data.mixture]] format = 'shards')",
+            ),
+            (
+                self.checkpoint.async_mode == "disabled",
+                "fault_tolerance.enable with checkpoint.async_mode='async': the replica that "
+                "saves changes from step to step; use checkpoint.async_mode='disabled'",
+            ),
+            (
+                min(f.connect_timeout_s, f.timeout_s, f.process_group_timeout_ms) > 0,
+                "fault_tolerance timeouts must be > 0",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}

@@ -112,6 +112,17 @@ class Optimizers:
     def param_groups(self):
         return [g for opt in self.optimizers for g in opt.param_groups]
 
+    @property
+    def sparse_tables(self) -> list[torch.nn.Parameter]:
+        """The tables updated row by row from sparse gradients (row-wise Adam's parameters)."""
+        return [
+            p
+            for opt in self.optimizers
+            if isinstance(opt, RowwiseAdam)
+            for g in opt.param_groups
+            for p in g["params"]
+        ]
+
     def set_lr(self, factor: float) -> None:
         for group in self.param_groups:
             group["lr"] = self.base_lr * group["lr_mult"] * factor
@@ -123,6 +134,15 @@ class Optimizers:
     def zero_grad(self) -> None:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
+
+    def skip_step(self) -> None:
+        """Drop this step's gradients without an update (a step that did not commit);
+        offloaded tables release the rows they held for it."""
+        self.zero_grad()
+        for param in self.sparse_tables:
+            tier = getattr(param, "engram_tier", None)
+            if tier is not None:
+                tier.step_done()
 
 
 def clip_grad_norm(params, max_norm: float, sharded_groups=(), stage_group=None) -> torch.Tensor:

@@ -112,27 +112,39 @@ def optimizer_step(
     """Synchronise, clip, update, rebalance; returns the global gradient norm (before clipping).
 
     ``inspect(grad_norm)`` runs after the gradients are final and clipped, before the update
-    (parity tests read the gradients there).
+    (parity tests read the gradients there). Under fault tolerance (``plan.replicas``) the
+    gradients and MoE loads are averaged over the live replica groups too, and the update runs
+    only when the step commits (``plan.replicas.committed``); otherwise it is dropped.
     """
     plan = sm.plan
     plan.sync_grads()
+    if plan.replicas is not None:
+        plan.replicas.average_grads_(sm.model.parameters(), optimizers.sparse_tables)
     grad_norm = clip_grad_norm(
         list(sm.model.parameters()), max_norm, plan.sharded_groups, plan.pp_cpu_group
     )
     if inspect is not None:
         inspect(grad_norm)
+    reduce_moe_loads(sm)
+    if plan.replicas is not None and not plan.replicas.commit():
+        optimizers.skip_step()
+        for moe in sm.inner.moe_layers():
+            moe.router.tokens_per_expert.zero_()
+        return grad_norm
     optimizers.step()
     optimizers.zero_grad()
-    update_moe_biases(sm)
+    for moe in sm.inner.moe_layers():
+        moe.router.update_bias()
     return grad_norm
 
 
 @torch.no_grad()
-def update_moe_biases(sm: StepModel) -> None:
-    """Sum every router's token counts over the data-parallel ranks (and the sequence shards),
-    then take the auxiliary-loss-free bias step."""
+def reduce_moe_loads(sm: StepModel) -> None:
+    """Sum every router's token counts over the data-parallel ranks, the sequence shards and
+    the live replica groups, for the auxiliary-loss-free bias step."""
     for moe in sm.inner.moe_layers():
         all_reduce_sum_(moe.router.tokens_per_expert, sm.plan.dp_group)
         for group in sm.plan.token_groups:
             all_reduce_sum_(moe.router.tokens_per_expert, group)
-        moe.router.update_bias()
+        if sm.plan.replicas is not None:
+            sm.plan.replicas.sum_(moe.router.tokens_per_expert)

@@ -36,9 +36,11 @@ from parallel.distributed import (
     env_world_size,
     init_distributed,
 )
+from parallel.replicas import LighthouseUnreachable
 from pretrain.builders import build_hasher, build_model_args, build_tokenizer, mixture_and_folder
 from pretrain.checkpoint import CheckpointManager
 from pretrain.config import Config, parse_args, to_toml
+from pretrain.fault_tolerance import FaultTolerance
 from pretrain.metrics import MetricsLogger
 from pretrain.optimizer import Optimizers, lr_factor
 from pretrain.pipeline_runner import PipelineRunner
@@ -71,9 +73,15 @@ class Trainer:
             torch.set_num_threads(t.num_threads)
         mesh = self.dims.build_mesh(self.device.type) if self.dist.world_size > 1 else None
         self.run_folder = Path(cfg.job.dump_folder)
+        # under fault tolerance each replica group logs in a folder of its own; the
+        # checkpoints stay shared (the first group of the quorum writes them)
+        ft = cfg.fault_tolerance
+        self.log_folder = self.run_folder
+        if ft.enable:
+            self.log_folder = self.run_folder / f"replica_{ft.replica_id}"
         if self.rank == 0:
-            self.run_folder.mkdir(parents=True, exist_ok=True)
-            (self.run_folder / "config.toml").write_text(to_toml(cfg))
+            self.log_folder.mkdir(parents=True, exist_ok=True)
+            (self.log_folder / "config.toml").write_text(to_toml(cfg))
         folder, mixture = mixture_and_folder(cfg.data, self.rank)
         self.tokenizer = build_tokenizer(cfg.data, folder)
         if mixture:
@@ -114,17 +122,20 @@ class Trainer:
             self.sm.plan.cp_group,
         )
         self.step, self.last_checkpoint, self.last_batch = 0, None, None
+        self.resumed_ft: dict = {}  # the fault-tolerance manager's state in the checkpoint
         self.ckpt = self._resume()
         self.gates = GateMonitor(self.sm.inner)
         self.metrics = MetricsLogger(
             cfg.metrics,
-            self.run_folder,
+            self.log_folder,
             self.rank,
             t.steps,
             self.step,
             self.device,
             account(self.args, cfg.data.seq_len).flops_per_token,
         )
+        # last: a group that joins the quorum is ready to train (the others wait for it)
+        self.ft = FaultTolerance(self) if ft.enable else None
 
     # ----- set-up -----
     def _build_model(self, mesh) -> StepModel:
@@ -167,16 +178,21 @@ class Trainer:
                 f"parallelism.engram_shard_degree={self.dims.batch_degree} so each rank's tier "
                 "holds its row shard"
             )
-        t = self.cfg.training
+        t, ft = self.cfg.training, self.cfg.fault_tolerance
         lookups = t.batch_size * self.cfg.data.seq_len * self.args.engram.num_heads
+        folder = Path(e.path) if e.path else self.log_folder / "engram_tables"
+        if ft.enable and e.path:  # every replica group keeps its own copy
+            folder = folder / f"replica_{ft.replica_id}"
+        # under fault tolerance a step also updates the rows the other groups looked up
+        replicas = ft.group_size if ft.enable else 1
         return functools.partial(
             place_engram_tables,
             placement=e.placement,
             cache_size=e.cache_size,
             device=self.device,
-            folder=Path(e.path) if e.path else self.run_folder / "engram_tables",
+            folder=folder,
             hash_config=self.hasher.to_config_dict(),
-            min_cache_rows=(t.grad_accum_steps + 1) * lookups,
+            min_cache_rows=(t.grad_accum_steps * replicas + 1) * lookups,
             engram_state=self.cfg.optimizer.engram_state,
         )
 
@@ -190,14 +206,18 @@ class Trainer:
             where["index_dir"] = d.index_dir
         else:
             where = dict(folder=str(folder), url_prefix=d.url_prefix or None)
+        # replica groups read disjoint shares of every global batch (group g: data-parallel
+        # ranks g * dp .. (g + 1) * dp - 1)
+        ft = self.cfg.fault_tolerance
+        groups, group = (ft.group_size, ft.replica_id) if ft.enable else (1, 0)
         return dict(
             **where,
             batch_size=t.batch_size,
             seq_len=d.seq_len,
             vocab_size=self.tokenizer.vocab_size,
             seed=t.seed,
-            dp_rank=self.dims.dp_rank(self.rank),
-            dp_degree=self.dims.dp_degree,
+            dp_rank=group * self.dims.dp_degree + self.dims.dp_rank(self.rank),
+            dp_degree=groups * self.dims.dp_degree,
             cp_rank=self.dims.cp_rank(self.rank),
             cp_degree=self.dims.cp,
             hasher=self.hasher,
@@ -217,11 +237,18 @@ class Trainer:
             "model_args": model_args_to_dict(self.args),
             "tokenizer_path": str(Path(self.tokenizer.path).resolve()),
         }
-        ckpt = CheckpointManager(self.run_folder / c.folder, c.keep_last, identity, c.async_mode)
+        ckpt = CheckpointManager(
+            self.run_folder / c.folder,
+            c.keep_last,
+            identity,
+            c.async_mode,
+            shared=self.cfg.fault_tolerance.enable,
+        )
         state = ckpt.load_latest(self.sm.model, self.optimizers) if c.load else None
         if state is not None:
             if "loader" in state:
                 self.loader.load_state_dict(state["loader"])
+            self.resumed_ft = state.get("ft") or {}
             self.step, self.last_checkpoint = state["step"], state["path"]
         elif c.initial_load_path:
             optimizers = None if c.initial_load_model_only else self.optimizers
@@ -237,8 +264,13 @@ class Trainer:
         return self.sm.inner
 
     # ----- one step -----
-    def train_step(self) -> dict:
+    def train_step(self) -> dict | None:
+        """One optimizer step; None when it did not commit (fault tolerance: a replica group
+        failed during it, and its batches are dropped)."""
         t = self.cfg.training
+        if self.ft is not None:
+            self.ft.begin_step()  # a group that is behind takes its peer's state here
+        start = self.loader.state_dict() if self.ft is not None else None  # for a retry
         factor = lr_factor(self.step + 1, t.steps, self.cfg.lr_scheduler)
         self.optimizers.set_lr(factor)
         ce_sum, aux_sum = torch.zeros((), device=self.device), {}
@@ -258,6 +290,8 @@ class Trainer:
             ce_sum /= self.dims.cp
         self._watch_finite(ce_sum)
         grad_norm = optimizer_step(self.sm, self.optimizers, t.max_norm)
+        if self.ft is not None and not self.ft.end_step(start):
+            return None
         self.step += 1
         self.last_batch = batch
         # device tensors: read (a host synchronisation) only on logging steps, by ``host_values``
@@ -308,7 +342,7 @@ class Trainer:
         (``launch.experiments``) that were trained elsewhere (torchrun, slurm)."""
         if self.rank == 0 and self.validator.window_losses:
             record = {"step": self.step, "val_windows": self.validator.window_losses}
-            (self.run_folder / "val_windows.json").write_text(json.dumps(record) + "\n")
+            (self.log_folder / "val_windows.json").write_text(json.dumps(record) + "\n")
 
     def data_scalars(self) -> dict[str, float]:
         """A mixture's ``data/tokens/<name>`` (global, cumulative), ``data/epoch/<name>`` and
@@ -337,8 +371,10 @@ class Trainer:
         return scalars
 
     def save(self, blocking: bool = False) -> None:
-        if self.ckpt is not None:
+        if self.ckpt is not None and (self.ft is None or self.ft.saves):
             train_state = {"loader": self.loader.state_dict()}
+            if self.ft is not None:
+                train_state["ft"] = self.ft.train_state()
             path = self.ckpt.save(self.step, self.sm.model, self.optimizers, train_state, blocking)
             self.last_checkpoint = str(path)
 
@@ -356,12 +392,15 @@ class Trainer:
             wait_before, started = self.loader.wait_seconds, time.perf_counter()
             values = self.train_step()
             self._tier_seconds += time.perf_counter() - started
+            if values is None:  # not committed: nothing to log, evaluate or save
+                continue
             self.metrics.step_done(tokens_per_step, self.loader.wait_seconds - wait_before)
             if self.metrics.should_log(self.step):
+                ft_scalars = self.ft.scalars() if self.ft is not None else {}
                 self.metrics.log_train(
                     self.step,
                     self.host_values(values),
-                    {**self.engram_scalars(), **self.data_scalars()},
+                    {**self.engram_scalars(), **self.data_scalars(), **ft_scalars},
                 )
             if self.step % m.eval_freq == 0 or self.step == t.steps:
                 self.check_finite()
@@ -386,6 +425,10 @@ class Trainer:
         stop.restore()
         if self.ckpt is not None:
             self.ckpt.finish()  # an asynchronous save still in flight
+        if self.ft is not None:
+            if self.cfg.fault_tolerance.state_digest:
+                self.ft.write_digest()
+            self.ft.shutdown()
         if val_loss is None and not preempted:  # resumed at the final step
             val_loss, tokens = self.evaluate()
             self.metrics.log_eval(self.step, val_loss, tokens, self.validator.per_source)
@@ -394,6 +437,7 @@ class Trainer:
             "step": self.step,
             "val_loss": val_loss,
             "run_folder": str(self.run_folder),
+            "log_folder": str(self.log_folder),
             "checkpoint": self.last_checkpoint,
             "preempted": preempted,
         }
@@ -407,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
         trainer = Trainer(cfg)
-    except (ValueError, FileNotFoundError) as err:  # user errors: one clear line, no traceback
+    except (ValueError, FileNotFoundError, LighthouseUnreachable) as err:  # user errors
         log.error("%s: %s", type(err).__name__, err)
         destroy()
         return 2
@@ -422,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     if trainer.rank == 0 and summary["preempted"]:
         print(f"\nstopped at step {summary['step']}: {summary['checkpoint']}", flush=True)
     elif trainer.rank == 0:
-        folder, checkpoint = Path(summary["run_folder"]), summary["checkpoint"]
+        folder, checkpoint = Path(summary["log_folder"]), summary["checkpoint"]
         generate = (
             f"\n  generate:    {_python()} -m launch.generate --checkpoint {checkpoint} "
             "--prompt 'def main(' --max_new_tokens 48"

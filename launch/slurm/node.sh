@@ -9,10 +9,15 @@
 # SLURM_JOB_ID; LOG_DIR for per-rank logs.
 set -uo pipefail
 trap '' USR1
+# Node count and rank are the job step's (train_ft.sbatch runs one step per replica group);
+# RDZV_ID and MAX_RESTARTS (torchrun restarts a failed replica group) are optional.
+NNODES=${SLURM_STEP_NUM_NODES:-$SLURM_NNODES}
+NODE_RANK=${SLURM_PROCID:-$SLURM_NODEID}  # one task per node
 "$PYTHON" -m torch.distributed.run \
-  --nnodes "$SLURM_NNODES" --nproc-per-node "$GPUS_PER_NODE" --node-rank "$SLURM_NODEID" \
-  --rdzv-backend c10d --rdzv-endpoint "$HEAD:$PORT" --rdzv-id "$SLURM_JOB_ID" \
-  --log-dir "$LOG_DIR/node$SLURM_NODEID" --redirects 3 --tee 3 \
+  --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" --node-rank "$NODE_RANK" \
+  --rdzv-backend c10d --rdzv-endpoint "$HEAD:$PORT" --rdzv-id "${RDZV_ID:-$SLURM_JOB_ID}" \
+  --max-restarts "${MAX_RESTARTS:-0}" \
+  --log-dir "$LOG_DIR/node$NODE_RANK" --redirects 3 --tee 3 \
   -m pretrain.train "$@" &
 AGENT=$!
 trap 'pkill -USR1 -P "$AGENT" || true' USR1

@@ -1,0 +1,273 @@
+"""Fault tolerance in the trainer: torchft replica groups that drop out and rejoin.
+
+``FaultTolerance`` joins the lighthouse's quorum at the start of every step. A group that is
+behind (restarted, or new) receives the whole training state of a healthy peer there, rank by
+rank through torchft's checkpoint transport, and trains the same step as the others. The state
+(``live_state``) is this rank's local share, exactly as it sits in memory, since the peer's rank
+holds the same shard of the same layout: parameters and buffers, the AdamW and row-wise states,
+offloaded tables' records (host or disk), the step (which fixes the LR schedule) and the data
+loader's global schedule. After each step ``committed.jsonl`` in the replica folder records the
+step, the global batches it consumed and which groups' shares of them were trained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pretrain.optimizer import Optimizers
+
+log = logging.getLogger(__name__)
+COPY_BLOCK_ROWS = 1 << 20  # an offloaded table's records are copied in blocks of rows
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _tiers(model: nn.Module) -> dict[str, object]:
+    """Offloaded tables (``TierRows``) by module name."""
+    return {name: m for name, m in model.named_modules() if hasattr(m, "store")}
+
+
+def live_state(model: nn.Module, optimizers: Optimizers) -> dict[str, torch.Tensor]:
+    """This rank's model and optimizer state as local tensors. Parameters and optimizer states
+    are served as they are (nothing changes them before the step commits); buffers and step
+    counters, which the forward and the update change, are copied. Offloaded tables are written
+    back first, then served from their store."""
+    state: dict[str, torch.Tensor] = {}
+    names = {}
+    for name, param in model.named_parameters():
+        names[id(param)] = name
+        if getattr(param, "engram_tier", None) is None:
+            state[f"param/{name}"] = _local(param.detach())
+    for name, buffer in model.named_buffers():
+        state[f"buffer/{name}"] = _local(buffer).clone()
+    for i, opt in enumerate(optimizers.optimizers):
+        for param, entry in opt.state.items():
+            for key, value in entry.items():
+                if torch.is_tensor(value):
+                    value = _local(value)
+                    state[f"optim{i}/{names[id(param)]}/{key}"] = (
+                        value.clone() if value.dim() == 0 else value
+                    )
+    for name, tier in _tiers(model).items():
+        tier.cache.flush()
+        state[f"tier/{name}"] = tier.store.records
+    return state
+
+
+@torch.no_grad()
+def load_live_state(model: nn.Module, optimizers: Optimizers, state: dict) -> None:
+    """Copy a peer's ``live_state`` into this rank's tensors (the same layout)."""
+    params = dict(model.named_parameters())
+    missing = sorted(set(live_state_keys(model)) - set(state))
+    if missing:
+        raise RuntimeError(
+            f"the peer's state lacks {len(missing)} entries (first: {missing[0]}): the replica "
+            "groups must run the same configuration"
+        )
+    for name, param in params.items():
+        if getattr(param, "engram_tier", None) is None:
+            _copy(_local(param.detach()), state[f"param/{name}"], name)
+    for name, buffer in model.named_buffers():
+        _copy(_local(buffer), state[f"buffer/{name}"], name)
+    for i, opt in enumerate(optimizers.optimizers):
+        prefix = f"optim{i}/"
+        for key, value in state.items():
+            if not key.startswith(prefix):
+                continue
+            name, field = key[len(prefix) :].rsplit("/", 1)
+            param = params[name]
+            entry = opt.state[param]
+            if field in entry and torch.is_tensor(entry[field]):
+                _copy(_local(entry[field]), value, key)
+            else:  # AdamW makes its state at the first step: a fresh group has none yet
+                entry[field] = _like_param(param, value, opt)
+    for name, tier in _tiers(model).items():
+        records = state[f"tier/{name}"]
+        target = tier.store.records
+        if tuple(records.shape) != tuple(target.shape):
+            raise RuntimeError(
+                f"{name}: the peer's table is {tuple(records.shape)}, this one "
+                f"{tuple(target.shape)}"
+            )
+        tier.cache.invalidate()
+        for start in range(0, target.shape[0], COPY_BLOCK_ROWS):
+            target[start : start + COPY_BLOCK_ROWS] = records[start : start + COPY_BLOCK_ROWS]
+        tier.store.sync()
+
+
+def live_state_keys(model: nn.Module) -> list[str]:
+    """The keys a peer's state must hold for this rank (optimizer states may be created)."""
+    keys = [f"param/{n}" for n, p in model.named_parameters() if not hasattr(p, "engram_tier")]
+    keys += [f"buffer/{n}" for n, _ in model.named_buffers()]
+    keys += [f"tier/{n}" for n in _tiers(model)]
+    return keys
+
+
+def _copy(target: torch.Tensor, value: torch.Tensor, name: str) -> None:
+    if tuple(target.shape) != tuple(value.shape):
+        raise RuntimeError(
+            f"{name}: the peer holds shape {tuple(value.shape)}, this rank "
+            f"{tuple(target.shape)}; the replica groups must run the same layout"
+        )
+    target.copy_(value)
+
+
+def _like_param(param: nn.Parameter, value: torch.Tensor, opt) -> torch.Tensor:
+    """An optimizer state entry for ``param`` from a peer's local tensor: a scalar step counter
+    stays where AdamW keeps it (the host, or the device for the fused or capturable kernels); a
+    moment takes the parameter's device and, for a DTensor, its mesh and placements."""
+    if value.dim() == 0:
+        on_device = opt.defaults.get("fused") or opt.defaults.get("capturable")
+        return value.to(_local(param).device) if on_device else value.clone()
+    value = value.to(_local(param).device)
+    if hasattr(param, "placements"):
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(
+            value, param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
+        )
+    return value
+
+
+class FaultTolerance:
+    """The trainer's replica group: quorum and recovery at each step, the record of trained
+    batches, and the ``ft/*`` metrics."""
+
+    def __init__(self, trainer):
+        from parallel.distributed import cpu_group_for
+        from parallel.replicas import connect
+
+        self.trainer = trainer
+        self.cfg = trainer.cfg.fault_tolerance
+        self.recoveries, self.recovery_s, self._healed = 0, 0.0, False
+        group = cpu_group_for(dist.group.WORLD) if dist.is_initialized() else None
+
+        def agree(ok: bool) -> bool:
+            if group is None:
+                return ok
+            flag = torch.tensor([0 if ok else 1])
+            dist.all_reduce(flag, group=group)
+            return int(flag) == 0
+
+        self.sync = connect(
+            self.cfg,
+            trainer.rank,
+            trainer.dist.world_size,
+            trainer.device,
+            self.state_dict,
+            self.load_state_dict,
+            agree,
+        )
+        self.sync.manager.load_state_dict(
+            {"step": trainer.step, "batches_committed": trainer.resumed_ft.get("batches", 0)}
+        )
+        trainer.sm.plan.replicas = self.sync
+        self.record = trainer.log_folder / "committed.jsonl"
+
+    # ----- the manager's state callbacks (the quorum thread; the training thread waits) -----
+    def state_dict(self) -> dict:
+        t = self.trainer
+        return {
+            "step": t.step,
+            "loader": t.loader.state_dict(),
+            "tensors": live_state(t.sm.model, t.optimizers),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        t = self.trainer
+        load_live_state(t.sm.model, t.optimizers, state["tensors"])
+        t.loader.load_state_dict(state["loader"])
+        t.step = int(state["step"])
+        t._first_nonfinite = None
+        self._healed = True
+
+    # ----- the step -----
+    def begin_step(self) -> None:
+        """Join this step's quorum; a group that is behind takes its peer's state here."""
+        started = time.perf_counter()
+        self._healed = False
+        self.sync.begin_step()
+        if self._healed:
+            self.recoveries += 1
+            self.recovery_s = time.perf_counter() - started
+            log.warning(
+                "replica group %d recovered from a peer at step %d in %.2f s",
+                self.cfg.replica_id,
+                self.trainer.step,
+                self.recovery_s,
+            )
+
+    def end_step(self, start: dict) -> bool:
+        """Record the step's outcome (group rank 0) and return whether it committed. A step that
+        did not commit is retried with the same batches: the loader goes back to ``start``, its
+        state when the step began."""
+        t = self.trainer
+        committed = self.sync.committed
+        batches = [int(start["consumed"]), t.loader.consumed]
+        if t.rank == 0:
+            entry = {
+                "step": t.step + 1,
+                "batches": batches,
+                "replicas": self.sync.participants,
+                "committed": committed,
+            }
+            with open(self.record, "a") as handle:
+                handle.write(json.dumps(entry) + "\n")
+        if not committed:
+            log.warning(
+                "step %d did not commit (a replica group failed during it): it is retried with "
+                "the same batches %d..%d",
+                t.step + 1,
+                batches[0],
+                batches[1] - 1,
+            )
+            t.loader.load_state_dict(start)
+        return committed
+
+    @property
+    def saves(self) -> bool:
+        return self.sync.saves
+
+    def scalars(self) -> dict[str, float]:
+        return {
+            "ft/replicas": float(len(self.sync.participants)),
+            "ft/recoveries": float(self.recoveries),
+            "ft/recovery_s": self.recovery_s,
+        }
+
+    def train_state(self) -> dict:
+        return {"step": self.sync.step(), "batches": self.sync.manager.batches_committed()}
+
+    def write_digest(self) -> dict:
+        """``state_digest_rank<r>.json``: the sha256 of this rank's whole training state (the
+        tensors in key order, their bytes) at this step; every group's rank r must agree."""
+        t = self.trainer
+        record = {"step": t.step, **state_digest(live_state(t.sm.model, t.optimizers))}
+        path = t.log_folder / f"state_digest_rank{t.rank}.json"
+        path.write_text(json.dumps(record) + "\n")
+        return record
+
+    def shutdown(self) -> None:
+        self.sync.shutdown()
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> dict:
+    """sha256 over ``state``'s keys, dtypes, shapes and bytes (in key order), and its size."""
+    digest = hashlib.sha256()
+    nbytes = 0
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        nbytes += tensor.numel() * tensor.element_size()
+    return {"sha256": digest.hexdigest(), "tensors": len(state), "bytes": nbytes}
