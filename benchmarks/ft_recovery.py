@@ -15,6 +15,7 @@ placement the table gives:
 - ``identical``: both groups ended with the same sha256 on every rank.
 
 Run: .venv/bin/python -m benchmarks.ft_recovery [--steps 60] [--kill_at 10] [--interval 20]
+     [--placements device,host,disk] [--table_gib 0.5]
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import print_table
+from benchmarks.engram_offload import table_overrides
 from launch.fault_drill import ReplicaGroups, drill, start_lighthouse
 from pretrain.config import load_config
 
@@ -34,7 +36,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kill_at", type=int, default=10)
     parser.add_argument("--interval", type=int, default=20)
     parser.add_argument("--placements", default="device,host")
+    parser.add_argument(
+        "--table_gib", type=float, default=0.0, help="tables of this size (0: the recipe's)"
+    )
     args = parser.parse_args(argv)
+    config = "pretrain/configs/debug_ft.toml"
+    tables = table_overrides(config, args.table_gib) if args.table_gib else []
     lighthouse = start_lighthouse()
     rows = []
     try:
@@ -45,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
                     lighthouse.address(),
                     [
                         "--config",
-                        "pretrain/configs/debug_ft.toml",
+                        config,
+                        *tables,
                         f"--training.steps={args.steps}",
                         f"--checkpoint.interval={args.interval}",
                         "--metrics.log_freq=1",
@@ -54,7 +62,9 @@ def main(argv: list[str] | None = None) -> None:
                         "--data.num_workers=0",
                         "--training.num_threads=1",
                         f"--engram_table.placement={placement}",
-                        "--engram_table.cache_size=50%",
+                        "--engram_table.cache_size=10%"
+                        if tables
+                        else "--engram_table.cache_size=50%",
                         "--fault_tolerance.state_digest=true",
                     ],
                 )
@@ -62,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
                 losses = groups.losses(0)
                 tps = [r["tps"] for s, r in losses.items() if s > 2 and "tps" in r]
                 # tps is per device: a rank's batch_size x seq_len tokens per step
-                cfg = load_config("pretrain/configs/debug_ft.toml")
+                cfg = load_config(config)
                 step_s = cfg.training.batch_size * cfg.data.seq_len / (sum(tps) / len(tps))
                 requeue_s = result["restart_to_rejoin_s"] + args.interval / 2 * step_s
             rows.append(

@@ -68,11 +68,13 @@ def connect(
     state_dict,
     load_state_dict,
     agree=lambda ok: ok,
+    recv_targets=None,
+    host_tables: bool = False,
 ):
-    """torchft's manager for this rank: its server and checkpoint transport on group rank 0,
-    a client on the others. An unreachable lighthouse fails every rank of the group within
-    ``connect_timeout_s`` (``agree(ok) -> bool``: the group's logical AND of ``ok``)."""
-    from torchft.checkpointing.http_transport import HTTPTransport
+    """torchft's manager for this rank: its server on group rank 0, a client on the others, and
+    the checkpoint transport (``_transport``). An unreachable lighthouse fails every rank of the
+    group within ``connect_timeout_s`` (``agree(ok) -> bool``: the group's logical AND of
+    ``ok``)."""
     from torchft.manager import Manager
     from torchft.process_group import ProcessGroupGloo, ProcessGroupNCCL
 
@@ -99,7 +101,7 @@ def connect(
         store_port=port,
         lighthouse_addr=lighthouse,
         replica_id=f"replica_{ft_cfg.replica_id}",
-        checkpoint_transport=HTTPTransport(timeout=timeout, num_chunks=0),
+        checkpoint_transport=_transport(ft_cfg, pg, timeout, device, recv_targets, host_tables),
         init_sync=False,  # every group initialises the same weights from training.seed
     )
     manager, error = None, None
@@ -118,6 +120,24 @@ def connect(
     if manager is None:
         manager = Manager(**kwargs)
     return ReplicaSync(manager, pg, ft_cfg.group_size, ft_cfg.replica_id, own_store)
+
+
+def _transport(ft_cfg, pg, timeout, device, recv_targets, host_tables: bool):
+    """How a recovering group receives its peer's state. ``pg``: the tensors cross the replica
+    process group and land in place in ``recv_targets()`` (this rank's own tensors, the
+    offloaded stores included); ``http``: each rank serves its state over HTTP and the receiver
+    stages it in host memory. ``auto`` takes ``pg``, except on a GPU with offloaded tables,
+    whose stores would have to pass through device memory whole."""
+    kind = ft_cfg.transport
+    if kind == "auto":
+        kind = "http" if device.type == "cuda" and host_tables else "pg"
+    if kind == "pg":
+        from torchft.checkpointing.pg_transport import PGTransport
+
+        return PGTransport(pg, timeout, device, state_dict=recv_targets)
+    from torchft.checkpointing.http_transport import HTTPTransport
+
+    return HTTPTransport(timeout=timeout, num_chunks=0)
 
 
 class ReplicaSync:

@@ -163,6 +163,9 @@ class FaultToleranceConfig:
     timeout_s: int = 60  # quorum, commit vote and a recovering replica's state transfer
     # cross-replica collectives: a dead peer fails the step (not committed) after this long
     process_group_timeout_ms: int = 10000
+    # how a recovering group receives its peer's state: "pg" (over the replica process group,
+    # in place), "http", or "auto" (pg, but http on a GPU with host or disk tables)
+    transport: Literal["auto", "pg", "http"] = "auto"
     # at the end, each rank writes the sha256 of its whole training state to
     # replica_<id>/state_digest_rank<r>.json (replica groups that agree hold the same bits)
     state_digest: bool = False

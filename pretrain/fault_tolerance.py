@@ -36,7 +36,9 @@ def _tiers(model: nn.Module) -> dict[str, object]:
     return {name: m for name, m in model.named_modules() if hasattr(m, "store")}
 
 
-def live_state(model: nn.Module, optimizers: Optimizers) -> dict[str, torch.Tensor]:
+def live_state(
+    model: nn.Module, optimizers: Optimizers, flush: bool = True
+) -> dict[str, torch.Tensor]:
     """This rank's model and optimizer state as local tensors. Parameters and optimizer states
     are served as they are (nothing changes them before the step commits); buffers and step
     counters, which the forward and the update change, are copied. Offloaded tables are written
@@ -58,7 +60,8 @@ def live_state(model: nn.Module, optimizers: Optimizers) -> dict[str, torch.Tens
                         value.clone() if value.dim() == 0 else value
                     )
     for name, tier in _tiers(model).items():
-        tier.cache.flush()
+        if flush:
+            tier.cache.flush()
         state[f"tier/{name}"] = tier.store.records
     return state
 
@@ -99,8 +102,9 @@ def load_live_state(model: nn.Module, optimizers: Optimizers, state: dict) -> No
                 f"{tuple(target.shape)}"
             )
         tier.cache.invalidate()
-        for start in range(0, target.shape[0], COPY_BLOCK_ROWS):
-            target[start : start + COPY_BLOCK_ROWS] = records[start : start + COPY_BLOCK_ROWS]
+        if not _same_memory(target, records):
+            for start in range(0, target.shape[0], COPY_BLOCK_ROWS):
+                target[start : start + COPY_BLOCK_ROWS] = records[start : start + COPY_BLOCK_ROWS]
         tier.store.sync()
 
 
@@ -118,7 +122,12 @@ def _copy(target: torch.Tensor, value: torch.Tensor, name: str) -> None:
             f"{name}: the peer holds shape {tuple(value.shape)}, this rank "
             f"{tuple(target.shape)}; the replica groups must run the same layout"
         )
-    target.copy_(value)
+    if not _same_memory(target, value):  # received in place: already there
+        target.copy_(value)
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.device == b.device and a.data_ptr() == b.data_ptr() and a.stride() == b.stride()
 
 
 def _like_param(param: nn.Parameter, value: torch.Tensor, opt) -> torch.Tensor:
@@ -166,6 +175,8 @@ class FaultTolerance:
             self.state_dict,
             self.load_state_dict,
             agree,
+            self.recv_targets,
+            host_tables=bool(_tiers(trainer.sm.model)),
         )
         self.sync.manager.load_state_dict(
             {"step": trainer.step, "batches_committed": trainer.resumed_ft.get("batches", 0)}
@@ -180,6 +191,16 @@ class FaultTolerance:
             "step": t.step,
             "loader": t.loader.state_dict(),
             "tensors": live_state(t.sm.model, t.optimizers),
+        }
+
+    def recv_targets(self) -> dict:
+        """Where a transport that receives in place writes the peer's state: this rank's own
+        tensors (the tiers' caches are dropped first: their stores are overwritten)."""
+        t = self.trainer
+        for tier in _tiers(t.sm.model).values():
+            tier.cache.invalidate()
+        return {
+            "user": {"default": {"tensors": live_state(t.sm.model, t.optimizers, flush=False)}},
         }
 
     def load_state_dict(self, state: dict) -> None:
