@@ -15,7 +15,7 @@ placement the table gives:
 - ``identical``: both groups ended with the same sha256 on every rank.
 
 Run: .venv/bin/python -m benchmarks.ft_recovery [--steps 60] [--kill_at 10] [--interval 20]
-     [--placements device,host,disk] [--table_gib 0.5]
+     [--placements device,host,disk] [--table_gib 0.5] [--transport http]
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kill_at", type=int, default=10)
     parser.add_argument("--interval", type=int, default=20)
     parser.add_argument("--placements", default="device,host")
+    parser.add_argument("--transport", default="auto", choices=["auto", "pg", "http"])
     parser.add_argument(
         "--table_gib", type=float, default=0.0, help="tables of this size (0: the recipe's)"
     )
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
                         if tables
                         else "--engram_table.cache_size=50%",
                         "--fault_tolerance.state_digest=true",
+                        f"--fault_tolerance.transport={args.transport}",
                     ],
                 )
                 result = drill(groups, kill_group=1, kill_at=args.kill_at)
