@@ -166,6 +166,8 @@ class FaultToleranceConfig:
     # how a recovering group receives its peer's state: "pg" (over the replica process group,
     # in place), "http", or "auto" (pg, but http on a GPU with host or disk tables)
     transport: Literal["auto", "pg", "http"] = "auto"
+    # steps in a row that may fail to commit before this group stops (0: wait for ever)
+    max_failed_steps: int = 0
     # at the end, each rank writes the sha256 of its whole training state to
     # replica_<id>/state_digest_rank<r>.json (replica groups that agree hold the same bits)
     state_digest: bool = False
@@ -284,6 +286,11 @@ class Config:
             (
                 min(f.connect_timeout_s, f.timeout_s, f.process_group_timeout_ms) > 0,
                 "fault_tolerance timeouts must be > 0",
+            ),
+            (
+                f.max_failed_steps >= 0,
+                f"fault_tolerance.max_failed_steps={f.max_failed_steps}: must be >= 0 (0: no "
+                "limit)",
             ),
         ]
         for ok, message in checks:

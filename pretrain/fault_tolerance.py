@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 COPY_BLOCK_ROWS = 1 << 20  # an offloaded table's records are copied in blocks of rows
 
 
+class ReplicasLost(RuntimeError):
+    """Too many steps in a row did not commit (``fault_tolerance.max_failed_steps``)."""
+
+
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
@@ -158,6 +162,7 @@ class FaultTolerance:
         self.trainer = trainer
         self.cfg = trainer.cfg.fault_tolerance
         self.recoveries, self.recovery_s, self._healed = 0, 0.0, False
+        self.failed_in_a_row = 0
         group = cpu_group_for(dist.group.WORLD) if dist.is_initialized() else None
 
         def agree(ok: bool) -> bool:
@@ -243,16 +248,32 @@ class FaultTolerance:
             }
             with open(self.record, "a") as handle:
                 handle.write(json.dumps(entry) + "\n")
-        if not committed:
+        if committed:
+            self.failed_in_a_row = 0
+            return True
+        self.failed_in_a_row += 1
+        limit = self.cfg.max_failed_steps
+        if limit and self.failed_in_a_row >= limit:
+            raise ReplicasLost(
+                f"{self.failed_in_a_row} steps in a row did not commit "
+                f"(fault_tolerance.max_failed_steps={limit}); the last had "
+                f"{len(self.sync.participants)} replica group(s) of min_replica_size="
+                f"{self.cfg.min_replica_size}: check the other groups' logs and the lighthouse, "
+                "or lower fault_tolerance.min_replica_size"
+            )
+        if self.failed_in_a_row == 1 or self.failed_in_a_row % 100 == 0:
             log.warning(
-                "step %d did not commit (a replica group failed during it): it is retried with "
-                "the same batches %d..%d",
+                "step %d did not commit (%d time(s) in a row: a replica group failed during it, "
+                "or fewer than min_replica_size=%d took part): it is retried with the same "
+                "batches %d..%d",
                 t.step + 1,
+                self.failed_in_a_row,
+                self.cfg.min_replica_size,
                 batches[0],
                 batches[1] - 1,
             )
-            t.loader.load_state_dict(start)
-        return committed
+        t.loader.load_state_dict(start)
+        return False
 
     @property
     def saves(self) -> bool:

@@ -40,7 +40,7 @@ from parallel.replicas import LighthouseUnreachable
 from pretrain.builders import build_hasher, build_model_args, build_tokenizer, mixture_and_folder
 from pretrain.checkpoint import CheckpointManager
 from pretrain.config import Config, parse_args, to_toml
-from pretrain.fault_tolerance import FaultTolerance
+from pretrain.fault_tolerance import FaultTolerance, ReplicasLost
 from pretrain.metrics import MetricsLogger
 from pretrain.optimizer import Optimizers, lr_factor
 from pretrain.pipeline_runner import PipelineRunner
@@ -393,6 +393,13 @@ class Trainer:
             values = self.train_step()
             self._tier_seconds += time.perf_counter() - started
             if values is None:  # not committed: nothing to log, evaluate or save
+                if stop.requested(stop_group):
+                    log.warning(
+                        "stopped on %s while a step could not commit",
+                        stop.signal_name or "a peer's signal",
+                    )
+                    preempted = True
+                    break
                 continue
             self.metrics.step_done(tokens_per_step, self.loader.wait_seconds - wait_before)
             if self.metrics.should_log(self.step):
@@ -460,6 +467,9 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as err:
         log.error("%s", err)
         return 3
+    except ReplicasLost as err:
+        log.error("%s", err)
+        return 4
     finally:
         trainer.loader.close()
         destroy()

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.fault_drill import ReplicaGroups, start_lighthouse
+from launch.fault_drill import REPO, ReplicaGroups, start_lighthouse
 from parallel.distributed import free_port
 from pretrain.config import FaultToleranceConfig
 
@@ -311,3 +311,33 @@ def test_run_local_starts_the_lighthouse_and_the_replica_groups(corpus, tmp_path
         metrics = (dump / f"replica_{group}" / "metrics.jsonl").read_text()
         assert '"ft/replicas": 2.0' in metrics
     assert (dump / "checkpoints" / "step-00000006" / "meta.json").is_file()
+
+
+def test_a_group_alone_below_min_replica_size_stops_after_max_failed_steps(
+    corpus, lighthouse, tmp_path
+):
+    """One single-process group of 2: no step can commit with min_replica_size=2, every step
+    is retried with the same batches, and after max_failed_steps the group stops (exit 4)."""
+    import subprocess
+    import sys
+
+    groups = _groups(corpus, tmp_path / "alone", lighthouse)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pretrain.train",
+        *groups.args,
+        f"--job.dump_folder={groups.dump}",
+        "--parallelism.engram_shard_degree=1",
+        "--fault_tolerance.enable=true",
+        "--fault_tolerance.group_size=2",
+        f"--fault_tolerance.lighthouse={lighthouse}",
+        "--fault_tolerance.min_replica_size=2",
+        "--fault_tolerance.max_failed_steps=3",
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 4, result.stderr[-3000:]
+    assert "3 steps in a row did not commit (fault_tolerance.max_failed_steps=3)" in result.stderr
+    tried = groups.records(0, "committed.jsonl")
+    assert [(r["step"], r["batches"], r["committed"]) for r in tried] == [(1, [0, 1], False)] * 3
