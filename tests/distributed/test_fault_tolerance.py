@@ -81,7 +81,8 @@ def reference(corpus, lighthouse, tmp_path_factory) -> ReplicaGroups:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "placement,transport",
-    [("device", "pg"), ("host", "http")],  # the state in place over gloo; staged over HTTP
+    # the state in place over gloo (into a disk table's memory map too); staged over HTTP
+    [("device", "pg"), ("host", "http"), ("disk", "pg")],
 )
 def test_a_killed_group_recovers_from_its_peer_and_rejoins(
     corpus, lighthouse, reference, tmp_path, placement, transport
