@@ -155,10 +155,23 @@ class TierRows:
             )
         if value.data_ptr() != target.data_ptr():  # not already loaded in place (DCP)
             self.cache.flush()
-            for start in range(0, target.shape[0], INIT_BLOCK_ROWS):  # bounded copies
-                target[start : start + INIT_BLOCK_ROWS] = value[start : start + INIT_BLOCK_ROWS]
+            _copy_rows(target, value)
             self.store.sync()
         self.cache.invalidate()
+
+    def load_records(self, records: torch.Tensor, name: str = "table") -> None:
+        """Replace every record (rows and their optimizer state) with ``records`` (a peer's,
+        fault tolerance): the cache is dropped, not written back."""
+        target = self.store.records
+        if tuple(records.shape) != tuple(target.shape):
+            raise RuntimeError(
+                f"{name}: the peer's table is {tuple(records.shape)}, this one "
+                f"{tuple(target.shape)}"
+            )
+        self.cache.invalidate()
+        if records.data_ptr() != target.data_ptr():  # not received in place
+            _copy_rows(target, records)
+        self.store.sync()
 
     @torch.no_grad()
     def _init_tier_rows(self) -> None:
@@ -173,6 +186,11 @@ class TierRows:
                 self.store.field(name).zero_()
         self.store.fresh = False
         self.store.sync()
+
+
+def _copy_rows(target: torch.Tensor, value: torch.Tensor) -> None:
+    for start in range(0, target.shape[0], INIT_BLOCK_ROWS):  # bounded copies
+        target[start : start + INIT_BLOCK_ROWS] = value[start : start + INIT_BLOCK_ROWS]
 
 
 class OffloadedEngramTable(TierRows, nn.Module):

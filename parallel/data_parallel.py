@@ -58,21 +58,34 @@ def all_reduce_grads_(params: list[nn.Parameter], group=None, divisor: float | N
 
 
 def _all_gather_sparse(grad: torch.Tensor, group) -> torch.Tensor:
-    rows, values = grad.indices()[0], grad.values()
-    count = torch.tensor([rows.numel()], device=rows.device)
-    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(counts, count, group=group)
-    longest = int(max(c.item() for c in counts))
+    def gather(tensor: torch.Tensor) -> list[torch.Tensor]:
+        out = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(out, tensor, group=group)
+        return out
+
+    rows, values = gather_rows(grad.indices()[0], grad.values(), gather)
+    return torch.sparse_coo_tensor(rows.unsqueeze(0), values, grad.shape)
+
+
+def gather_rows(rows: torch.Tensor, values: torch.Tensor, gather):
+    """Every rank's ``(rows, values)`` (row ids and their ``[n, ...]`` values), concatenated in
+    rank order. ``gather(t)`` returns every rank's ``t`` (equal shapes: counts go first, then
+    rows and values padded to the longest), or None when it failed (then so does this)."""
+    counts = gather(torch.tensor([rows.numel()], device=rows.device))
+    if counts is None:
+        return None
+    sizes = [int(c.item()) for c in counts]
+    longest = max(sizes)
     pad_rows = torch.zeros(longest, dtype=rows.dtype, device=rows.device)
     pad_values = torch.zeros(longest, *values.shape[1:], dtype=values.dtype, device=values.device)
     pad_rows[: rows.numel()], pad_values[: rows.numel()] = rows, values
-    all_rows = [torch.empty_like(pad_rows) for _ in counts]
-    all_values = [torch.empty_like(pad_values) for _ in counts]
-    dist.all_gather(all_rows, pad_rows, group=group)
-    dist.all_gather(all_values, pad_values, group=group)
-    rows = torch.cat([r[: int(c.item())] for r, c in zip(all_rows, counts)])
-    values = torch.cat([v[: int(c.item())] for v, c in zip(all_values, counts)])
-    return torch.sparse_coo_tensor(rows.unsqueeze(0), values, grad.shape)
+    all_rows = gather(pad_rows)
+    all_values = gather(pad_values) if all_rows is not None else None
+    if all_values is None:
+        return None
+    rows = torch.cat([r[:n] for r, n in zip(all_rows, sizes, strict=True)])
+    values = torch.cat([v[:n] for v, n in zip(all_values, sizes, strict=True)])
+    return rows, values
 
 
 def apply_fsdp(

@@ -25,7 +25,7 @@ from datetime import timedelta
 import torch
 from torch import nn
 
-from parallel.data_parallel import local_grad
+from parallel.data_parallel import gather_rows, local_grad
 
 log = logging.getLogger(__name__)
 BUCKET_BYTES = 64 << 20  # dense gradients are averaged in flat buckets of at most this size
@@ -248,24 +248,14 @@ class ReplicaSync:
                 raise TypeError("a table's gradient must be sparse (rows) under fault tolerance")
             grad = grad.coalesce()
             rows, values = grad.indices()[0], grad.values()
-        counts = self._all_gather(torch.tensor([rows.numel()], device=rows.device))
-        if counts is None:
+        gathered = gather_rows(rows, values, self._all_gather)
+        if gathered is None:
             return
-        sizes = [int(c.item()) for c in counts]
-        longest = max(sizes)
-        padded_rows = rows.new_zeros(longest)
-        padded_values = values.new_zeros(longest, width)
-        padded_rows[: rows.numel()], padded_values[: rows.numel()] = rows, values
-        all_rows = self._all_gather(padded_rows)
-        all_values = self._all_gather(padded_values) if all_rows is not None else None
-        if all_values is None:
-            return
-        rows = torch.cat([r[:n] for r, n in zip(all_rows, sizes, strict=True)])
-        values = torch.cat([v[:n] for v, n in zip(all_values, sizes, strict=True)])
+        rows, values = gathered
         summed = torch.sparse_coo_tensor(
             rows.unsqueeze(0), values, param.shape, check_invariants=False
         ).coalesce()
-        param.grad = summed / len(sizes)
+        param.grad = summed / self.num_participants
         tier = getattr(param, "engram_tier", None)
         if tier is not None:
             tier.include_rows(summed.indices()[0].cpu().numpy())

@@ -21,18 +21,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallel.data_parallel import local_grad as _local  # a DTensor's local shard
 from pretrain.optimizer import Optimizers
 
 log = logging.getLogger(__name__)
-COPY_BLOCK_ROWS = 1 << 20  # an offloaded table's records are copied in blocks of rows
 
 
 class ReplicasLost(RuntimeError):
     """Too many steps in a row did not commit (``fault_tolerance.max_failed_steps``)."""
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _tiers(model: nn.Module) -> dict[str, object]:
@@ -74,17 +70,11 @@ def live_state(
 def load_live_state(model: nn.Module, optimizers: Optimizers, state: dict) -> None:
     """Copy a peer's ``live_state`` into this rank's tensors (the same layout)."""
     params = dict(model.named_parameters())
-    missing = sorted(set(live_state_keys(model)) - set(state))
-    if missing:
-        raise RuntimeError(
-            f"the peer's state lacks {len(missing)} entries (first: {missing[0]}): the replica "
-            "groups must run the same configuration"
-        )
     for name, param in params.items():
         if getattr(param, "engram_tier", None) is None:
-            _copy(_local(param.detach()), state[f"param/{name}"], name)
+            _copy(_local(param.detach()), _take(state, f"param/{name}"), name)
     for name, buffer in model.named_buffers():
-        _copy(_local(buffer), state[f"buffer/{name}"], name)
+        _copy(_local(buffer), _take(state, f"buffer/{name}"), name)
     for i, opt in enumerate(optimizers.optimizers):
         prefix = f"optim{i}/"
         for key, value in state.items():
@@ -98,26 +88,15 @@ def load_live_state(model: nn.Module, optimizers: Optimizers, state: dict) -> No
             else:  # AdamW makes its state at the first step: a fresh group has none yet
                 entry[field] = _like_param(param, value, opt)
     for name, tier in _tiers(model).items():
-        records = state[f"tier/{name}"]
-        target = tier.store.records
-        if tuple(records.shape) != tuple(target.shape):
-            raise RuntimeError(
-                f"{name}: the peer's table is {tuple(records.shape)}, this one "
-                f"{tuple(target.shape)}"
-            )
-        tier.cache.invalidate()
-        if not _same_memory(target, records):
-            for start in range(0, target.shape[0], COPY_BLOCK_ROWS):
-                target[start : start + COPY_BLOCK_ROWS] = records[start : start + COPY_BLOCK_ROWS]
-        tier.store.sync()
+        tier.load_records(_take(state, f"tier/{name}"), name)
 
 
-def live_state_keys(model: nn.Module) -> list[str]:
-    """The keys a peer's state must hold for this rank (optimizer states may be created)."""
-    keys = [f"param/{n}" for n, p in model.named_parameters() if not hasattr(p, "engram_tier")]
-    keys += [f"buffer/{n}" for n, _ in model.named_buffers()]
-    keys += [f"tier/{n}" for n in _tiers(model)]
-    return keys
+def _take(state: dict, key: str) -> torch.Tensor:
+    if key not in state:
+        raise RuntimeError(
+            f"the peer's state lacks {key}: the replica groups must run the same configuration"
+        )
+    return state[key]
 
 
 def _copy(target: torch.Tensor, value: torch.Tensor, name: str) -> None:

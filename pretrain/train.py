@@ -266,7 +266,7 @@ class Trainer:
     # ----- one step -----
     def train_step(self) -> dict | None:
         """One optimizer step; None when it did not commit (fault tolerance: a replica group
-        failed during it, and its batches are dropped)."""
+        failed during it, or too few took part; the next call retries its batches)."""
         t = self.cfg.training
         if self.ft is not None:
             self.ft.begin_step()  # a group that is behind takes its peer's state here
