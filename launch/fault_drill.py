@@ -122,9 +122,15 @@ class ReplicaGroups:
         logs = sorted(self.dump.parent.glob(f"{self.dump.name}_g*.log"))
         return "\n".join(f"== {p.name}\n{p.read_text()[-chars:]}" for p in logs)
 
-    def wait_for_step(self, group: int, step: int, timeout: float = 300) -> int:
+    def wait_for_step(
+        self, group: int, step: int, timeout: float = 300, with_peers: bool = False
+    ) -> int:
+        """Wait until ``group`` has logged ``step`` (and, ``with_peers``, has committed a step
+        together with every group: a group that starts late joins some steps in)."""
         deadline = time.time() + timeout
-        while self.last_step(group) < step and time.time() < deadline:
+        while time.time() < deadline and (
+            self.last_step(group) < step or (with_peers and not self.trained_together(group))
+        ):
             if any(p.poll() not in (None, 0) for p in self.procs[group]):
                 raise RuntimeError(f"group {group} died\n{self.tails()}")
             time.sleep(0.05)
@@ -140,6 +146,11 @@ class ReplicaGroups:
     def losses(self, group: int) -> dict[int, dict]:
         return {r["step"]: r for r in self.records(group, "metrics.jsonl") if "loss" in r}
 
+    def trained_together(self, group: int) -> bool:
+        everyone = list(range(self.groups))
+        committed = self.records(group, "committed.jsonl")
+        return any(r["committed"] and r["replicas"] == everyone for r in committed)
+
     def last_step(self, group: int) -> int:
         return max(self.losses(group), default=0)
 
@@ -154,7 +165,7 @@ class ReplicaGroups:
 def drill(groups: ReplicaGroups, kill_group: int, kill_at: int) -> dict:
     """Kill ``kill_group`` at step ``kill_at``, restart it, wait for the end; what it cost."""
     groups.launch_all()
-    groups.wait_for_step(kill_group, kill_at)
+    groups.wait_for_step(kill_group, kill_at, with_peers=True)
     groups.kill(kill_group)
     killed_at = max(groups.last_step(g) for g in range(groups.groups))
     before = len(groups.records(kill_group, "committed.jsonl"))

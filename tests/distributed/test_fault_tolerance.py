@@ -94,11 +94,10 @@ def test_a_killed_group_recovers_from_its_peer_and_rejoins(
     ]
     run = _groups(corpus, tmp_path / "failure", lighthouse, extra)
     run.launch_all()
-    run.wait_for_step(1, 8)
-    both = [r for r in run.records(1, "committed.jsonl") if r["replicas"] == [0, 1]]
-    assert both, "the groups never trained a step together before the kill"
+    run.wait_for_step(1, 8, with_peers=True)
+    assert run.trained_together(1), "the groups never trained a step together before the kill"
     run.kill(1)
-    killed_at = run.last_step(0)
+    killed_at = max(run.last_step(0), run.last_step(1))
     run.launch(1)
     run.wait()
 
@@ -126,8 +125,9 @@ def test_a_killed_group_recovers_from_its_peer_and_rejoins(
     # 4. the loss curve stays near the run without the failure (only the dead group's shares
     # of the steps it missed were not trained)
     want, got = reference.losses(0), run.losses(0)
-    # (a group that joins after the first step has taken its peer's state: it logs from there)
-    assert sorted(got) == list(range(min(got), STEPS + 1)) and min(got) <= 2
+    # (a group that starts later than its peer takes the peer's state and logs from there; on a
+    # loaded machine that can be a few steps in, but always well before the kill)
+    assert sorted(got) == list(range(min(got), STEPS + 1)) and min(got) < killed_at
     worst = max(abs(got[s]["loss"] - want[s]["loss"]) for s in got)
     assert worst < LOSS_TOLERANCE, worst
     # each group trained its own share of every batch
