@@ -265,6 +265,36 @@ def test_fault_tolerance_config_errors_name_the_fix(tmp_path):
     assert cfg.fault_tolerance.group_size == 2
 
 
+def _launcher_args(corpus, dump: Path, steps: int) -> list[str]:
+    """The CPU recipe (2 groups x 2 ranks) on the test corpus, every step by both groups."""
+    return [
+        "--config",
+        "pretrain/configs/debug_ft.toml",
+        f"--job.dump_folder={dump}",
+        f"--data.dataset_path={corpus}",
+        "--data.prepare_if_missing=false",
+        f'--data.mixture=[{{name="code", format="shards", path="{corpus}", weight=1.0}}]',
+        "--data.seq_len=64",
+        "--data.num_workers=0",
+        f"--training.steps={steps}",
+        "--lr_scheduler.warmup_steps=2",
+        "--metrics.log_freq=1",
+        "--metrics.enable_tensorboard=false",
+        "--fault_tolerance.min_replica_size=2",
+    ]
+
+
+def _assert_trained_together(dump: Path, steps: int) -> None:
+    for group in range(2):
+        committed = (dump / f"replica_{group}" / "committed.jsonl").read_text().splitlines()
+        done = [json.loads(line) for line in committed if '"committed": true' in line]
+        assert [r["step"] for r in done] == list(range(1, steps + 1))
+        assert all(r["replicas"] == [0, 1] for r in done)
+        metrics = (dump / f"replica_{group}" / "metrics.jsonl").read_text()
+        assert '"ft/replicas": 2.0' in metrics
+    assert (dump / "checkpoints" / f"step-{steps:08d}" / "meta.json").is_file()
+
+
 @pytest.mark.slow
 def test_run_local_starts_the_lighthouse_and_the_replica_groups(corpus, tmp_path):
     """The CPU recipe through launch/run_local.sh: a lighthouse and 2 torchrun groups of 2."""
@@ -280,38 +310,103 @@ def test_run_local_starts_the_lighthouse_and_the_replica_groups(corpus, tmp_path
         LIGHTHOUSE_PORT=str(free_port()),
         FT_JOIN_TIMEOUT_MS="1000",
     )
-    args = [
-        "--config",
-        "pretrain/configs/debug_ft.toml",
-        f"--job.dump_folder={dump}",
-        f"--data.dataset_path={corpus}",
-        "--data.prepare_if_missing=false",
-        f'--data.mixture=[{{name="code", format="shards", path="{corpus}", weight=1.0}}]',
-        "--data.seq_len=64",
-        "--data.num_workers=0",
-        "--training.steps=6",
-        "--lr_scheduler.warmup_steps=2",
-        "--metrics.log_freq=1",
-        "--metrics.enable_tensorboard=false",
-        "--fault_tolerance.min_replica_size=2",
-    ]
     result = subprocess.run(
-        ["bash", "launch/run_local.sh", *args],
-        cwd=Path(__file__).resolve().parents[2],
+        ["bash", "launch/run_local.sh", *_launcher_args(corpus, dump, steps=6)],
+        cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    for group in range(2):
-        committed = (dump / f"replica_{group}" / "committed.jsonl").read_text().splitlines()
-        done = [json.loads(line) for line in committed if '"committed": true' in line]
-        assert [r["step"] for r in done] == list(range(1, 7))
-        assert all(r["replicas"] == [0, 1] for r in done)
-        metrics = (dump / f"replica_{group}" / "metrics.jsonl").read_text()
-        assert '"ft/replicas": 2.0' in metrics
-    assert (dump / "checkpoints" / "step-00000006" / "meta.json").is_file()
+    _assert_trained_together(dump, steps=6)
+
+
+# slurm's two commands that train_ft.sbatch uses, for one machine: four "nodes" on 127.0.0.1.
+# Real nodes each have the rendezvous port; here each job step's head gets its own
+# (FAKE_PORT_<first node>).
+FAKE_SCONTROL = """#!/usr/bin/env bash
+[ "$1 $2" = "show hostnames" ] || exit 1
+for ((i = 0; i < FAKE_NODES; i++)); do echo 127.0.0.1; done
+"""
+FAKE_SRUN = """#!/usr/bin/env bash
+for arg; do
+  case $arg in
+    --nodes=*) nodes=${arg#*=}; shift ;;
+    --relative=*) relative=${arg#*=}; shift ;;
+    --*) shift ;;
+    *) break ;;
+  esac
+done
+port=FAKE_PORT_$relative
+pids=()
+for ((task = 0; task < nodes; task++)); do
+  SLURM_STEP_NUM_NODES=$nodes SLURM_PROCID=$task SLURM_NODEID=$((relative + task)) \
+    PORT=${!port} "$@" &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
+"""
+
+
+@pytest.mark.slow
+def test_the_slurm_script_splits_the_nodes_into_replica_groups(corpus, tmp_path):
+    """launch/slurm/train_ft.sbatch under a fake slurm (scontrol and srun on one machine): 4
+    nodes of 1 rank become 2 replica groups of 2 nodes, each a multi-node torchrun job step
+    (launch/slurm/node.sh) with its own rendezvous, joined by the lighthouse the script starts;
+    both groups train every step together. Nodes that do not split evenly are refused."""
+    import subprocess
+    import sys
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("scontrol", FAKE_SCONTROL), ("srun", FAKE_SRUN)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    env.update(
+        PATH=f"{bin_dir}:{env['PATH']}",
+        PYTHON=sys.executable,
+        SLURM_JOB_NODELIST="node[1-4]",
+        SLURM_JOB_ID="ft-test",
+        SLURM_SUBMIT_DIR=str(REPO),
+        FAKE_NODES="4",
+        FAKE_PORT_0=str(free_port()),
+        FAKE_PORT_2=str(free_port()),
+        FT_REPLICAS="2",
+        GPUS_PER_NODE="1",
+        OMP_NUM_THREADS="1",
+        LIGHTHOUSE_PORT=str(free_port()),
+        FT_JOIN_TIMEOUT_MS="1000",
+        LOG_DIR=str(tmp_path / "logs"),
+    )
+    dump = tmp_path / "slurm"
+    sbatch = str(REPO / "launch" / "slurm" / "train_ft.sbatch")  # sbatch runs a copy of it
+    script = ["bash", sbatch, *_launcher_args(corpus, dump, steps=4)]
+
+    def run(**overrides):
+        return subprocess.run(
+            script,
+            cwd=tmp_path,  # the script goes to SLURM_SUBMIT_DIR itself
+            env={**env, **overrides},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    uneven = run(FT_REPLICAS="3")
+    assert uneven.returncode == 2
+    assert "FT_REPLICAS=3 does not divide the 4 nodes into equal groups" in uneven.stderr
+    result = run()
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_trained_together(dump, steps=4)
+    logs = tmp_path / "logs"
+    assert (logs / "lighthouse.log").is_file()
+    for group in range(2):  # torchrun's per-rank logs, one folder per node of the group
+        for node in range(2):
+            assert list((logs / f"replica_{group}" / f"node{node}").rglob("*.log")), (group, node)
 
 
 def test_a_group_alone_below_min_replica_size_stops_after_max_failed_steps(
