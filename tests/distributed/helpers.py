@@ -7,23 +7,43 @@ tests leave running in the ranks, such as a table tier's threads, goes with them
 test's function to it; a test whose ranks start and end their own process group (the trainer's)
 asks for ``fresh`` processes. A failure anywhere retires the pool:
 the next call starts new ranks, so one broken test cannot leave the others a hung collective.
+
+A rank that dies of a memory fault (SIGSEGV, SIGBUS: a crash inside torch or gloo, not a test's
+failure) has its call run once more on new ranks, with a warning that carries the crashed rank's
+native and Python stacks (faulthandler); a second crash fails the test. Exceptions, wrong
+results and hangs are never retried.
 """
 
 from __future__ import annotations
 
 import atexit
+import faulthandler
 import os
 import pickle
 import queue as queue_module
+import signal
+import tempfile
 import traceback
+import warnings
+from pathlib import Path
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from parallel.distributed import free_port  # noqa: F401 - the tests' import of it
 
+MEMORY_FAULTS = (-signal.SIGSEGV, -signal.SIGBUS)  # multiprocessing's exit code of a signal
+
+
+def _stack_file(pid: int) -> Path:
+    return Path(tempfile.gettempdir()) / f"engram-test-rank-{pid}.stack"
+
 
 def _join_world(rank: int, world: int, port: int) -> None:
+    # a rank that crashes leaves its threads' Python stacks where the parent can read them
+    global _STACKS
+    _STACKS = _stack_file(os.getpid()).open("w")
+    faulthandler.enable(file=_STACKS, all_threads=True)  # the parent removes the file
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -74,6 +94,14 @@ def _serve(rank: int, world: int, port: int, tasks, results, parent: int) -> Non
     dist.destroy_process_group()
 
 
+class RankCrashed(AssertionError):
+    """A rank died of a memory fault; the message has its stacks."""
+
+
+def _exit_text(code: int | None) -> str:
+    return f"killed by {signal.Signals(-code).name}" if code and code < 0 else f"exit {code}"
+
+
 def _collect(procs, results, world: int, timeout: float) -> dict[int, object]:
     """Every rank's result; after the first error, the others get a few seconds (they may be
     blocked in a collective the failed rank never reached)."""
@@ -82,16 +110,29 @@ def _collect(procs, results, world: int, timeout: float) -> dict[int, object]:
         try:
             rank, status, payload = results.get(timeout=5 if errors else timeout)
         except queue_module.Empty:
-            dead = [p.pid for p in procs if not p.is_alive()]
-            errors.append(f"ranks timed out (dead processes: {dead})")
+            dead = [
+                f"rank {r} (pid {p.pid}, {_exit_text(p.exitcode)})"
+                for r, p in enumerate(procs)
+                if not p.is_alive()
+            ]
+            errors.append(f"ranks timed out (dead: {', '.join(dead) or 'none'})")
             break
         if status == "ok":
             found[rank] = pickle.loads(payload)
         else:
             errors.append(f"rank {rank}:\n{payload}")
-    if errors:
-        raise AssertionError("\n".join(errors))
-    return found
+    if not errors:
+        return found
+    crashed = [(r, p) for r, p in enumerate(procs) if p.exitcode in MEMORY_FAULTS]
+    if crashed:
+        stacks = []
+        for rank, proc in crashed:
+            path = _stack_file(proc.pid)
+            text = path.read_text() if path.is_file() else "(no stack written)"
+            path.unlink(missing_ok=True)
+            stacks.append(f"rank {rank} (pid {proc.pid}) {_exit_text(proc.exitcode)}:\n{text}")
+        raise RankCrashed("\n".join(stacks + errors))
+    raise AssertionError("\n".join(errors))
 
 
 class _RankPool:
@@ -125,6 +166,7 @@ class _RankPool:
             if proc.is_alive():
                 proc.kill()
                 proc.join()
+            _stack_file(proc.pid).unlink(missing_ok=True)
 
 
 _POOLS: dict[int, _RankPool] = {}
@@ -143,8 +185,20 @@ def run_ranks(fn, world: int, *args, timeout: float = 300, fresh: bool = False) 
 
     ``fresh``: start new processes for this call only (for functions that set up or tear down
     the default process group themselves); otherwise the module's pool of ``world`` ranks runs
-    it. ``fn`` and ``args`` must pickle (a module-level function).
+    it. ``fn`` and ``args`` must pickle (a module-level function). A memory fault in a rank
+    runs the call once more on new ranks (see the module's docstring).
     """
+    try:
+        return _run_once(fn, world, args, timeout, fresh)
+    except RankCrashed as crash:
+        warnings.warn(
+            f"a rank crashed running {fn.__name__}; running it again on new ranks:\n{crash}",
+            stacklevel=2,
+        )
+    return _run_once(fn, world, args, timeout, fresh)
+
+
+def _run_once(fn, world: int, args: tuple, timeout: float, fresh: bool) -> dict:
     if fresh:
         ctx = mp.get_context("spawn")
         results = ctx.Queue()
@@ -162,6 +216,8 @@ def run_ranks(fn, world: int, *args, timeout: float = 300, fresh: bool = False) 
                 proc.join(timeout=30)
                 if proc.is_alive():
                     proc.kill()
+                    proc.join()
+                _stack_file(proc.pid).unlink(missing_ok=True)
     pool = _POOLS.get(world)
     if pool is None:
         pool = _POOLS[world] = _RankPool(world)
