@@ -9,8 +9,8 @@ asks for ``fresh`` processes. A failure anywhere retires the pool:
 the next call starts new ranks, so one broken test cannot leave the others a hung collective.
 
 A rank that dies of a memory fault (SIGSEGV, SIGBUS: a crash inside torch or gloo, not a test's
-failure) has its call run once more on new ranks, with a warning that carries the crashed rank's
-native and Python stacks (faulthandler); a second crash fails the test. Exceptions, wrong
+failure) has its call run once more on new ranks, with a warning that carries the Python stacks
+of the crashed rank's threads (faulthandler); a second crash fails the test. Exceptions, wrong
 results and hangs are never retried.
 """
 
