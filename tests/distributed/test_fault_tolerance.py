@@ -126,8 +126,8 @@ def test_a_killed_group_recovers_from_its_peer_and_rejoins(
     # of the steps it missed were not trained)
     want, got = reference.losses(0), run.losses(0)
     # (a group that starts later than its peer takes the peer's state and logs from there; on a
-    # loaded machine that can be a few steps in, but always well before the kill)
-    assert sorted(got) == list(range(min(got), STEPS + 1)) and min(got) < killed_at
+    # loaded machine that can be a few steps in, but never after the first step trained together)
+    assert sorted(got) == list(range(min(got), STEPS + 1)) and min(got) <= killed_at
     worst = max(abs(got[s]["loss"] - want[s]["loss"]) for s in got)
     assert worst < LOSS_TOLERANCE, worst
     # each group trained its own share of every batch
