@@ -146,9 +146,11 @@ class ReplicaGroups:
     def losses(self, group: int) -> dict[int, dict]:
         return {r["step"]: r for r in self.records(group, "metrics.jsonl") if "loss" in r}
 
-    def trained_together(self, group: int) -> bool:
+    def trained_together(self, group: int, since: int = 0) -> bool:
+        """Whether ``group`` committed a step with every group (among its records from the
+        ``since``-th on: a restarted group's own)."""
         everyone = list(range(self.groups))
-        committed = self.records(group, "committed.jsonl")
+        committed = self.records(group, "committed.jsonl")[since:]
         return any(r["committed"] and r["replicas"] == everyone for r in committed)
 
     def last_step(self, group: int) -> int:
@@ -173,10 +175,9 @@ def drill(groups: ReplicaGroups, kill_group: int, kill_at: int) -> dict:
     groups.launch(kill_group)
     restarted, rejoin_s = time.time(), None
     while any(p.poll() is None for procs in groups.procs.values() for p in procs):
-        if rejoin_s is None:  # the restarted group's first step with every peer
-            new = groups.records(kill_group, "committed.jsonl")[before:]
-            if any(r["committed"] and r["replicas"] == everyone for r in new):
-                rejoin_s = time.time() - restarted
+        # the restarted group's first step with every peer
+        if rejoin_s is None and groups.trained_together(kill_group, since=before):
+            rejoin_s = time.time() - restarted
         time.sleep(0.05)
     groups.wait()
     peer = next(g for g in everyone if g != kill_group)

@@ -25,17 +25,11 @@ if [ -z "${FT_REPLICAS:-}" ]; then
 fi
 
 # ----- fault tolerance: a lighthouse and FT_REPLICAS replica groups -----
-BIN=$(dirname "$PYTHON")
-LIGHTHOUSE_BIN=$([ -x "$BIN/torchft_lighthouse" ] && echo "$BIN/torchft_lighthouse" || echo torchft_lighthouse)
-if ! command -v "$LIGHTHOUSE_BIN" >/dev/null; then
-  echo "torchft_lighthouse not found: pip install -e '.[ft]'" >&2
-  exit 2
-fi
+source launch/lighthouse.sh
 LIGHTHOUSE_PORT=${LIGHTHOUSE_PORT:-29510}
 export RUST_LOG=${RUST_LOG:-warn}
-"$LIGHTHOUSE_BIN" --min_replicas "${FT_MIN_REPLICAS:-1}" --bind "[::]:$LIGHTHOUSE_PORT" \
-  --quorum_tick_ms "${FT_QUORUM_TICK_MS:-100}" --join_timeout_ms "${FT_JOIN_TIMEOUT_MS:-10000}" &
-PIDS=($!)
+start_lighthouse "$LIGHTHOUSE_PORT" 10000 || exit 2
+PIDS=("$LIGHTHOUSE_PID")
 trap 'kill "${PIDS[@]}" 2>/dev/null || true' EXIT
 trap 'exit 130' INT TERM
 export TORCHFT_LIGHTHOUSE=http://localhost:$LIGHTHOUSE_PORT

@@ -41,15 +41,22 @@ def lighthouse():
     server.shutdown()
 
 
-def _groups(corpus, dump: Path, lighthouse: str, extra=()) -> ReplicaGroups:
-    args = [
-        "--config",
-        "pretrain/configs/debug.toml",
+def _corpus_args(corpus) -> list[str]:
+    """The test corpus as the one source of a mixture (fault tolerance needs one), short rows."""
+    return [
         f"--data.dataset_path={corpus}",
         "--data.prepare_if_missing=false",
         f'--data.mixture=[{{name="code", format="shards", path="{corpus}", weight=1.0}}]',
         "--data.seq_len=64",
         "--data.num_workers=0",
+    ]
+
+
+def _groups(corpus, dump: Path, lighthouse: str, extra=()) -> ReplicaGroups:
+    args = [
+        "--config",
+        "pretrain/configs/debug.toml",
+        *_corpus_args(corpus),
         "--training.batch_size=2",
         f"--training.steps={STEPS}",
         "--training.num_threads=1",
@@ -271,11 +278,7 @@ def _launcher_args(corpus, dump: Path, steps: int) -> list[str]:
         "--config",
         "pretrain/configs/debug_ft.toml",
         f"--job.dump_folder={dump}",
-        f"--data.dataset_path={corpus}",
-        "--data.prepare_if_missing=false",
-        f'--data.mixture=[{{name="code", format="shards", path="{corpus}", weight=1.0}}]',
-        "--data.seq_len=64",
-        "--data.num_workers=0",
+        *_corpus_args(corpus),
         f"--training.steps={steps}",
         "--lr_scheduler.warmup_steps=2",
         "--metrics.log_freq=1",
@@ -399,6 +402,10 @@ def test_the_slurm_script_splits_the_nodes_into_replica_groups(corpus, tmp_path)
     uneven = run(FT_REPLICAS="3")
     assert uneven.returncode == 2
     assert "FT_REPLICAS=3 does not divide the 4 nodes into equal groups" in uneven.stderr
+    no_torchft = run(PYTHON=str(tmp_path / "bare" / "python"), PATH=f"{bin_dir}:/usr/bin:/bin")
+    assert no_torchft.returncode == 2
+    assert "torchft_lighthouse not found: pip install -e '.[ft]'" in no_torchft.stderr
+    assert "or set TORCHFT_LIGHTHOUSE" in no_torchft.stderr
     result = run()
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_trained_together(dump, steps=4)
