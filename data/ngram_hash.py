@@ -3,7 +3,7 @@
 Implements the hashing of "Conditional Memory via Scalable Lookup: A New Axis of Sparsity for Large
 Language Models" (DeepSeek, 2026), as in the reference demo (deepseek-ai/Engram
 ``engram_demo_v1.py``). It is pure numpy and picklable, so it runs in data-loader workers and the
-model receives hash ids (../STYLE rule 7). ``EngramHashSpec`` is the one definition of the hash.
+model receives hash ids. ``EngramHashSpec`` is the one definition of the hash.
 
 Legend: B batch, T sequence, N max n-gram order, H heads per order, V raw vocab, C compressed vocab.
 

@@ -1,7 +1,7 @@
 """Model hyper-parameters: one dataclass tree per model, validated up front.
 
 Every field a user can get wrong is checked in ``ModelArgs.validate`` with a ``ValueError`` that
-names the field and the fix (../STYLE rule 14).
+names the field and the fix, before any work starts.
 """
 
 from __future__ import annotations

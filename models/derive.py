@@ -52,10 +52,6 @@ class Arm:
         return account(self.args(vocab_size), seq_len)
 
 
-def _moe_layers(args: ModelArgs) -> int:
-    return sum(args.is_moe_layer(i) for i in range(args.num_layers))
-
-
 def engram_arm(
     name: str,
     size: str,

@@ -1,5 +1,5 @@
-"""Named model sizes (../STYLE rule 4). The derivation of the paper flavors is in
-docs/model_flavors.md.
+"""Named model sizes, picked by ``model.flavor``; every family has a CPU-sized ``debug``.
+The derivation of the paper flavors is in docs/model_flavors.md.
 
 ``debug`` trains in seconds on CPU, ``demo`` is the CPU main job, ``ladder-*`` are small experiment
 sizes, and ``dense-4b`` / ``moe-27b`` / ``engram-27b`` / ``engram-40b`` are the paper's models

@@ -1,5 +1,5 @@
 """The decoding state of a batch of sequences: what incremental generation carries between
-forwards of the same model that trains (../STYLE rule 16).
+forwards of the same model that trains (the math is never restated for decoding).
 
 Per layer a ``LayerCache`` holds what attention needs of earlier positions (GQA's rotated keys
 and values; MLA's normed compressed latent and its shared rotated rope key, from which each step

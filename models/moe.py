@@ -1,5 +1,5 @@
-"""Fine-grained MoE with shared experts: router -> dispatcher -> experts -> combine (../STYLE rule
-6).
+"""Fine-grained MoE with shared experts: router -> dispatcher -> experts -> combine,
+so that the local and the all-to-all dispatcher swap without touching the model.
 
 Routing and auxiliary-loss-free balancing follow DeepSeek-V3 ("DeepSeek-V3 Technical Report", 2024):
 sigmoid affinities, a per-expert bias that only affects selection and is nudged toward balanced load

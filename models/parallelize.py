@@ -1,8 +1,10 @@
-"""``parallelize_deepseek_engram``: applies the parallel plan to the model family (../STYLE rule 1).
+"""``parallelize_deepseek_engram``: applies the parallel plan to the model family, whose modules
+are plain PyTorch.
 
-Order (../STYLE rule 2): the model arrives on the meta device; Engram tables and routed experts are
-swapped for their shards and FSDP shards the rest there; then the model is materialised and
-initialised (inits are sharding-independent); DDP wraps a materialised model.
+Order (build on meta, shard, then initialise): the model arrives on the meta device; Engram
+tables and routed experts are swapped for their shards and FSDP shards the rest there; then the
+model is materialised and initialised (inits are sharding-independent); DDP wraps a materialised
+model.
 
 Parameters DDP does not manage (sparse replicated tables, row-sharded tables, expert shards)
 get their gradient synchronisation from ``ParallelPlan.sync_grads`` after backward, and their

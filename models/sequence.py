@@ -1,6 +1,7 @@
 """The model's sequence seam: what attention, the Engram ShortConv and the MoE balance loss call
 to reach the parts of a sequence held elsewhere. ``LocalSequence`` is the whole sequence on this
-rank; context parallelism (``parallel.context_parallel``) swaps in its own (../STYLE rule 1).
+rank; context parallelism (``parallel.context_parallel``) swaps in its own, so the model
+knows nothing of parallelism.
 """
 
 from __future__ import annotations

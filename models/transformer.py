@@ -1,5 +1,6 @@
 """The DeepSeek-style decoder: embedding, blocks (Engram -> attention -> FFN/MoE, all on mHC
-streams), final norm, LM head. Plain PyTorch; parallelism is applied from outside (../STYLE rule 1).
+streams), final norm, LM head. Plain PyTorch; parallelism is applied from outside
+(``models.parallelize``).
 
 Legend: B batch, T sequence, G hc_mult streams, D dim, V vocab, K Engram heads.
 """
@@ -177,7 +178,8 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Deterministic init after ``to_empty()`` (../STYLE rule 2).
+        """Deterministic init after ``to_empty()``: the model is built on the meta device and
+        sharded first, so no rank ever holds it whole.
 
         One draw from the global RNG gives a base seed; the embedding, every block and the head are
         then initialised from their own seeds, so a pipeline stage holding only some blocks gets the

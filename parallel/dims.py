@@ -8,8 +8,8 @@ context-parallel group. Data- and context-parallel ranks together hold different
 Engram tables are row-sharded over all of them (``engram_shard``; ``etp`` is expert *tensor*
 parallelism in torchtitan, so that name is not used).
 
-This module knows nothing of models (../STYLE rule 1): model-dependent checks (heads, experts,
-layers) live in the model family's parallel plan.
+This module knows nothing of models (parallelism is applied to them from outside):
+model-dependent checks (heads, experts, layers) live in the model family's parallel plan.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The job configuration: one dataclass tree, TOML job files, ``--section.key=value`` overrides.
 
 Sections follow torchtitan's names (job, model, data, optimizer, lr_scheduler, training,
-parallelism, checkpoint, metrics). Each component receives only its own section (../STYLE rule 3).
+parallelism, checkpoint, metrics). Each component receives only its own section, never the root.
 Every field has a one-line comment; fields with fixed choices are ``Literal`` types, checked when
 they are set. ``validate()`` raises ``ValueError`` naming the field and the fix before any work
 starts.

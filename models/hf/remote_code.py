@@ -5,8 +5,8 @@ from ``data/``. An export copies the glue and every project module it reaches, t
 into the folder, with their project imports made relative (``from models.attention import x``
 becomes ``from .attention import x``), so ``AutoModelForCausalLM.from_pretrained(folder,
 trust_remote_code=True)`` runs the very code that trains, with only torch and transformers
-installed. Nothing of the model is written twice (../STYLE rule 16): a change to ``models/``
-reaches the next export by itself.
+installed. Nothing of the model is written twice (a second copy would drift): a change to
+``models/`` reaches the next export by itself.
 """
 
 from __future__ import annotations

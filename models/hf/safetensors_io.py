@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -252,11 +252,3 @@ class SafetensorsFolder:
         if not buffer:
             return torch.empty(count, *inner, dtype=stored.dtype)
         return torch.frombuffer(buffer, dtype=stored.dtype).reshape(count, *inner)
-
-
-def row_pieces(
-    read_rows: Callable[[int, int], torch.Tensor], rows: int, block_rows: int
-) -> Iterator[torch.Tensor]:
-    """``read_rows`` over ``[0, rows)`` in blocks of ``block_rows``."""
-    for start in range(0, rows, block_rows):
-        yield read_rows(start, min(rows, start + block_rows))
