@@ -17,7 +17,7 @@ The cache lives in ``data.index_dir`` (default ``$ENGRAM_CACHE/doc_index``, else
 ``~/.cache/engram/doc_index``); put it on a filesystem every node sees.
 
 The trainer builds missing entries before training, each rank a share of the files with
-``data.num_workers`` processes; ``python -m data.doc_index --config CFG`` builds them ahead (a
+``data.num_workers`` processes; ``python -m launch.doc_index --config CFG`` builds them ahead (a
 slurm array splits it with ``--num_shards K --shard_index I``).
 
 Legend: D documents of one file.
@@ -25,7 +25,6 @@ Legend: D documents of one file.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -153,7 +152,7 @@ def load(entry: Entry, directory: Path) -> tuple[np.ndarray, int]:
         raise SourceError(
             f"data.mixture {entry.source!r}: {entry.location} has no document index in "
             f"{directory}; the trainer builds it before training, or run `python -m "
-            "data.doc_index --config CFG` (data.index_dir must be the same on every node)"
+            "launch.doc_index --config CFG` (data.index_dir must be the same on every node)"
         )
     with np.load(path) as saved:
         return saved["lengths"], int(saved["skipped"])
@@ -280,46 +279,3 @@ def ensure(
                 late,
                 directory,
             )
-
-
-def main(argv: list[str] | None = None) -> None:
-    from pretrain.builders import build_tokenizer, mixture_and_folder
-    from pretrain.config import load_config
-
-    parser = argparse.ArgumentParser(
-        prog="python -m data.doc_index",
-        description="Count the documents of a config's text and shards sources ahead of training.",
-    )
-    parser.add_argument("--config", required=True, help="the training config (TOML)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes")
-    parser.add_argument("--num_shards", type=int, default=1, help="split the files into K tasks")
-    parser.add_argument("--shard_index", type=int, default=0, help="this task, 0..K-1")
-    args, overrides = parser.parse_known_args(argv)  # and --section.key=value overrides
-    if not 0 <= args.shard_index < args.num_shards:
-        parser.error(f"--shard_index must be in 0..{args.num_shards - 1}")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = load_config(args.config, overrides)
-    folder, specs = mixture_and_folder(cfg.data, 0)
-    if not specs:
-        parser.error(f"{args.config} has no [[data.mixture]] tables: nothing to index")
-    tokenizer = build_tokenizer(cfg.data, folder)
-    directory = default_dir(cfg.data.index_dir)
-    entries = mixture_entries(specs, tokenizer.identity)
-    counted = build(
-        entries,
-        directory,
-        tokenizer.path,
-        strict=cfg.data.strict,
-        workers=args.workers,
-        share=(args.shard_index, args.num_shards),
-    )
-    missing = sum(not e.path(directory).is_file() for e in entries)
-    print(
-        json.dumps(
-            {"files": len(entries), "counted": counted, "missing": missing, "dir": str(directory)}
-        )
-    )
-
-
-if __name__ == "__main__":
-    main()

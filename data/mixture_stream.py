@@ -6,7 +6,7 @@ State (``batches(state)``): ``schedule`` (the global schedule after the last con
 ``batch`` (the index of the next global batch); nothing is per role, so a resume continues at any
 worker count and DP degree. Each yielded state also carries ``row_sources`` (the source of each of
 the batch's rows), ``epochs`` (the epoch each source has reached) and ``skipped`` (records each
-source's index skipped), for metrics and ``data.inspect``.
+source's index skipped), for metrics and ``launch.inspect_data``.
 
 Legend: B batch per rank, T seq_len.
 """

@@ -449,7 +449,8 @@ def test_incremental_decoding_cli_logits_equal_our_full_forward_at_every_step(
 ):
     """Generation runs on our own model and its KVCache: every step's logits equal a full
     forward of the sequence so far."""
-    from pretrain.inference.generate import generate, main
+    from launch.generate import main
+    from pretrain.inference.generate import generate
 
     model, args, tok_path = convert.load_model(trained[flavor])
     hasher = convert.hasher_for(args, tok_path)
@@ -475,6 +476,37 @@ def test_incremental_decoding_cli_logits_equal_our_full_forward_at_every_step(
         == 0
     )
     assert capsys.readouterr().out.startswith("def f")
+
+
+def test_analyze_cli_writes_what_the_library_computes(trained, tmp_path, capsys):
+    """``launch.analyze logit_lens`` and ``gates`` on a checkpoint write the numbers the library
+    functions give on the same windows, and a missing argument is one line."""
+    from launch.analyze import main
+    from pretrain.inference import analyze
+
+    text = tmp_path / "doc.txt"
+    text.write_text(Path(json.__file__).read_text()[:3000])
+    ckpt = str(trained["debug"])
+    out = tmp_path / "lens"
+    argv = ["logit_lens", "--checkpoint", ckpt, "--text", str(text), "--out", str(out)]
+    assert main([*argv, "--windows", "2"]) == 0
+    written = json.loads((out / "logit_lens.json").read_text())
+    model, args, tok_path = convert.load_model(trained["debug"])
+    wins = analyze.windows(analyze.text_ids([text], tok_path), args.max_seq_len, 2)
+    want = analyze.logit_lens(model, convert.hasher_for(args, tok_path), wins)
+    assert list(written.values()) == [pytest.approx(want, abs=1e-6)]
+    gates = ["gates", "--checkpoint", ckpt, "--text", str(text), "--out", str(tmp_path / "g")]
+    assert main(gates) == 0
+    got = json.loads((tmp_path / "g" / "gates.json").read_text())["gates"]
+    direct = analyze.gate_values(model, convert.hasher_for(args, tok_path), wins[0])
+    assert sorted(int(k) for k in got) == sorted(direct)
+    for layer, values in direct.items():
+        assert np.allclose(np.asarray(got[str(layer)]), values, atol=1e-6), layer
+    capsys.readouterr()
+    assert main(["cka", "--checkpoint", ckpt, "--text", str(text), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: cka compares two checkpoints: pass --checkpoint twice"
+    )
 
 
 _LOAD_ALONE = """

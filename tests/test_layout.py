@@ -1,29 +1,20 @@
-"""The shape of the codebase: one model (the HF export holds only glue), a pretrain/ without import
-circles whose inference tools import nothing from conversion, and old module paths that still
-work for one release."""
+"""The shape of the codebase, read from the source with ``ast``: imports flow one way
+(``data/`` <- ``parallel/`` <- ``models/`` <- ``pretrain/`` <- ``launch/``, ``benchmarks/`` on
+top), no import circle anywhere (type-only imports included), a ``pretrain/`` that keeps its
+top level to the training job, every command line that reads a job config in ``launch/``, and
+one model (the HF export holds only glue)."""
 
 from __future__ import annotations
 
 import ast
-import importlib
-import subprocess
-import sys
-import warnings
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-MOVED = {
-    "pretrain.evaluate": "pretrain.inference.evaluate",
-    "pretrain.generate": "pretrain.inference.generate",
-    "pretrain.probes": "pretrain.inference.probes",
-    "pretrain.analyze": "pretrain.inference.analyze",
-    "pretrain.convert": "pretrain.conversion.convert",
-    "pretrain.dcp_stream": "pretrain.conversion.dcp_stream",
-    "pretrain.simulate": "pretrain.simulation.simulate",
-    "pretrain.cost_model": "pretrain.simulation.cost_model",
-}
+PACKAGES = ("data", "parallel", "models", "pretrain", "launch", "benchmarks")
+LEVEL = {name: i for i, name in enumerate(PACKAGES)}  # a package imports only lower levels
+MAX_PRETRAIN_TOP = 14  # pretrain/'s own modules, __init__ included; new parts go in subpackages
 
 
 def _module_name(path: Path) -> str:
@@ -31,12 +22,26 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(path: Path) -> set[str]:
-    """Project modules ``path`` imports, at any depth (lazy imports count too)."""
+def _modules() -> dict[str, Path]:
+    return {
+        _module_name(p): p
+        for package in PACKAGES
+        for p in (REPO / package).rglob("*.py")
+        if "__pycache__" not in p.parts
+    }
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """Every module name ``path`` imports, at any depth (lazy and ``TYPE_CHECKING`` imports
+    count too), relative imports resolved."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            base = node.module
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parent + ([base] if base else []))
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)
         elif isinstance(node, ast.Import):
@@ -44,15 +49,11 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
-def _graph(package: str) -> dict[str, set[str]]:
-    modules = {
-        _module_name(p): p for p in (REPO / package).rglob("*.py") if "__pycache__" not in p.parts
-    }
-    shims = set(MOVED)
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
     return {
-        name: {m for m in _imports(path) if m in modules and m != name and m not in shims}
+        name: {m for m in _imports(name, path) if m in modules and m != name}
         for name, path in modules.items()
-        if name not in shims and name != "pretrain._moved"
     }
 
 
@@ -66,18 +67,89 @@ def _reach(graph: dict[str, set[str]], start: str) -> set[str]:
     return seen
 
 
-def test_pretrain_has_no_import_circle():
-    graph = _graph("pretrain")
-    circles = sorted(name for name in graph if name in _reach(graph, name))
+def _circles(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(name for name in graph if name in _reach(graph, name))
+
+
+def _upward(graph: dict[str, set[str]]) -> list[str]:
+    return [
+        f"{name} -> {target}"
+        for name, targets in graph.items()
+        for target in sorted(targets)
+        if LEVEL[target.split(".")[0]] > LEVEL[name.split(".")[0]]
+    ]
+
+
+def test_no_import_circle_anywhere():
+    circles = _circles(_graph())
     assert not circles, f"modules on an import circle: {circles}"
 
 
+def test_imports_flow_one_way():
+    upward = _upward(_graph())
+    assert not upward, "imports against the flow data <- parallel <- models <- pretrain <- " + (
+        "launch <- benchmarks:\n" + "\n".join(upward)
+    )
+
+
+def test_the_checks_see_a_planted_circle_and_an_upward_import():
+    """The graph holds real edges (lazy and type-only ones too), and a circle or an upward
+    import planted in a copy of it is found."""
+    graph = _graph()
+    assert {"pretrain.config", "pretrain.step"} <= graph["pretrain.train"]
+    assert "models.kv_cache" in graph["models.engram"]  # a TYPE_CHECKING import
+    planted = {**graph, "models.args": graph["models.args"] | {"models.transformer"}}
+    assert "models.args" in _circles(planted)
+    planted = {**graph, "data.loader": graph["data.loader"] | {"pretrain.config"}}
+    assert _upward(planted) == ["data.loader -> pretrain.config"]
+
+
 def test_inference_imports_nothing_from_conversion():
-    graph = _graph("pretrain")
+    graph = _graph()
     for name in graph:
         if name.startswith("pretrain.inference"):
             bad = sorted(m for m in _reach(graph, name) if m.startswith("pretrain.conversion"))
             assert not bad, f"{name} reaches {bad}"
+
+
+def test_pretrain_keeps_its_top_level_to_the_job():
+    top = sorted(p.name for p in (REPO / "pretrain").glob("*.py"))
+    assert len(top) <= MAX_PRETRAIN_TOP, f"pretrain/ has {len(top)} top-level modules: {top}"
+
+
+def _reads_a_job_config(path: Path) -> bool:
+    tree = ast.parse(path.read_text(), str(path))
+    parses = any(
+        isinstance(node, ast.Attribute) and node.attr == "ArgumentParser" for node in ast.walk(tree)
+    )
+    return parses and "pretrain.config" in _imports(_module_name(path), path)
+
+
+def test_command_lines_that_read_a_job_config_live_in_launch():
+    """``pretrain.train`` is the training job itself; every other command line that parses
+    arguments and reads a job config is a ``launch/`` entry."""
+    outside = sorted(
+        name
+        for name, path in _modules().items()
+        if name.split(".")[0] in ("data", "parallel", "models", "pretrain")
+        and name != "pretrain.train"
+        and _reads_a_job_config(path)
+    )
+    assert not outside, f"command lines outside launch/: {outside}"
+
+
+@pytest.mark.parametrize("package", ["pretrain/inference", "data", "models"])
+def test_no_argument_parsing_below_launch(package):
+    """Checkpoint tools and data tools keep their library functions where they are; their
+    argument parsing is in ``launch/`` (``data.prepare`` and ``models.summary`` stay with the
+    part they describe: they read no job config)."""
+    allowed = {"data.prepare", "models.summary"}
+    parsers = sorted(
+        _module_name(p)
+        for p in (REPO / package).rglob("*.py")
+        if "argparse" in _imports(_module_name(p), p) and _module_name(p) not in allowed
+    )
+    assert not parsers, f"argument parsing outside launch/: {parsers}"
 
 
 def test_the_hf_glue_holds_no_model_math():
@@ -95,25 +167,14 @@ def test_the_hf_glue_holds_no_model_math():
     assert not calls & math, calls & math
 
 
-@pytest.mark.parametrize("old", sorted(MOVED))
-def test_old_module_paths_warn_and_forward(old):
-    sys.modules.pop(old, None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        module = importlib.import_module(old)
-    assert module is importlib.import_module(MOVED[old])
-    assert any(
-        issubclass(w.category, FutureWarning) and MOVED[old] in str(w.message) for w in caught
-    )
-
-
-def test_old_command_runs_with_a_deprecation():
-    out = subprocess.run(
-        [sys.executable, "-m", "pretrain.generate", "--help"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        check=True,
-    )
-    assert "python -m launch.generate" in out.stderr and "FutureWarning" in out.stderr
-    assert out.stdout.startswith("usage: python -m launch.generate")
+def test_no_pointer_outside_the_repository():
+    """Code, tests and docs stand on their own: no reference to a style file beside the
+    checkout."""
+    marker = "../" + "STYLE"
+    hits = [
+        str(p.relative_to(REPO))
+        for pattern in ("*.py", "*.md", "*.sh", "*.toml")
+        for p in REPO.rglob(pattern)
+        if ".venv" not in p.parts and ".git" not in p.parts and marker in p.read_text()
+    ]
+    assert not hits, hits

@@ -172,6 +172,44 @@ def test_the_document_index_counts_skipped_records_and_strict_refuses_them(corpu
     assert next(stream.batches())[1]["skipped"] == {"web": 2}  # data/skipped/web
 
 
+def test_the_index_built_ahead_holds_each_records_token_count(corpus, tmp_path, capsys):
+    """``python -m launch.doc_index`` over a job config: every text file counted, each count the
+    tokenizer's (plus EOS) on that record, and a second run counts nothing."""
+    from data.doc_index import load, text_entries
+    from launch.doc_index import main
+
+    records = [f"record {i} " * (1 + i % 5) for i in range(30)]
+    for part in range(2):
+        body = "".join(json.dumps({"text": r}) + "\n" for r in records[part::2])
+        (tmp_path / f"t{part}.jsonl").write_text(body)
+    index = tmp_path / "index"
+    config = tmp_path / "job.toml"
+    config.write_text(
+        f"""[data]
+tokenizer = "{corpus / "tokenizer.model"}"
+index_dir = "{index}"
+
+[[data.mixture]]
+name = "web"
+format = "text"
+path = "{tmp_path / "t*.jsonl"}"
+weight = 1
+"""
+    )
+    main(["--config", str(config), "--workers", "1"])
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first == {"files": 2, "counted": 2, "missing": 0, "dir": str(index)}
+    tok = load_tokenizer(corpus / "tokenizer.model")
+    for part, entry in enumerate(
+        text_entries("web", str(tmp_path / "t*.jsonl"), "text", tok.identity)
+    ):
+        lengths, skipped = load(entry, index)
+        want = [len(tok.encode(r)) + 1 for r in records[part::2]]
+        assert lengths.tolist() == want and skipped == 0
+    main(["--config", str(config), "--workers", "1"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["counted"] == 0
+
+
 # ----- the mixture ------------------------------------------------------------------------------
 
 
@@ -437,7 +475,7 @@ def test_sigkill_resume_of_a_mixture_with_two_workers_is_bit_identical(corpus, t
 
 
 def test_inspect_shows_shares_and_dumps_the_rows_training_sees(corpus, tmp_path, sources, capsys):
-    from data.inspect import main
+    from launch.inspect_data import main
 
     _, a, b = sources
     config = tmp_path / "job.toml"

@@ -1,11 +1,7 @@
 """Analysis tools behind the paper's claims, for any checkpoint: LogitLens, CKA, gate maps and
-Engram ablation. Library functions take a model and token windows; the CLI loads DCP checkpoints
-(``pretrain.checkpoint_reader.load_model``) and writes a JSON and a PNG (plus HTML for gate maps).
-
-``python -m launch.analyze logit_lens --checkpoint A [--checkpoint B ...] --text FILE --out DIR``
-``python -m launch.analyze cka --checkpoint A --checkpoint B --text FILE --out DIR``
-``python -m launch.analyze gates --checkpoint A --text FILE --out DIR``
-``python -m launch.analyze ablation --checkpoint A --source code=DIR --source prose=F --out DIR``
+Engram ablation. Library functions take a model and token windows; ``run_analysis`` (the CLI is
+``python -m launch.analyze``) loads DCP checkpoints (``pretrain.checkpoint_reader.load_model``)
+and writes a JSON and a PNG (plus HTML for gate maps).
 
 Text is tokenised as the loader does (ids, then EOS per file) and cut into windows of
 ``--seq_len`` tokens (default: the model's ``max_seq_len``), as ``launch.evaluate`` does.
@@ -13,12 +9,10 @@ Text is tokenised as the loader does (ids, then EOS per file) and cut into windo
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import html
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -163,7 +157,7 @@ def ablation(model, hasher, sources: dict[str, list[np.ndarray]], vocab_size: in
     return out
 
 
-# ----- CLI --------------------------------------------------------------------------------------
+# ----- the tools on checkpoints -------------------------------------------------------------------
 
 
 def short_labels(paths: list[str]) -> list[str]:
@@ -215,75 +209,63 @@ def _plot(kind: str, data, out: Path, labels=None) -> Path | None:
     return path
 
 
-def main(argv=None) -> int:
-    from pretrain.checkpoint_reader import CheckpointError, hasher_for, load_model
+def run_analysis(
+    tool: str,
+    checkpoints: list[str],
+    out: Path,
+    texts: list[str] = (),
+    sources: list[str] = (),
+    seq_len: int = 0,
+    num_windows: int = 16,
+) -> tuple[dict, Path | None]:
+    """Run ``tool`` (``logit_lens``, ``cka``, ``gates`` or ``ablation``) on DCP checkpoints and
+    write its files into ``out``; returns ``(result, plot path or None)``. ``sources``:
+    ablation's ``NAME=FILE_OR_DIR`` items. Raises ``ValueError`` naming a missing argument."""
+    from data.tokenizer import load_tokenizer
+    from pretrain.checkpoint_reader import hasher_for, load_model
 
-    p = argparse.ArgumentParser(prog="python -m launch.analyze", description=__doc__)
-    p.add_argument("tool", choices=("logit_lens", "cka", "gates", "ablation"))
-    p.add_argument("--checkpoint", action="append", required=True)
-    p.add_argument("--text", action="append", default=[], help="text file or folder")
-    p.add_argument("--source", action="append", default=[], help="ablation: NAME=FILE_OR_DIR")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seq_len", type=int, default=0)
-    p.add_argument("--windows", type=int, default=16, help="at most this many windows")
-    ns = p.parse_args(argv)
-    out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        loaded = [load_model(c) for c in ns.checkpoint]
-        if ns.tool == "cka" and len(loaded) != 2:
-            raise ValueError("cka compares two checkpoints: pass --checkpoint twice")
-        if ns.tool == "ablation" and not ns.source:
-            raise ValueError("ablation needs --source NAME=FILE_OR_DIR (one or more)")
-        if ns.tool != "ablation" and not ns.text:
-            raise ValueError(f"{ns.tool} needs --text FILE_OR_DIR")
-        model, args, tok = loaded[0]
-        seq_len = ns.seq_len or args.max_seq_len
-        if ns.tool == "ablation":
-            if args.engram is None:
-                raise ValueError(f"{ns.checkpoint[0]} has no Engram layers to ablate")
-            sources = {}
-            for item in ns.source:
-                name, _, path = item.partition("=")
-                ids = text_ids([Path(path)], tok)
-                sources[name] = windows(ids, seq_len, ns.windows)
-            result = ablation(model, hasher_for(args, tok), sources, args.vocab_size)
-            png = None
-        elif ns.tool == "gates":
-            if args.engram is None:
-                raise ValueError(f"{ns.checkpoint[0]} has no Engram layers")
-            from data.tokenizer import load_tokenizer
-
-            window = windows(text_ids([Path(t) for t in ns.text], tok), seq_len, 1)[0]
-            gates = gate_values(model, hasher_for(args, tok), window)
-            pieces = [load_tokenizer(tok).decode_single(int(i)) for i in window[:-1]]
-            (out / "gates.html").write_text(gate_html(pieces, gates))
-            result = {"tokens": pieces, "gates": {k: v.tolist() for k, v in gates.items()}}
-            png = _plot("gates", gates, out)
+    loaded = [load_model(c) for c in checkpoints]
+    if tool == "cka" and len(loaded) != 2:
+        raise ValueError("cka compares two checkpoints: pass --checkpoint twice")
+    if tool == "ablation" and not sources:
+        raise ValueError("ablation needs --source NAME=FILE_OR_DIR (one or more)")
+    if tool != "ablation" and not texts:
+        raise ValueError(f"{tool} needs --text FILE_OR_DIR")
+    model, args, tok = loaded[0]
+    seq_len = seq_len or args.max_seq_len
+    if tool == "ablation":
+        if args.engram is None:
+            raise ValueError(f"{checkpoints[0]} has no Engram layers to ablate")
+        by_source = {}
+        for item in sources:
+            name, _, path = item.partition("=")
+            by_source[name] = windows(text_ids([Path(path)], tok), seq_len, num_windows)
+        result = ablation(model, hasher_for(args, tok), by_source, args.vocab_size)
+        png = None
+    elif tool == "gates":
+        if args.engram is None:
+            raise ValueError(f"{checkpoints[0]} has no Engram layers")
+        window = windows(text_ids([Path(t) for t in texts], tok), seq_len, 1)[0]
+        gates = gate_values(model, hasher_for(args, tok), window)
+        pieces = [load_tokenizer(tok).decode_single(int(i)) for i in window[:-1]]
+        (out / "gates.html").write_text(gate_html(pieces, gates))
+        result = {"tokens": pieces, "gates": {k: v.tolist() for k, v in gates.items()}}
+        png = _plot("gates", gates, out)
+    else:
+        ids = text_ids([Path(t) for t in texts], tok)
+        wins = windows(ids, seq_len, num_windows)
+        if tool == "logit_lens":
+            names = short_labels(checkpoints)
+            result = {
+                c: logit_lens(m, hasher_for(a, t), wins)
+                for c, (m, a, t) in zip(names, loaded, strict=True)
+            }
+            png = _plot("logit_lens", result, out)
         else:
-            ids = text_ids([Path(t) for t in ns.text], tok)
-            wins = windows(ids, seq_len, ns.windows)
-            if ns.tool == "logit_lens":
-                names = short_labels(ns.checkpoint)
-                result = {
-                    c: logit_lens(m, hasher_for(a, t), wins)
-                    for c, (m, a, t) in zip(names, loaded, strict=True)
-                }
-                png = _plot("logit_lens", result, out)
-            else:
-                feats = [layer_features(m, hasher_for(a, t), wins) for m, a, t in loaded]
-                result = {"a": ns.checkpoint[0], "b": ns.checkpoint[1]}
-                result["cka"] = cka_matrix(*feats)
-                png = _plot("cka", result["cka"], out, labels=short_labels(ns.checkpoint))
-    except (CheckpointError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    (out / f"{ns.tool}.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result if ns.tool != "gates" else {"png": str(png)}, indent=1)[:2000])
-    if png is not None:
-        print(f"wrote {png}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+            feats = [layer_features(m, hasher_for(a, t), wins) for m, a, t in loaded]
+            result = {"a": checkpoints[0], "b": checkpoints[1]}
+            result["cka"] = cka_matrix(*feats)
+            png = _plot("cka", result["cka"], out, labels=short_labels(checkpoints))
+    (out / f"{tool}.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result, png

@@ -1,4 +1,4 @@
-"""``python -m data.inspect --config CFG [--batches N] [--decode K] [--dump FILE.npz]
+"""``python -m launch.inspect_data --config CFG [--batches N] [--decode K] [--dump FILE.npz]
 [--world_size W] [--section.key=value ...]``
 
 What the loader will feed a job, with no model built: the token share of each source over the
@@ -17,6 +17,12 @@ import json
 import sys
 
 import numpy as np
+
+from data.loader import StatefulLoader
+from data.mixture import check_sources
+from parallel.dims import ParallelDims
+from pretrain.builders import build_tokenizer, mixture_and_folder
+from pretrain.config import DataConfig, load_config
 
 
 def _rows(batch) -> np.ndarray:
@@ -46,11 +52,6 @@ def _segments(rows: np.ndarray, eos: int) -> np.ndarray:
 
 def inspect(cfg, num_batches: int, world_size: int):
     """``(rows [N, B, T+1], sources [N, B], names, weights, eos)`` of rank 0's first batches."""
-    from data.loader import StatefulLoader
-    from parallel.dims import ParallelDims
-    from pretrain.builders import build_tokenizer, mixture_and_folder
-    from pretrain.config import DataConfig
-
     d: DataConfig = cfg.data
     dims = ParallelDims.from_config(cfg.parallelism, world_size)
     folder, specs = mixture_and_folder(d, 0)
@@ -65,8 +66,6 @@ def inspect(cfg, num_batches: int, world_size: int):
         strict=d.strict,
     )
     if specs:
-        from data.mixture import check_sources
-
         workers = max(1, d.num_workers)
         check_sources(specs, tok, d.strict, index_dir=d.index_dir, workers=workers)
         where = dict(specs=specs, tokenizer_path=str(tok.path), eos_id=tok.eos_id)
@@ -88,9 +87,7 @@ def inspect(cfg, num_batches: int, world_size: int):
 
 
 def main(argv=None) -> int:
-    from pretrain.config import load_config
-
-    p = argparse.ArgumentParser(prog="python -m data.inspect", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m launch.inspect_data", description=__doc__)
     p.add_argument("--config", required=True, help="the job's TOML file")
     p.add_argument("--batches", type=int, default=20, help="batches to read (rank 0's)")
     p.add_argument("--decode", type=int, default=2, help="rows to print as text")
