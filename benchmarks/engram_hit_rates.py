@@ -6,7 +6,7 @@ The demo model's hashing (its tokenizer, corpus and hash configuration) with tab
 ``--rows_per_head`` rows per head (default 2M: 16M rows per layer, so that even a 0.1% cache
 holds a whole batch's rows; the demo's own 30,011 are too small for that). Batches of the training
 stream are hashed as the loader hashes them, and every cache size replays the same batches
-through the real ``models.row_tier.RowCache`` (least recently used by batch; a batch's rows are
+through the real ``models.tables.tier.RowCache`` (least recently used by batch; a batch's rows are
 resident together, then released by the optimizer step), one cache per Engram layer, counting
 per batch whether each distinct row it needs was already resident. The first ``--warmup``
 batches fill the caches and are not counted.
@@ -27,7 +27,7 @@ import numpy as np
 from benchmarks.common import print_table
 from data.loader import StatefulLoader
 from data.tokenizer import load_tokenizer
-from models.row_tier import RowCache, RowStore
+from models.tables.tier import RowCache, RowStore
 from pretrain.builders import build_hasher, build_model_args
 from pretrain.config import ModelConfig
 

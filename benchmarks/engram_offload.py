@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import bench_overrides, print_table
-from models.engram_offload import tier_scalars
+from models.tables.offload import tier_scalars
 from pretrain.config import load_config
 from pretrain.train import Trainer
 

@@ -14,7 +14,8 @@ import torch
 
 from benchmarks.common import print_table, time_calls
 from data.ngram_hash import EngramHashSpec
-from models.engram import Engram, EngramConfig
+from models.args import EngramConfig
+from models.engram import Engram
 from pretrain.rowwise_adam import RowwiseAdam
 
 

@@ -10,8 +10,7 @@ Legend: B batch, T sequence, G hc_mult streams, D hidden, K = (N-1)*H heads, Dh 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,77 +18,14 @@ from torch import nn
 
 from data.batch import EngramInputs
 from data.ngram_hash import EngramHashSpec
+from models.args import EngramConfig
 from models.engram_fused import causal_taps, engram_mix
-from models.engram_table import EngramTable
 from models.sequence import LOCAL_SEQUENCE
 from models.sharded_init import kaiming_uniform_, normal_
+from models.tables.table import EngramTable
 
 if TYPE_CHECKING:
     from models.kv_cache import LayerCache
-
-
-@dataclass
-class EngramConfig:
-    """Engram hyper-parameters: the hash specification plus the module's own fields."""
-
-    hash: EngramHashSpec = field(default_factory=EngramHashSpec)
-    n_embed_per_ngram: int = 512  # width of one n-gram order's rows (split over its heads)
-    kernel_size: int = 4  # ShortConv kernel (dilation = max_ngram_size)
-    variant: Literal["paper", "v4.1"] = "paper"  # v4.1: no conv, fused kv, fp32 gate
-    conv_init: Literal["zero", "reference"] = "zero"  # zero: the paper; reference: the demo's
-    sparse_grad: bool = True  # the table produces sparse (touched-row) gradients
-    # eps of the gate's key and query RMSNorms; None: PyTorch's default (the reference's).
-    # DeepSeek-V4.1 uses 1e-20.
-    gate_norm_eps: float | None = None
-
-    @property
-    def layer_ids(self) -> list[int]:
-        return [int(i) for i in self.hash.layer_ids]
-
-    @property
-    def max_ngram_size(self) -> int:
-        return self.hash.max_ngram_size
-
-    @property
-    def document_reset(self) -> bool:
-        return self.hash.document_reset
-
-    @property
-    def num_heads(self) -> int:
-        return self.hash.num_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embed_per_ngram // self.hash.n_head_per_ngram
-
-    @property
-    def embed_dim(self) -> int:
-        return (self.max_ngram_size - 1) * self.n_embed_per_ngram
-
-    def validate(self, num_layers: int | None = None) -> None:
-        self.hash.validate()
-        if self.n_embed_per_ngram % self.hash.n_head_per_ngram:
-            raise ValueError(
-                f"engram.n_embed_per_ngram={self.n_embed_per_ngram} must be divisible by "
-                f"engram.hash.n_head_per_ngram={self.hash.n_head_per_ngram}"
-            )
-        if self.variant not in ("paper", "v4.1"):
-            raise ValueError(f"engram.variant={self.variant!r}: use 'paper' or 'v4.1'")
-        if self.conv_init not in ("zero", "reference"):
-            raise ValueError(f"engram.conv_init={self.conv_init!r}: use 'zero' or 'reference'")
-        if self.kernel_size < 1:
-            raise ValueError(f"engram.kernel_size={self.kernel_size}: must be >= 1")
-        if num_layers is not None:
-            bad = [i for i in self.layer_ids if not 0 <= i < num_layers]
-            if bad:
-                raise ValueError(
-                    f"engram.hash.layer_ids={self.layer_ids}: ids {bad} are out of range for "
-                    f"{num_layers} layers (0-indexed)"
-                )
-
-    def table_sizes(self) -> dict[int, list[int]]:
-        """Flat per-head prime sizes for every Engram layer (order-major)."""
-        return {layer: self.hash.table_sizes(layer) for layer in self.layer_ids}
 
 
 def signed_sqrt(x: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,7 @@ import dataclasses
 from collections.abc import Callable
 
 from data.ngram_hash import EngramHashSpec
-from models.args import ModelArgs, MoEArgs
-from models.engram import EngramConfig
+from models.args import EngramConfig, ModelArgs, MoEArgs
 
 DEEPSEEK_V3_VOCAB = 129280  # the model's embedding rows (the tokenizer has 128,815 ids)
 

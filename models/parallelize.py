@@ -19,9 +19,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from models.engram_table import init_table_rows
 from models.moe import GroupedExperts
 from models.parallel_plans import sequence_local_params, split_pipeline, tensor_parallel_plan
+from models.tables.table import init_table_rows
 from parallel.context_parallel import ContextParallelSequence
 from parallel.data_parallel import apply_ddp, apply_fsdp
 from parallel.dims import ParallelDims
@@ -65,7 +65,7 @@ def parallelize_deepseek_engram(
     ``materialize`` (the simulator makes fake tensors instead). ``mixed_precision="bf16"``: FSDP
     gathers parameters in bf16 and reduces gradients in float32 (with autocast in the step).
     ``place_tables(model)`` moves the Engram tables this rank holds (whole, or its row shards)
-    to their tier (``models.engram_offload.place_engram_tables``), after the pipeline split and
+    to their tier (``models.tables.offload.place_engram_tables``), after the pipeline split and
     the table sharding.
     """
     plan = ParallelPlan()

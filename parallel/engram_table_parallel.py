@@ -123,7 +123,7 @@ class ShardedEngramTable(nn.Module):
         grad_scale: multiplies the gradient that reaches the owners (1 / data-parallel degree, so a
             table update equals the data-parallel average).
         init_rows: ``fn(weight, first_row)`` that initialises rows deterministically and
-            independently of the sharding (``models.engram_table.init_table_rows``).
+            independently of the sharding (``models.tables.table.init_table_rows``).
     """
 
     def __init__(

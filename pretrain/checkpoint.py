@@ -305,7 +305,7 @@ class TableStateMismatch(ValueError):
 def _check_table_state(path, saved, optimizers) -> None:
     """Refuse a checkpoint whose tables keep another row-wise optimizer state (names and
     widths: ``adam`` and ``adam_row_v`` share names) with the setting to resume with."""
-    from models.row_tier import ENGRAM_STATES
+    from models.tables.tier import ENGRAM_STATES
 
     meta = saved.state_dict_metadata
     for i, opt in enumerate(optimizers.optimizers):
@@ -392,8 +392,8 @@ def _set_state(model, optimizers, state: dict) -> None:
 
 def _table_modules(model) -> dict:
     """Engram table weight FQN (as in state dicts) -> table module, every placement."""
-    from models.engram_offload import OffloadedEngramTable
-    from models.engram_table import EngramTable
+    from models.tables.offload import OffloadedEngramTable
+    from models.tables.table import EngramTable
     from parallel.engram_table_parallel import ShardedEngramTable
 
     kinds = (EngramTable, ShardedEngramTable, OffloadedEngramTable)

@@ -1,6 +1,6 @@
 """Row-wise optimizers for Engram tables: update only the rows a step touched.
 
-``optimizer.engram_state`` picks the state each row keeps (``models.row_tier.ENGRAM_STATES``):
+``optimizer.engram_state`` picks the state each row keeps (``models.tables.tier.ENGRAM_STATES``):
 
 - ``adam`` (default): lazy Adam, ``torch.optim.SparseAdam``'s semantics: both moments per
   element; the moments of untouched rows are left alone, bias correction uses the optimizer's
@@ -16,7 +16,7 @@ design (the paper). A row-sharded table passes its local shard and local-row gra
 here is global.
 
 Rows live where their table keeps them: an in-memory table's state is tensors here; an offloaded
-table (``models.engram_offload``) keeps rows and state together in its tier's records, and the
+table (``models.tables.offload``) keeps rows and state together in its tier's records, and the
 update runs on its cache slots. Both gather the touched rows, update them with the one function
 ``update_rows_`` and write them back, so an offloaded table trains bit-identically to an in-memory
 one.
@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from models.row_tier import engram_state_fields, record_layout, split_records
+from models.tables.tier import engram_state_fields, record_layout, split_records
 
 
 def adam_rows_(w, m, v, grad, step: float, lr: float, betas, eps: float) -> None:

@@ -23,10 +23,10 @@ from data.mixture import check_sources
 from models.accounting import account
 from models.args import model_args_to_dict
 from models.engram import GateMonitor, unique_row_fraction
-from models.engram_offload import OffloadedTables, place_engram_tables, tier_scalars
 from models.flavors import resolve_model_args
 from models.parallel_plans import validate_parallelism
 from models.parallelize import parallelize_deepseek_engram
+from models.tables.offload import OffloadedTables, place_engram_tables, tier_scalars
 from models.transformer import Transformer
 from parallel.dims import ParallelDims
 from parallel.distributed import (

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from data.ngram_hash import EngramHashSpec
-from models.engram import Engram, EngramConfig, GateMonitor
+from models.args import EngramConfig
+from models.engram import Engram, GateMonitor
 from pretrain.rowwise_adam import RowwiseAdam
 
 
@@ -293,7 +294,7 @@ def test_planned_lookups_accumulate_into_one_row_buffer_per_step():
     one coalesced buffer over the union of their rows (grown when a microbatch brings new rows).
     It equals the sparse gradient of unplanned lookups, summed and coalesced, and the next step
     starts a new buffer."""
-    from models.engram_table import EngramTable
+    from models.tables.table import EngramTable
 
     table = EngramTable([13, 17, 19], head_dim=4)
     torch.manual_seed(0)
@@ -363,7 +364,7 @@ def test_fused_rowwise_update_matches_the_eager_one(state):
 def test_a_planned_lookup_adds_to_a_gradient_it_did_not_make():
     """A table whose gradient already holds an unplanned lookup's sparse rows: planned
     lookups add to it (twice, without taking it for their own buffer), as autograd would."""
-    from models.engram_table import EngramTable
+    from models.tables.table import EngramTable
 
     table = EngramTable([13, 17], head_dim=4)
     table.weight.data.normal_()

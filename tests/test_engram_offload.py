@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from data.batch import Batch, EngramInputs, plan_lookups
-from models.engram_offload import OffloadedEngramTable, OffloadedTables, place_engram_tables
-from models.row_tier import RowCache, RowStore, parse_cache_size, record_layout
+from models.tables.offload import OffloadedEngramTable, OffloadedTables, place_engram_tables
+from models.tables.tier import RowCache, RowStore, parse_cache_size, record_layout
 from models.transformer import Transformer
 from parallel.plan import ParallelPlan
 from pretrain.config import OptimizerConfig
@@ -271,7 +271,7 @@ def test_host_shard_plan_keeps_its_ids_on_the_host():
     ids on the host) and keeps its class through ``to_torch`` and the pipeline's pytree split."""
     from torch.utils import _pytree as pytree
 
-    from models.engram_offload import HostShardPlan, HostShardPlanner
+    from models.tables.offload import HostShardPlan, HostShardPlanner
 
     ids = np.random.default_rng(0).integers(0, 10, (4, 3, 2))
     plan = HostShardPlanner(np.array([0, 10]), [0, 10, 20])(ids, num_chunks=2).to_torch()
@@ -289,7 +289,7 @@ def test_host_shard_plan_keeps_its_ids_on_the_host():
 def test_disk_store_scattered_reads_and_writes_in_parallel(tmp_path):
     """Accesses of at least IO_SPLIT_ROWS rows run over IO_THREADS row ranges (page faults in
     flight together); the records land and read back exactly, the untouched ones stay zero."""
-    from models import row_tier
+    from models.tables import tier as row_tier
 
     store = RowStore(20_000, record_layout("adam", 2), "disk", tmp_path / "t", {})
     rows = np.sort(np.random.default_rng(0).choice(20_000, 5_000, replace=False))

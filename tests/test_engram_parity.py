@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from data.ngram_hash import EngramHashSpec, NgramHasher
-from models.engram import Engram, EngramConfig, load_reference_state_dict, reference_state_dict_map
+from models.args import EngramConfig
+from models.engram import Engram, load_reference_state_dict, reference_state_dict_map
 from tests.conftest import parity_cases
 
 CASES = parity_cases()

@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from data.ngram_hash import EngramHashSpec
-from models.args import ModelArgs, MoEArgs
+from models.args import EngramConfig, ModelArgs, MoEArgs
 from models.attention import MLAttention
-from models.engram import EngramConfig
 from models.hyper_connections import HyperConnection, sinkhorn
 from models.layers import (
     RotaryEmbedding,

@@ -39,10 +39,10 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from data.batch import Batch, EngramInputs, context_shard, plan_lookups
-from models.engram_table import RowPlan
 from models.flavors import resolve_model_args
 from models.parallel_plans import validate_parallelism
 from models.parallelize import parallelize_deepseek_engram
+from models.tables.table import RowPlan
 from models.transformer import Transformer
 from parallel.dims import ParallelDims
 from pretrain.optimizer import Optimizers

@@ -26,8 +26,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from data.batch import Batch, EngramInputs, context_shard, plan_lookups
-from models.engram_offload import OffloadedTables, place_engram_tables
 from models.parallelize import parallelize_deepseek_engram
+from models.tables.offload import OffloadedTables, place_engram_tables
 from models.transformer import Transformer
 from parallel.dims import ParallelDims
 from parallel.plan import ParallelPlan

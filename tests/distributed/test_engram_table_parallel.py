@@ -57,8 +57,8 @@ def _exchanges_rank(rank: int, world: int, placement: str):
     import dataclasses
 
     from data.batch import plan_lookups
-    from models.engram_offload import place_engram_tables
     from models.parallelize import parallelize_deepseek_engram
+    from models.tables.offload import place_engram_tables
     from models.transformer import Transformer
     from parallel.dims import ParallelDims
     from pretrain.config import ParallelismConfig

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.engram_table import host_to_device
+from models.tables.table import host_to_device
 
 log = logging.getLogger(__name__)
 

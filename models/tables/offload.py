@@ -1,7 +1,7 @@
 """Engram tables off the device: ``host`` and ``disk`` placements behind the ``EngramTable`` calls.
 
 The table's rows and their row-wise Adam moments live in a ``RowStore`` (host memory or a file);
-a device-side ``RowCache`` holds the rows in use (``models.row_tier``). The loader's planner
+a device-side ``RowCache`` holds the rows in use (``models.tables.tier``). The loader's planner
 (``RowPlanner``, run in its workers) deduplicates each batch's rows, so the rows a batch needs
 are known a batch ahead: ``OffloadedTables.prefetch(next_batch)`` makes them resident while the
 current step computes.
@@ -33,7 +33,7 @@ from torch.utils import _pytree as pytree
 
 from data.batch import host_side
 from data.ngram_hash import head_offsets
-from models.engram_table import (
+from models.tables.table import (
     INIT_BLOCK_ROWS,
     RowGradBuffer,
     RowPlan,
@@ -41,7 +41,7 @@ from models.engram_table import (
     host_to_device,
     init_table_rows,
 )
-from models.row_tier import (
+from models.tables.tier import (
     RowCache,
     RowStore,
     TierStats,
@@ -430,7 +430,7 @@ def place_engram_tables(
             of one step plus one prefetched microbatch: what must be resident at once; a shard
             may be asked for the lookups of every rank of its group).
         engram_state: ``optimizer.engram_state``, the optimizer state each record holds beside
-            its row (``models.row_tier.ENGRAM_STATES``).
+            its row (``models.tables.tier.ENGRAM_STATES``).
     """
     if placement == "device":
         return []

@@ -63,7 +63,7 @@ register_pytree(RowPlan)  # the pipeline schedule chunks it with the batch
 @dataclass
 class RowPlanner:
     """The loader-side planner of an in-memory table with sparse gradients, or of an offloaded
-    one (``models.engram_offload``): picklable, pure numpy."""
+    one (``models.tables.offload``): picklable, pure numpy."""
 
     offsets: np.ndarray  # [K] head offsets of the layer's flat table
 
