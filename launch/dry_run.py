@@ -24,15 +24,13 @@ import torch
 import torch.distributed as dist
 
 from models.accounting import account
-from models.flavors import resolve_model_args
 from models.memory import RankCounts, estimate_memory
-from models.parallel_plans import validate_parallelism
 from parallel.dims import ParallelDims
 from pretrain.config import load_config
 from pretrain.simulation.comm import GIB, comm_summary
 from pretrain.simulation.cost_model import Hardware, estimate_trace
 from pretrain.simulation.roofline import Calibration
-from pretrain.simulation.simulate import rank_model, trace_step
+from pretrain.simulation.simulate import job_layout, rank_model, trace_step
 
 
 def rank_counts(model: torch.nn.Module, fsdp: bool) -> RankCounts:
@@ -67,14 +65,7 @@ def dry_run(
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     cfg = load_config(config_path, overrides)
-    args = resolve_model_args(
-        cfg.model.flavor,
-        cfg.model.overrides,
-        vocab_size=cfg.model.vocab_size,
-        seq_len=cfg.data.seq_len,
-    )
-    dims = ParallelDims.from_config(cfg.parallelism, world_size)  # errors before any group work
-    validate_parallelism(args, dims, cfg.parallelism.sequence_parallel, cfg.data.seq_len)
+    args, dims = job_layout(cfg, world_size)  # errors before any group work
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
         ac = cfg.activation_checkpoint.mode == "full"

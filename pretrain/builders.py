@@ -10,7 +10,7 @@ from pathlib import Path
 from data.ngram_hash import CompressedTokenizer, NgramHasher
 from data.tokenizer import Tokenizer, load_tokenizer
 from models.args import ModelArgs
-from models.flavors import resolve_model_args
+from models.spec import get_model_spec
 from parallel.distributed import barrier
 from pretrain.config import DataConfig, ModelConfig
 
@@ -75,7 +75,7 @@ def build_tokenizer(cfg: DataConfig, folder: Path) -> Tokenizer:
 
 
 def build_model_args(cfg: ModelConfig, tokenizer: Tokenizer, seq_len: int) -> ModelArgs:
-    return resolve_model_args(
+    return get_model_spec(cfg.family).resolve_args(
         cfg.flavor,
         cfg.overrides,
         vocab_size=cfg.vocab_size,

@@ -25,7 +25,7 @@ class JobConfig:
 
 @dataclass
 class ModelConfig:
-    family: Literal["deepseek_engram"] = "deepseek_engram"  # the model family
+    family: str = "deepseek_engram"  # a registered model family (models.spec)
     flavor: str = "debug"  # a named size from models.flavors (python -m models.summary FLAVOR)
     vocab_size: int = 0  # embedding rows; 0: the tokenizer's vocab size
     overrides: dict = field(default_factory=dict)  # ModelArgs fields: {"engram.hash.seed": 1}
@@ -192,6 +192,9 @@ class Config:
     fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
 
     def validate(self) -> None:
+        from models.spec import get_model_spec
+
+        get_model_spec(self.model.family)  # a ValueError names the registered families
         t, o, s, c, m, d = (
             self.training,
             self.optimizer,

@@ -23,11 +23,8 @@ from data.mixture import check_sources
 from models.accounting import account
 from models.args import model_args_to_dict
 from models.engram import GateMonitor, unique_row_fraction
-from models.flavors import resolve_model_args
-from models.parallel_plans import validate_parallelism
-from models.parallelize import parallelize_deepseek_engram
+from models.spec import get_model_spec
 from models.tables.offload import OffloadedTables, place_engram_tables, tier_scalars
-from models.transformer import Transformer
 from parallel.dims import ParallelDims
 from parallel.distributed import (
     all_reduce_sum_,
@@ -59,8 +56,9 @@ class Trainer:
         t = cfg.training
         # every layout check runs before any process-group work
         self.dims = ParallelDims.from_config(cfg.parallelism, env_world_size())
-        validate_parallelism(
-            resolve_model_args(
+        self.spec = get_model_spec(cfg.model.family)
+        self.spec.validate_parallelism(
+            self.spec.resolve_args(
                 cfg.model.flavor, cfg.model.overrides, vocab_size=cfg.model.vocab_size
             ),
             self.dims,
@@ -97,10 +95,12 @@ class Trainer:
             if not any(s.val_path for s in mixture):
                 log.warning("data.mixture: no source has a val_path; val_loss is not computed")
         self.args = build_model_args(cfg.model, self.tokenizer, cfg.data.seq_len)
-        validate_parallelism(  # now with the tokenizer's vocabulary
+        self.spec.validate_parallelism(  # now with the tokenizer's vocabulary
             self.args, self.dims, cfg.parallelism.sequence_parallel, cfg.data.seq_len
         )
         self.hasher = build_hasher(self.args, self.tokenizer)
+        # the family's model converters, each from its own config section
+        self.converters = self.spec.build_converters(lambda name: getattr(cfg, name))
         self.sm = self._build_model(mesh)
         self.tables = OffloadedTables(self.sm.inner)
         self._tier_seconds = 0.0  # step time since the last tier metrics
@@ -141,8 +141,10 @@ class Trainer:
     def _build_model(self, mesh) -> StepModel:
         cfg, t = self.cfg, self.cfg.training
         with torch.device("meta"):
-            model = Transformer(self.args)
-        model, inner, plan = parallelize_deepseek_engram(
+            model = self.spec.model_cls(self.args)
+        for converter in self.converters:
+            converter.convert(model)
+        model, inner, plan = self.spec.parallelize(
             model,
             self.dims,
             mesh,
@@ -290,6 +292,8 @@ class Trainer:
             ce_sum /= self.dims.cp
         self._watch_finite(ce_sum)
         grad_norm = optimizer_step(self.sm, self.optimizers, t.max_norm)
+        for converter in self.converters:
+            converter.post_optimizer_hook(self.sm.model)
         if self.ft is not None and not self.ft.end_step(start):
             return None
         self.step += 1

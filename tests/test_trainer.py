@@ -362,3 +362,66 @@ def test_eta_is_the_remaining_steps_at_the_mean_step_time(tmp_path, monkeypatch)
     assert logger.eta_seconds(50) == pytest.approx(50.0)
     assert logger.eta_seconds(100) is None
     assert [metrics.format_duration(s) for s in (50, 245, 3725)] == ["50s", "4m05s", "1h02m"]
+
+
+class _CountingLinear(torch.nn.Linear):
+    """What a converter swaps in: the same maths, counted."""
+
+    calls = 0
+
+    def forward(self, x):
+        type(self).calls += 1
+        return super().forward(x)
+
+
+class _SwapOutputs:
+    """A model converter: every attention's ``wo`` becomes a ``_CountingLinear``, on meta."""
+
+    def __init__(self):
+        self.converted, self.hooks, self.devices = [], 0, set()
+
+    def convert(self, model):
+        for name, module in model.named_modules():
+            if name.endswith("attention"):
+                module.wo.__class__ = _CountingLinear
+                self.converted.append(f"{name}.wo")
+                self.devices.add(module.wo.weight.device.type)
+
+    def post_optimizer_hook(self, model):
+        self.hooks += 1
+
+
+def test_model_family_selects_its_spec_and_applies_its_converters(corpus, tmp_path):
+    """``model.family`` picks a registered ``ModelSpec``: its model class, its parallelize
+    function and its converters, each built from its own config section, applied on the meta
+    device before parallelisation, and hooked after every optimizer step."""
+    import dataclasses
+
+    from models.spec import get_model_spec, register_model_spec, unregister_model_spec
+
+    made, sections = [], []
+
+    def factory(section):
+        sections.append(section)
+        made.append(_SwapOutputs())
+        return made[-1]
+
+    base = get_model_spec("deepseek_engram")
+    register_model_spec(
+        dataclasses.replace(base, name="counted", converters={"activation_checkpoint": factory})
+    )
+    try:
+        extra = ["--model.family=counted", "--checkpoint.enable=false"]
+        extra += ["--lr_scheduler.warmup_steps=1"]
+        trainer = _trainer(corpus, tmp_path / "counted", steps=3, extra=extra)
+        trainer.fit()
+    finally:
+        unregister_model_spec("counted")
+    (converter,) = made
+    assert sections == [trainer.cfg.activation_checkpoint]  # its own section, not the root
+    assert converter.devices == {"meta"} and converter.hooks == 3
+    layers = trainer.args.num_layers
+    assert converter.converted == [f"layers.{i}.attention.wo" for i in range(layers)]
+    assert _CountingLinear.calls >= 3 * layers  # the swapped modules trained
+    with pytest.raises(ValueError, match="model.family='nope'.*deepseek_engram"):
+        load_config("pretrain/configs/debug.toml", ["--model.family=nope"])

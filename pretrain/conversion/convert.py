@@ -27,6 +27,7 @@ from models.args import ModelArgs, model_args_from_dict, model_args_to_dict
 from models.hf.layouts import Source, cast, constant
 from models.hf.remote_code import write_remote_code
 from models.hf.safetensors_io import SafetensorsFolder, write_folder
+from models.spec import get_model_spec
 from pretrain.checkpoint_reader import (  # noqa: F401 - the conversion API re-exports these
     DcpCheckpoint,
     hasher_for,
@@ -101,7 +102,7 @@ def expect_names(found: set[str], expected: set[str], where: str) -> None:
 
 # ----- conversions ------------------------------------------------------------------------------
 
-LAYOUTS = ("auto", "engram", "deepseek_v3")
+LAYOUTS = ("auto", *get_model_spec("deepseek_engram").export_layouts)  # the family converted
 TOKENIZER_FILES = {".json": "tokenizer.json", ".model": "tokenizer.model"}
 
 

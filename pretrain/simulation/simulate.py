@@ -39,11 +39,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from data.batch import Batch, EngramInputs, context_shard, plan_lookups
-from models.flavors import resolve_model_args
-from models.parallel_plans import validate_parallelism
-from models.parallelize import parallelize_deepseek_engram
+from models.args import ModelArgs
+from models.spec import get_model_spec
 from models.tables.table import RowPlan
-from models.transformer import Transformer
 from parallel.dims import ParallelDims
 from pretrain.optimizer import Optimizers
 from pretrain.rowwise_adam import RowwiseAdam
@@ -320,14 +318,7 @@ def trace_step(cfg, world_size: int, rank: int) -> Trace:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     start = time.perf_counter()
-    args = resolve_model_args(
-        cfg.model.flavor,
-        cfg.model.overrides,
-        vocab_size=cfg.model.vocab_size,
-        seq_len=cfg.data.seq_len,
-    )
-    dims = ParallelDims.from_config(cfg.parallelism, world_size)
-    validate_parallelism(args, dims, cfg.parallelism.sequence_parallel, cfg.data.seq_len)
+    args, dims = job_layout(cfg, world_size)
     if dims.pp > 1:
         raise ValueError(
             "the simulator traces one rank of a layout without pipeline parallelism; "
@@ -441,13 +432,30 @@ def _flagged(step, tracer: StepTracer):
     return flagged
 
 
+def job_layout(cfg, world_size: int) -> tuple[ModelArgs, ParallelDims]:
+    """The job's ``ModelArgs`` (its family's flavor and overrides) and layout at ``world_size``,
+    checked before any process-group work."""
+    spec = get_model_spec(cfg.model.family)
+    args = spec.resolve_args(
+        cfg.model.flavor,
+        cfg.model.overrides,
+        vocab_size=cfg.model.vocab_size,
+        seq_len=cfg.data.seq_len,
+    )
+    dims = ParallelDims.from_config(cfg.parallelism, world_size)
+    spec.validate_parallelism(args, dims, cfg.parallelism.sequence_parallel, cfg.data.seq_len)
+    return args, dims
+
+
 def rank_model(cfg, args, dims: ParallelDims, **kwargs):
-    """``(mesh, parallelize_deepseek_engram(...))``: the job's model built on the meta device and
-    parallelised for this rank of a (fake) process group; ``kwargs`` go to the parallelize."""
+    """``(mesh, (model, inner, plan))``: the job's model built on the meta device and
+    parallelised by its family for this rank of a (fake) process group; ``kwargs`` go to the
+    parallelize function."""
+    spec = get_model_spec(cfg.model.family)
     with torch.device("meta"):
-        model = Transformer(args)
+        model = spec.model_cls(args)
     mesh = dims.build_mesh("cpu") if dims.world_size > 1 else None
-    parallel = parallelize_deepseek_engram(
+    parallel = spec.parallelize(
         model,
         dims,
         mesh,
