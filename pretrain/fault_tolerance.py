@@ -16,6 +16,9 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -130,16 +133,60 @@ def _like_param(param: nn.Parameter, value: torch.Tensor, opt) -> torch.Tensor:
     return value
 
 
+@dataclass
+class TrainingHandles:
+    """What fault tolerance reads and restores of a training job, each by name: the model and
+    its optimizers (live tensors), the loader's state functions, and the step counter.
+
+    Attributes:
+        model: the parallelised model (this rank's shards, offloaded tables included).
+        optimizers: its ``Optimizers``.
+        loader_state / load_loader_state: the data loader's ``state_dict`` / ``load_state_dict``.
+        batches_consumed: the global batches the loader has handed out so far.
+        get_step / set_step: the job's optimizer step counter (it fixes the LR schedule).
+    """
+
+    model: nn.Module
+    optimizers: Optimizers
+    loader_state: Callable[[], dict]
+    load_loader_state: Callable[[dict], None]
+    batches_consumed: Callable[[], int]
+    get_step: Callable[[], int]
+    set_step: Callable[[int], None]
+
+
 class FaultTolerance:
-    """The trainer's replica group: quorum and recovery at each step, the record of trained
-    batches, and the ``ft/*`` metrics."""
+    """One rank's replica group: quorum and recovery at each step, the record of trained
+    batches, and the ``ft/*`` metrics.
 
-    def __init__(self, trainer):
+    Args:
+        cfg: the ``[fault_tolerance]`` section.
+        handles: the job state it reads and restores (``TrainingHandles``).
+        rank, world_size, device: this rank within its replica group, and its device.
+        log_folder: the group's folder (``committed.jsonl``, state digests).
+        resumed: the manager's state from a durable checkpoint (``train_state()``), if any.
+        connect: makes the link to the other groups (``parallel.replicas.connect``).
+    """
+
+    def __init__(
+        self,
+        cfg,
+        handles: TrainingHandles,
+        *,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        log_folder: Path,
+        resumed: dict | None = None,
+        connect: Callable | None = None,
+    ):
         from parallel.distributed import cpu_group_for
-        from parallel.replicas import connect
 
-        self.trainer = trainer
-        self.cfg = trainer.cfg.fault_tolerance
+        if connect is None:
+            from parallel.replicas import connect
+
+        self.cfg, self.handles = cfg, handles
+        self.rank, self.log_folder = rank, Path(log_folder)
         self.recoveries, self.recovery_s, self._healed = 0, 0.0, False
         self.failed_in_a_row = 0
         group = cpu_group_for(dist.group.WORLD) if dist.is_initialized() else None
@@ -152,52 +199,52 @@ class FaultTolerance:
             return int(flag) == 0
 
         self.sync = connect(
-            self.cfg,
-            trainer.rank,
-            trainer.dist.world_size,
-            trainer.device,
+            cfg,
+            rank,
+            world_size,
+            device,
             self.state_dict,
             self.load_state_dict,
             agree,
             self.recv_targets,
-            host_tables=bool(_tiers(trainer.sm.model)),
+            host_tables=bool(_tiers(handles.model)),
         )
+        batches = (resumed or {}).get("batches", 0)
         self.sync.manager.load_state_dict(
-            {"step": trainer.step, "batches_committed": trainer.resumed_ft.get("batches", 0)}
+            {"step": handles.get_step(), "batches_committed": batches}
         )
-        trainer.sm.plan.replicas = self.sync
-        self.record = trainer.log_folder / "committed.jsonl"
+        self.record = self.log_folder / "committed.jsonl"
 
     # ----- the manager's state callbacks (the quorum thread; the training thread waits) -----
     def state_dict(self) -> dict:
-        t = self.trainer
+        h = self.handles
         return {
-            "step": t.step,
-            "loader": t.loader.state_dict(),
-            "tensors": live_state(t.sm.model, t.optimizers),
+            "step": h.get_step(),
+            "loader": h.loader_state(),
+            "tensors": live_state(h.model, h.optimizers),
         }
 
     def recv_targets(self) -> dict:
         """Where a transport that receives in place writes the peer's state: this rank's own
         tensors (the tiers' caches are dropped first: their stores are overwritten)."""
-        t = self.trainer
-        for tier in _tiers(t.sm.model).values():
+        h = self.handles
+        for tier in _tiers(h.model).values():
             tier.cache.invalidate()
         return {
-            "user": {"default": {"tensors": live_state(t.sm.model, t.optimizers, flush=False)}},
+            "user": {"default": {"tensors": live_state(h.model, h.optimizers, flush=False)}},
         }
 
     def load_state_dict(self, state: dict) -> None:
-        t = self.trainer
-        load_live_state(t.sm.model, t.optimizers, state["tensors"])
-        t.loader.load_state_dict(state["loader"])
-        t.step = int(state["step"])
-        t._first_nonfinite = None
+        h = self.handles
+        load_live_state(h.model, h.optimizers, state["tensors"])
+        h.load_loader_state(state["loader"])
+        h.set_step(int(state["step"]))
         self._healed = True
 
     # ----- the step -----
-    def begin_step(self) -> None:
-        """Join this step's quorum; a group that is behind takes its peer's state here."""
+    def begin_step(self) -> bool:
+        """Join this step's quorum; a group that is behind takes its peer's state here.
+        Returns whether it did (the job's state is then its peer's)."""
         started = time.perf_counter()
         self._healed = False
         self.sync.begin_step()
@@ -207,20 +254,21 @@ class FaultTolerance:
             log.warning(
                 "replica group %d recovered from a peer at step %d in %.2f s",
                 self.cfg.replica_id,
-                self.trainer.step,
+                self.handles.get_step(),
                 self.recovery_s,
             )
+        return self._healed
 
     def end_step(self, start: dict) -> bool:
         """Record the step's outcome (group rank 0) and return whether it committed. A step that
         did not commit is retried with the same batches: the loader goes back to ``start``, its
         state when the step began."""
-        t = self.trainer
+        h = self.handles
         committed = self.sync.committed
-        batches = [int(start["consumed"]), t.loader.consumed]
-        if t.rank == 0:
+        batches = [int(start["consumed"]), h.batches_consumed()]
+        if self.rank == 0:
             entry = {
-                "step": t.step + 1,
+                "step": h.get_step() + 1,
                 "batches": batches,
                 "replicas": self.sync.participants,
                 "committed": committed,
@@ -245,13 +293,13 @@ class FaultTolerance:
                 "step %d did not commit (%d time(s) in a row: a replica group failed during it, "
                 "or fewer than min_replica_size=%d took part): it is retried with the same "
                 "batches %d..%d",
-                t.step + 1,
+                h.get_step() + 1,
                 self.failed_in_a_row,
                 self.cfg.min_replica_size,
                 batches[0],
                 batches[1] - 1,
             )
-        t.loader.load_state_dict(start)
+        h.load_loader_state(start)
         return False
 
     @property
@@ -271,9 +319,9 @@ class FaultTolerance:
     def write_digest(self) -> dict:
         """``state_digest_rank<r>.json``: the sha256 of this rank's whole training state (the
         tensors in key order, their bytes) at this step; every group's rank r must agree."""
-        t = self.trainer
-        record = {"step": t.step, **state_digest(live_state(t.sm.model, t.optimizers))}
-        path = t.log_folder / f"state_digest_rank{t.rank}.json"
+        h = self.handles
+        record = {"step": h.get_step(), **state_digest(live_state(h.model, h.optimizers))}
+        path = self.log_folder / f"state_digest_rank{self.rank}.json"
         path.write_text(json.dumps(record) + "\n")
         return record
 

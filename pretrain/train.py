@@ -37,7 +37,7 @@ from parallel.replicas import LighthouseUnreachable
 from pretrain.builders import build_hasher, build_model_args, build_tokenizer, mixture_and_folder
 from pretrain.checkpoint import CheckpointManager
 from pretrain.config import Config, parse_args, to_toml
-from pretrain.fault_tolerance import FaultTolerance, ReplicasLost
+from pretrain.fault_tolerance import FaultTolerance, ReplicasLost, TrainingHandles
 from pretrain.metrics import MetricsLogger
 from pretrain.optimizer import Optimizers, lr_factor
 from pretrain.pipeline_runner import PipelineRunner
@@ -135,9 +135,36 @@ class Trainer:
             account(self.args, cfg.data.seq_len).flops_per_token,
         )
         # last: a group that joins the quorum is ready to train (the others wait for it)
-        self.ft = FaultTolerance(self) if ft.enable else None
+        self.ft = self._fault_tolerance() if ft.enable else None
 
     # ----- set-up -----
+    def _fault_tolerance(self) -> FaultTolerance:
+        """The replica group's manager, given the state it may read and restore by name."""
+
+        def set_step(step: int) -> None:
+            self.step = step
+
+        handles = TrainingHandles(
+            model=self.sm.model,
+            optimizers=self.optimizers,
+            loader_state=self.loader.state_dict,
+            load_loader_state=self.loader.load_state_dict,
+            batches_consumed=lambda: self.loader.consumed,
+            get_step=lambda: self.step,
+            set_step=set_step,
+        )
+        ft = FaultTolerance(
+            self.cfg.fault_tolerance,
+            handles,
+            rank=self.rank,
+            world_size=self.dist.world_size,
+            device=self.device,
+            log_folder=self.log_folder,
+            resumed=self.resumed_ft,
+        )
+        self.sm.plan.replicas = ft.sync  # the step averages over the groups and votes
+        return ft
+
     def _build_model(self, mesh) -> StepModel:
         cfg, t = self.cfg, self.cfg.training
         with torch.device("meta"):
@@ -270,8 +297,8 @@ class Trainer:
         """One optimizer step; None when it did not commit (fault tolerance: a replica group
         failed during it, or too few took part; the next call retries its batches)."""
         t = self.cfg.training
-        if self.ft is not None:
-            self.ft.begin_step()  # a group that is behind takes its peer's state here
+        if self.ft is not None and self.ft.begin_step():  # took its peer's state
+            self._first_nonfinite = None
         start = self.loader.state_dict() if self.ft is not None else None  # for a retry
         factor = lr_factor(self.step + 1, t.steps, self.cfg.lr_scheduler)
         self.optimizers.set_lr(factor)
