@@ -1,5 +1,5 @@
-"""Experiment arms (models/derive.py), the sweep driver (launch/experiments.py) and the analysis
-tools (pretrain/analyze.py)."""
+"""Experiment arms (models/derive.py), the sweep driver (launch/experiments.py with its runs,
+statistics and report modules) and the analysis tools (pretrain/inference/analyze.py)."""
 
 from __future__ import annotations
 
@@ -129,7 +129,8 @@ def test_sweep_driver_runs_and_resumes(corpus, tmp_path):
 
 
 def test_budgets_devices_and_their_errors(corpus, tmp_path):
-    from launch.experiments import DEFAULT_TOKENS, parse, run_config
+    from launch.experiment_runs import DEFAULT_TOKENS, run_config
+    from launch.experiments import parse
 
     base = ["iso_flop", f"--corpus={corpus}", f"--out={tmp_path}"]
     ns = parse([*base, "--size=m", "--launcher=slurm"])
@@ -255,7 +256,7 @@ def _synthetic_pair(rng, true_diff: float, seeds: int = 3, windows: int = 64, ru
 def test_paired_bootstrap_covers_the_true_difference_at_about_the_nominal_rate():
     """5 seeds, run-to-run noise beside the windows' (measured: 0.955). With 3 seeds and
     run noise dominating, the interval is too narrow (0.75-0.90: docs/experiments.md)."""
-    from launch.experiments import paired_bootstrap
+    from launch.experiment_stats import paired_bootstrap
 
     rng = np.random.default_rng(0)
     trials, covered = 200, 0
@@ -267,7 +268,7 @@ def test_paired_bootstrap_covers_the_true_difference_at_about_the_nominal_rate()
 
 
 def test_the_verdict_names_the_better_arm_and_is_undecided_on_noise():
-    from launch.experiments import comparisons, paired_bootstrap, verdict
+    from launch.experiment_stats import comparisons, paired_bootstrap, verdict
 
     rng = np.random.default_rng(1)
     a, b = _synthetic_pair(rng, -0.03)  # A's loss lower: A better
@@ -283,6 +284,22 @@ def test_the_verdict_names_the_better_arm_and_is_undecided_on_noise():
     assert only["a"] == "engram" and only["b"] == "moe" and only["verdict"] == "A better"
     assert only["diff_mean"] == pytest.approx(np.mean(np.subtract(a, b)))
     assert only["ci95"][0] < only["diff_mean"] < only["ci95"][1]
+
+
+def test_the_log_linear_fit_is_numpys_least_squares():
+    """memory_scaling's fit of mean loss on log10(rows) against numpy's polyfit, and R²
+    against 1 - residual / total sum of squares computed here."""
+    from launch.experiment_stats import fit_log_linear
+
+    rows_x = [1e3, 1e4, 3e4, 1e5, 1e6]
+    losses = [[4.1, 4.3], [4.0, 4.05], [3.9, 4.0], [3.95, 3.85], [3.7, 3.8]]
+    rows = [{"table_rows": x, "val_loss": v} for x, v in zip(rows_x, losses, strict=True)]
+    slope, intercept, r2 = fit_log_linear(rows)
+    x, y = np.log10(rows_x), np.mean(losses, axis=1)
+    want_slope, want_intercept = np.polyfit(x, y, 1)
+    assert slope == pytest.approx(want_slope) and intercept == pytest.approx(want_intercept)
+    residual = y - (want_slope * x + want_intercept)
+    assert r2 == pytest.approx(1 - (residual**2).sum() / ((y - y.mean()) ** 2).sum())
 
 
 def test_short_labels_keep_what_differs():
