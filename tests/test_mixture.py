@@ -229,6 +229,37 @@ def test_blend_shares_follow_the_weights_and_every_token_comes_from_its_source(s
     assert state["epochs"]["a"] >= 1  # the small source ran out and began its next epoch
 
 
+@pytest.mark.parametrize("weights", [(1, 2, 1), (1, 2, 3, 5, 9)])
+def test_shares_of_three_and_five_sources_follow_unequal_weights(tmp_path, weights):
+    """Each source holds ids of its own range, so the rows' own tokens say where they came
+    from: the share of rows (and of tokens) of every source is its weight's, not what the
+    schedule reports."""
+    width = (VOCAB - 3) // len(weights)
+    specs = []
+    for i, weight in enumerate(weights):
+        docs = _docs(10 + i, 120, 3 + i * width, 3 + (i + 1) * width)
+        np.save(tmp_path / f"s{i}.npy", np.concatenate(docs).astype(np.int32))
+        specs.append(
+            {
+                "name": f"s{i}",
+                "format": "tokens",
+                "path": str(tmp_path / f"s{i}.npy"),
+                "weight": weight,
+            }
+        )
+    stream = _stream(parse_mixture(specs), batch=8).batches()
+    rows = np.zeros(len(weights))
+    for _ in range(150):
+        batch, _ = next(stream)
+        for row in batch.tokens:
+            content = row[row != EOS]
+            owner = (content - 3) // width
+            assert content.size and (owner == owner[0]).all()  # one source per row
+            rows[int(owner[0])] += 1
+    want = np.asarray(weights) / sum(weights)
+    assert np.abs(rows / rows.sum() - want).max() <= 0.01, (rows / rows.sum(), want)
+
+
 def _global_batches(specs, dp, roles, count, batch_per_rank, state=None, **kwargs):
     """The first ``count`` global batches as the loader of each rank would consume them."""
     per_rank = []
@@ -425,6 +456,58 @@ def _mixture_job(corpus, root):
         f'val_path = "{root / "web_val.jsonl"}"}}',
     ]
     return ["--data.mixture=[" + ", ".join(sources) + "]", "--metrics.eval_freq=8"]
+
+
+def test_per_source_val_loss_and_skipped_records_are_the_trainers_own_numbers(corpus, tmp_path):
+    """``val_loss/a`` is a plain forward over the source's held-out documents (ids of a range
+    the training documents never use), and ``data/skipped/web`` counts the text source's
+    malformed records (three, planted)."""
+    from pretrain.config import load_config
+    from pretrain.train import Trainer
+    from tests.test_trainer import _overrides, _records
+
+    seq_len, rng = 64, np.random.default_rng(7)
+    train = _docs(3, 200, 3, 500)
+    np.save(tmp_path / "a.npy", np.concatenate(train).astype(np.int32))
+    # held-out documents of exactly T + 1 tokens, EOS last: validation row j is document j
+    val = [np.append(rng.integers(500, VOCAB, seq_len), EOS) for _ in range(6)]
+    np.save(tmp_path / "a_val.npy", np.concatenate(val).astype(np.int32))
+    good = [json.dumps({"text": f"def f{i}(x):\n    return x + {i}\n" * 4}) for i in range(40)]
+    bad = ["{not json", '{"body": "no text field"}', "[1, 2"]
+    (tmp_path / "web.jsonl").write_text("\n".join(good[:10] + bad + good[10:]) + "\n")
+    sources = [
+        f'{{name = "a", format = "tokens", path = "{tmp_path / "a.npy"}", weight = 0.7, '
+        f'val_path = "{tmp_path / "a_val.npy"}"}}',
+        f'{{name = "web", format = "text", path = "{tmp_path / "web.jsonl"}", weight = 0.3}}',
+    ]
+    extra = [
+        "--data.mixture=[" + ", ".join(sources) + "]",
+        f"--data.tokenizer={corpus / 'tokenizer.model'}",
+        f"--data.index_dir={tmp_path / 'index'}",
+        "--checkpoint.enable=false",
+    ]
+    dump = tmp_path / "run"
+    trainer = Trainer(
+        load_config(
+            "pretrain/configs/debug.toml", _overrides(corpus, dump, steps=4, workers=0) + extra
+        )
+    )
+    trainer.fit()
+    last = _records(dump)[4]
+    assert last["data/skipped/web"] == 3 and "data/skipped/a" in last
+    logged = json.loads((dump / "metrics.jsonl").read_text().splitlines()[-1])
+    model, hasher = trainer.model.eval(), trainer.hasher
+    losses = []
+    for first in (0, 2):  # metrics.eval_batches=2 batches of training.batch_size=2 rows
+        rows = torch.from_numpy(np.stack(val[first : first + 2]).astype(np.int64))
+        x, y = rows[:, :-1], rows[:, 1:]
+        engram = {k: torch.from_numpy(v) for k, v in hasher.hash(x.numpy()).items()}
+        with torch.no_grad():
+            logits = model(x, engram=engram).logits
+        losses.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()))
+    want = torch.stack(losses).mean().item()
+    assert logged["val_loss/a"] == pytest.approx(want, rel=1e-5, abs=1e-5)
+    assert "val_loss/web" not in logged  # no held-out documents: no number
 
 
 def test_sigkill_resume_of_a_mixture_with_two_workers_is_bit_identical(corpus, tmp_path):

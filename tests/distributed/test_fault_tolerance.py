@@ -180,12 +180,11 @@ def _replica_worker(replica: int, address: str, out) -> None:
     rows = torch.tensor([[1, 4]]) if replica == 0 else torch.tensor([[4, 7, 9]])
     values = torch.arange(rows.shape[1] * 2, dtype=torch.float32).reshape(-1, 2) + 10 * replica
     table.grad = torch.sparse_coo_tensor(rows, values, (10, 2), check_invariants=False)
-    loads = torch.tensor([1.0, 2.0]) * (replica + 1)
     sync.begin_step()
     sync.average_grads_([dense, table], sparse_tables=[table])
-    sync.sum_(loads)
     committed = sync.commit()
     grad = table.grad.coalesce()
+    local, summed = _moe_loads_through_the_step(sync, replica)
     out.put(  # plain values: a tensor's shared memory dies with this process
         (
             replica,
@@ -193,13 +192,44 @@ def _replica_worker(replica: int, address: str, out) -> None:
             grad.is_sparse,
             grad.indices().tolist(),
             grad.values().tolist(),
-            loads.tolist(),
+            (local, summed),
             sync.participants,
             committed,
             sync.step(),
         )
     )
     sync.shutdown()
+
+
+def _moe_loads_through_the_step(sync, replica: int) -> tuple[list, list]:
+    """One real step (``forward_backward`` + ``optimizer_step``) of a tiny MoE model on this
+    group's own batch: ``(its own routers' loads, the loads the bias update used)``."""
+    from data.batch import plan_lookups
+    from parallel.plan import ParallelPlan
+    from pretrain.config import OptimizerConfig
+    from pretrain.optimizer import Optimizers
+    from pretrain.step import StepModel, forward_backward, lookup_planners, optimizer_step
+    from tests.distributed.parity import initial_model, make_batch, model_args
+
+    model = initial_model(model_args())
+    sm = StepModel(model, model, ParallelPlan(replicas=sync))
+    routers = [moe.router for moe in model.moe_layers()]
+    used = []
+    for router in routers:
+        update = router.update_bias
+
+        def recorded(loads=None, update=update, router=router):
+            used.append(router.tokens_per_expert.tolist())
+            update(loads)
+
+        router.update_bias = recorded
+    sync.begin_step()
+    batch = plan_lookups(make_batch(10 + replica), lookup_planners(model), 1)
+    forward_backward(sm, batch)
+    local = [router.tokens_per_expert.tolist() for router in routers]
+    optimizer_step(sm, Optimizers(model, OptimizerConfig()), 1.0)
+    assert sync.committed
+    return local, used
 
 
 def test_gradients_and_loads_are_averaged_over_the_groups_as_rows():
@@ -224,14 +254,21 @@ def test_gradients_and_loads_are_averaged_over_the_groups_as_rows():
         for proc in procs:
             proc.join(timeout=30)
         server.shutdown()
+    (_, *_, (local_0, _), _, _, _), (_, *_, (local_1, _), _, _, _) = results
     for replica, dense, sparse, rows, values, loads, participants, committed, step in results:
         assert dense == [[1.5, 1.5]] * 3  # (1 + 2) / 2
         assert sparse, "the table gradient was densified"
         assert rows == [[1, 4, 7, 9]]  # the union of the groups' rows
         # row 4 is both groups' ([2, 3] + [10, 11]); every row is divided by the 2 groups
         assert values == [[0.0, 0.5], [6.0, 7.0], [6.0, 6.5], [7.0, 7.5]], replica
-        assert loads == [3.0, 6.0]  # summed
-        assert (participants, committed, step) == ([0, 1], True, 1)
+        assert (participants, committed, step) == ([0, 1], True, 2)
+        # through the real step, each router's bias update saw the loads of both groups
+        _, used = loads
+        assert local_0 != local_1
+        assert used == [
+            [a + b for a, b in zip(x, y, strict=True)]
+            for x, y in zip(local_0, local_1, strict=True)
+        ]
 
 
 def test_an_unreachable_lighthouse_is_a_clear_error_within_the_timeout():
