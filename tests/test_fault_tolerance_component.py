@@ -107,3 +107,71 @@ def test_fault_tolerance_runs_from_its_section_and_handles_alone(tmp_path):
         {"step": 2, "batches": [2, 4], "replicas": [0], "committed": False},
     ]
     assert out["scalars"] == {"ft/replicas": 1.0, "ft/recoveries": 0.0, "ft/recovery_s": 0.0}
+
+
+_LONE = r"""
+import json, sys
+
+import torch
+
+from data.batch import plan_lookups
+from launch.fault_drill import start_lighthouse
+from parallel.plan import ParallelPlan
+from parallel.replicas import connect
+from pretrain.config import FaultToleranceConfig, OptimizerConfig
+from pretrain.fault_tolerance import live_state
+from pretrain.optimizer import Optimizers
+from pretrain.step import StepModel, forward_backward, lookup_planners, optimizer_step
+from tests.distributed.parity import initial_model, make_batch, model_args
+
+server = start_lighthouse()
+model = initial_model(model_args())
+optimizers = Optimizers(model, OptimizerConfig(lr=1e-2))
+sm = StepModel(model, model, ParallelPlan())
+planners = lookup_planners(model)
+
+
+def train_step(step):
+    forward_backward(sm, plan_lookups(make_batch(step), planners, 1))
+    optimizer_step(sm, optimizers, 0.5)
+
+
+train_step(0)  # a plain step first: every optimizer holds its state
+cfg = FaultToleranceConfig(
+    enable=True, replica_id=0, group_size=2, min_replica_size=2, lighthouse=server.address(),
+    timeout_s=30,
+)
+sm.plan.replicas = connect(cfg, 0, 1, torch.device("cpu"), dict, lambda state: None)
+before = {k: v.clone() for k, v in live_state(model, optimizers).items()}
+votes = []
+for step in (1, 2, 3):  # alone, below min_replica_size: none of them may commit
+    sm.plan.replicas.begin_step()
+    train_step(step)
+    votes.append(sm.plan.replicas.committed)
+after = live_state(model, optimizers)
+changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+sm.plan.replicas.shutdown()
+server.shutdown()
+kinds = sorted({k.split("/")[0] for k in before})
+tables = [k for k in before if "table" in k]
+print(json.dumps({"votes": votes, "changed": changed, "kinds": kinds, "tables": len(tables)}))
+"""
+
+
+def test_steps_that_do_not_commit_leave_every_tensor_bit_identical(tmp_path):
+    """A group alone below ``min_replica_size`` runs the real step three times: none commits,
+    and parameters, buffers, both optimizers' states and the table rows are bit-identical to
+    what they were before (an update applied before the vote would have moved them)."""
+    result = subprocess.run(
+        [sys.executable, "-c", _LONE],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"RUST_LOG": "warn", **os.environ},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["votes"] == [False, False, False]
+    assert out["kinds"] == ["buffer", "optim0", "optim1", "param"] and out["tables"] >= 3
+    assert out["changed"] == []

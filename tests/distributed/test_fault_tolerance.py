@@ -85,6 +85,17 @@ def reference(corpus, lighthouse, tmp_path_factory) -> ReplicaGroups:
     return groups
 
 
+def _assert_the_uninterrupted_schedule(run: ReplicaGroups) -> None:
+    """Every group trained, at every step it logged (committed or retried), exactly the global
+    batches of the uninterrupted schedule: one per step (a recovery that kept its own loader
+    position would train batches of other steps)."""
+    for group in range(run.groups):
+        records = run.records(group, "committed.jsonl")
+        assert records, group
+        for record in records:
+            assert record["batches"] == [record["step"] - 1, record["step"]], (group, record)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "placement,transport",
@@ -126,6 +137,7 @@ def test_a_killed_group_recovers_from_its_peer_and_rejoins(
     assert all(rejoined[s]["ft/recovery_s"] > 0 for s in recovered)
     last = run.records(1, "committed.jsonl")[-1]
     assert (last["step"], last["replicas"], last["committed"]) == (STEPS, [0, 1], True)
+    _assert_the_uninterrupted_schedule(run)
     # 3. bit-identical: parameters, buffers, optimizer states and table rows of every rank
     assert run.digests(0) == run.digests(1)
     assert run.digests(0)[0]["step"] == STEPS
@@ -137,6 +149,13 @@ def test_a_killed_group_recovers_from_its_peer_and_rejoins(
     assert sorted(got) == list(range(min(got), STEPS + 1)) and min(got) <= killed_at
     worst = max(abs(got[s]["loss"] - want[s]["loss"]) for s in got)
     assert worst < LOSS_TOLERANCE, worst
+    # the steps both groups trained together from the start equal the reference bit for bit
+    together = 0
+    for record in (r for r in survivor if r["committed"]):
+        if record["step"] != together + 1 or record["replicas"] != [0, 1]:
+            break
+        together = record["step"]
+    assert all(got[s]["loss"] == want[s]["loss"] for s in range(1, together + 1)), together
     # each group trained its own share of every batch
     assert got[STEPS]["loss"] != rejoined[STEPS]["loss"]
 
@@ -153,6 +172,7 @@ def test_durable_resume_of_every_group_is_bit_identical(corpus, lighthouse, refe
     run.launch_all()
     run.wait()
     assert run.digests(0) == run.digests(1) == reference.digests(0)
+    _assert_the_uninterrupted_schedule(run)
     want, got = reference.losses(0), run.losses(0)
     assert all(got[s]["loss"] == want[s]["loss"] for s in range(21, STEPS + 1))
 
