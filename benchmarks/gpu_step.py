@@ -50,42 +50,74 @@ def _batch(args, batch: int, seq: int, doc_len: int, device) -> Batch:
     return Batch(tokens[:, :-1], tokens[:, 1:], positions, doc_ids, engram).to(device)
 
 
-def measure(flavor, backend, ns) -> list:
-    device = torch.device("cuda")
-    args = _args(flavor, ns.layers, ns.rows, backend)
+def build_step(args, device, mixed_precision: str = "bf16") -> tuple[StepModel, Optimizers]:
+    """The model of ``args`` on ``device`` (built on meta, initialised there), its step model
+    and optimizers."""
     with torch.device("meta"):
         model = Transformer(args)
     model.to_empty(device=device)
     torch.manual_seed(0)
     model.init_weights()
-    sm = StepModel(model, model, ParallelPlan(), mixed_precision="bf16")
-    opts = Optimizers(model, OptimizerConfig(lr=1e-4))
-    batch = _batch(args, ns.batch, ns.seq, ns.doc_len, device)
-    for _ in range(ns.warmup):
-        forward_backward(sm, batch)
-        optimizer_step(sm, opts, 1.0)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(ns.steps):
-        forward_backward(sm, batch)
-        optimizer_step(sm, opts, 1.0)
-    torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / ns.steps
-    if ns.profile:
-        from torch.profiler import ProfilerActivity, profile
+    sm = StepModel(model, model, ParallelPlan(), mixed_precision=mixed_precision)
+    return sm, Optimizers(model, OptimizerConfig(lr=1e-4))
 
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            forward_backward(sm, batch)
-            optimizer_step(sm, opts, 1.0)
-            torch.cuda.synchronize()
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(args, batch: Batch, device, steps: int, warmup: int, mixed_precision="bf16"):
+    """``(seconds per step, peak GiB on a GPU or None, the step model and optimizers)``: the
+    real step of ``args`` on ``batch``, after ``warmup`` steps."""
+    sm, opts = build_step(args, device, mixed_precision)
+    for _ in range(warmup):
+        forward_backward(sm, batch)
+        optimizer_step(sm, opts, 1.0)
+    _sync(device)
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        forward_backward(sm, batch)
+        optimizer_step(sm, opts, 1.0)
+    _sync(device)
+    seconds = (time.perf_counter() - start) / steps
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    return seconds, peak, sm, opts
+
+
+def profile_step(sm, opts, batch, device) -> list[tuple[str, float]]:
+    """``(kernel or op name, total microseconds)`` of one step, longest first: CUDA kernels on a
+    GPU, aten ops on the CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.device(device).type == "cuda"
+    activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        forward_backward(sm, batch)
+        optimizer_step(sm, opts, 1.0)
+        _sync(device)
+    events = prof.key_averages()
+    key = "device_time_total" if cuda else "cpu_time_total"
+    rows = [(e.key, float(getattr(e, key, 0.0) or 0.0)) for e in events]
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def measure(flavor, backend, ns) -> list:
+    device = torch.device("cuda")
+    args = _args(flavor, ns.layers, ns.rows, backend)
+    batch = _batch(args, ns.batch, ns.seq, ns.doc_len, device)
+    seconds, peak, sm, opts = time_steps(args, batch, device, ns.steps, ns.warmup)
+    if ns.profile:
         print(f"== {flavor} ({backend}): top CUDA kernels of one step")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=ns.profile))
+        for name, micros in profile_step(sm, opts, batch, device)[: ns.profile]:
+            print(f"{micros / 1e3:10.3f} ms  {name}")
     tokens = ns.batch * ns.seq
     acc = account(args, ns.seq)
     mfu = acc.flops_per_token * tokens / seconds / (ns.peak_tflops * 1e12)
-    peak = torch.cuda.max_memory_allocated() / 2**30
-    del model, sm, opts, batch
+    del sm, opts, batch
     torch.cuda.empty_cache()
     return [f"{flavor} x{ns.layers} layers", backend, seconds, tokens / seconds, mfu, peak]
 
