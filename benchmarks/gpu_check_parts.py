@@ -130,7 +130,7 @@ def _offload_args(dry: bool):
     from models.flavors import get_flavor
 
     args = get_flavor("ladder-engram-xs" if dry else "demo")
-    rows = 4001 if dry else 1_000_003  # primes are taken at or above these, per head
+    rows = 4001 if dry else 250_007  # per head (primes at or above): 4 M rows on the demo model
     args.vocab_size = DRY_VOCAB if dry else args.vocab_size
     args.engram.hash.engram_vocab_size = [rows] * len(args.engram.hash.engram_vocab_size)
     return args
