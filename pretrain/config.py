@@ -149,6 +149,19 @@ class MetricsConfig:
 
 
 @dataclass
+class DownstreamConfig:
+    """Downstream benchmarks during training: olmo-eval tasks scored by the model being trained
+    (pretrain/downstream/, docs/evaluation.md; needs the [eval] extra)."""
+
+    tasks: str = ""  # olmo-eval labels and suites (small, paper), comma-separated; "": off
+    interval: int = 0  # steps between evaluations (and after the last step); 0: off
+    max_examples: int = 0  # questions per task, a seeded subset drawn before tokenising; 0: all
+    seed: int = 0  # which subset
+    batch_tokens: int = 0  # tokens per forward (rows x padded length); 0: batch_size x seq_len
+    cache_dir: str = ""  # tokenised requests; "" -> $ENGRAM_CACHE/downstream or ~/.cache/engram
+
+
+@dataclass
 class FaultToleranceConfig:
     """Replica groups that drop out and rejoin while the others train on (torchft; torchtitan's
     key names). Each replica group is one copy of the whole layout; docs/fault_tolerance.md."""
@@ -190,6 +203,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
 
     def validate(self) -> None:
         from models.spec import get_model_spec
@@ -252,10 +266,32 @@ class Config:
                 raise ValueError(message)
         if self.fault_tolerance.enable:
             self.fault_tolerance_checks()
+        self.downstream_checks()
         if d.mixture:
             from data.mixture import parse_mixture
 
             parse_mixture(d.mixture)
+
+    def downstream_checks(self) -> None:
+        ds, p = self.downstream, self.parallelism
+        checks = [
+            (
+                bool(ds.tasks) == (ds.interval > 0),
+                f"downstream.tasks={ds.tasks!r} with downstream.interval={ds.interval}: set both "
+                "(tasks to evaluate, and every how many steps) or neither",
+            ),
+            (ds.interval >= 0, f"downstream.interval={ds.interval}: must be >= 0"),
+            (ds.max_examples >= 0, f"downstream.max_examples={ds.max_examples}: must be >= 0"),
+            (ds.batch_tokens >= 0, f"downstream.batch_tokens={ds.batch_tokens}: must be >= 0"),
+            (
+                not ds.tasks or p.context_parallel_degree == 1,
+                "downstream.tasks with parallelism.context_parallel_degree > 1: scoring runs "
+                "whole rows; evaluate the checkpoint with python -m launch.evaluate --tasks",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
 
     def fault_tolerance_checks(self) -> None:
         f = self.fault_tolerance

@@ -176,6 +176,21 @@ class MetricsLogger:
             {"step": step, "val_loss": loss, "val_tokens": tokens, **named},
         )
 
+    def log_downstream(self, step: int, scalars: dict[str, float]) -> None:
+        """``eval/<task>/<metric>`` and ``eval/downstream_s`` (pretrain.downstream): a console
+        line per task with its headline metrics, TensorBoard scalars and one jsonl record."""
+        if not self.enabled:
+            return
+        tasks: dict[str, list[str]] = {}
+        for tag, value in scalars.items():
+            parts = tag.split("/")
+            if len(parts) == 3 and parts[2] in HEADLINE:
+                tasks.setdefault(parts[1], []).append(f"{parts[2]}: {value:.4f}")
+        for task, shown in tasks.items():
+            self._print(f"downstream step: {step}  {task}  " + "  ".join(shown))
+        self._print(f"downstream step: {step}  took {scalars.get('eval/downstream_s', 0):.1f} s")
+        self._write(step, scalars, {"step": step, **scalars})
+
     def _print(self, line: str) -> None:
         if self.bar is not None:
             self.bar.write(line, file=sys.stdout)
@@ -194,6 +209,10 @@ class MetricsLogger:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+
+
+# the metrics a downstream task's console line shows (all of them go to jsonl and TensorBoard)
+HEADLINE = ("acc_v2", "len_norm_v2", "bpb_v2", "ce_loss_v2", "f1_v2")
 
 
 def format_duration(seconds: float) -> str:

@@ -24,6 +24,7 @@ class PipelineRunner:
         # the last stage gathers tensor-parallel logits, so the loss is a plain cross-entropy
         self.plan, self.model = plan, model
         self.warmed_up = False
+        self.per_token = False
         self.has_first = 0 in plan.stage_ids
         self.has_last = plan.num_stages - 1 in plan.stage_ids
         self.engram_layers = {e.layer_id for s in plan.stages for e in s.engram_layers()}
@@ -44,6 +45,8 @@ class PipelineRunner:
         )
 
     def _loss(self, logits, labels):
+        if self.per_token:  # downstream scoring: every token's loss, unscaled
+            return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten()) * self.scale
 
     def _inputs(self, batch: Batch):
@@ -90,6 +93,26 @@ class PipelineRunner:
         losses: list[torch.Tensor] = []
         self.schedule.eval(*args, target=target, losses=losses, **kwargs)
         return self._share(losses, self.scale)
+
+    @torch.no_grad()
+    def token_losses(self, batch: Batch) -> torch.Tensor:
+        """Every token's loss ``[B, T]`` (float32, on the CPU), the same on every stage: the
+        last stage computes it through the schedule and shares it over the pipeline group."""
+        if not self.warmed_up:
+            with torch.enable_grad():
+                self.warm_up(batch)
+        args, target, kwargs = self._inputs(batch)
+        losses: list[torch.Tensor] = []
+        self.per_token = True
+        try:
+            self.schedule.eval(*args, target=target, losses=losses, **kwargs)
+        finally:
+            self.per_token = False
+        value = torch.zeros(batch.labels.shape, dtype=torch.float32)
+        if self.has_last:  # one flat loss per microbatch, in order
+            value += torch.cat([loss.detach().float().cpu() for loss in losses]).view_as(value)
+        dist.all_reduce(value, group=self.plan.pp_cpu_group)  # only the last stage is non-zero
+        return value
 
     def _share(self, losses, scale: float) -> torch.Tensor:
         value = torch.zeros((), dtype=torch.float64)

@@ -76,6 +76,27 @@ def forward_loss(sm: StepModel, batch: Batch) -> tuple[torch.Tensor, dict[str, t
     return ce, out.aux_losses
 
 
+@torch.no_grad()
+def token_logprobs(sm: StepModel, batch: Batch) -> torch.Tensor:
+    """``log p(label_t | tokens_<=t)`` ``[B, T]`` (float32, on the batch's device) of a batch
+    already on the device: the per-token loss, negated (under pipeline parallelism through the
+    schedule, the same on every stage)."""
+    batch = exchange_lookup_counts(sm.inner, batch)
+    with sm.autocast(batch.tokens.device):
+        if sm.pipeline is not None:
+            return -sm.pipeline.token_losses(batch).to(batch.tokens.device)
+        out = sm.model(
+            batch.tokens, positions=batch.positions, doc_ids=batch.doc_ids, engram=batch.engram
+        )
+    with vocab_parallel_loss(sm.plan.vocab_parallel):
+        ce = F.cross_entropy(
+            out.logits.float().flatten(0, 1), batch.labels.flatten(), reduction="none"
+        )
+    if hasattr(ce, "full_tensor"):  # a DTensor from the vocab-parallel loss
+        ce = ce.full_tensor()
+    return -ce.view(batch.labels.shape)
+
+
 def forward_backward(
     sm: StepModel, batch: Batch, *, scale: float = 1.0, sync: bool = True
 ) -> MicroLoss:

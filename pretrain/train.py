@@ -121,6 +121,8 @@ class Trainer:
             self.device,
             self.sm.plan.cp_group,
         )
+        # downstream tasks: resolved and tokenised now, so a bad label stops the job up front
+        self.downstream = self._downstream() if cfg.downstream.tasks else None
         self.step, self.last_checkpoint, self.last_batch = 0, None, None
         self.resumed_ft: dict = {}  # the fault-tolerance manager's state in the checkpoint
         self.ckpt = self._resume()
@@ -188,6 +190,29 @@ class Trainer:
         if self.dims.pp > 1:
             pipeline = PipelineRunner(plan, cfg.parallelism, self.device, t.grad_accum_steps, inner)
         return StepModel(model, inner, plan, pipeline, t.mixed_precision)
+
+    def _downstream(self):
+        """The ``[downstream]`` evaluator over this rank's data-parallel place (a pipeline
+        scores rows of the training shape, which its schedule was built for)."""
+        from pretrain.downstream.evaluator import DownstreamEvaluator
+
+        t, d, pipeline = self.cfg.training, self.cfg.data, self.sm.pipeline
+        group = self.sm.plan.dp_group
+        evaluator = DownstreamEvaluator(
+            self.cfg.downstream,
+            self.tokenizer,
+            self.hasher,
+            self.args.max_seq_len,
+            self.dims.dp_rank(self.rank),
+            self.dims.dp_degree,
+            cpu_group_for(group) if group is not None else None,
+            self.device,
+            default_batch_tokens=t.batch_size * d.seq_len,
+            fixed=(t.batch_size, d.seq_len) if pipeline is not None else None,
+            plan_chunks=pipeline.microbatches if pipeline is not None else 1,
+        )
+        evaluator.requests()
+        return evaluator
 
     def _table_placer(self):
         """``[engram_table] placement``: what swaps this rank's tables (whole, or its row shards)
@@ -445,6 +470,10 @@ class Trainer:
                 val_loss, tokens = self.evaluate()
                 self.metrics.log_eval(self.step, val_loss, tokens, self.validator.per_source)
                 self.save_val_windows()
+            every = self.cfg.downstream.interval
+            if self.downstream is not None and (self.step % every == 0 or self.step == t.steps):
+                self.check_finite()
+                self.metrics.log_downstream(self.step, self.downstream.run(self.sm))
             saved = self.step % self.cfg.checkpoint.interval == 0 or self.step == t.steps
             if saved:
                 self.check_finite()

@@ -12,7 +12,7 @@ if [ "$(cat .venv/.engram_stamp 2>/dev/null)" != "$stamp" ]; then
   echo "installing the project into .venv (CPU torch 2.13.0) ..."
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -c constraints-cpu.txt "torch==2.13.0"
-  extras=dev,hf,megatron,data
+  extras=dev,hf,megatron,data,eval
   # torchft (fault tolerance) ships wheels for Linux x86_64 only
   if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then extras=$extras,ft; fi
   .venv/bin/python -m pip install -q -c constraints-cpu.txt -e ".[$extras]"
