@@ -197,7 +197,9 @@ class Trainer:
         from pretrain.downstream.evaluator import DownstreamEvaluator
 
         t, d, pipeline = self.cfg.training, self.cfg.data, self.sm.pipeline
-        group = self.sm.plan.dp_group
+        group = None  # the data-parallel ranks (the plan's None: the whole world)
+        if self.dims.dp_degree > 1:
+            group = cpu_group_for(self.sm.plan.dp_group or dist.group.WORLD)
         evaluator = DownstreamEvaluator(
             self.cfg.downstream,
             self.tokenizer,
@@ -205,7 +207,7 @@ class Trainer:
             self.args.max_seq_len,
             self.dims.dp_rank(self.rank),
             self.dims.dp_degree,
-            cpu_group_for(group) if group is not None else None,
+            group,
             self.device,
             default_batch_tokens=t.batch_size * d.seq_len,
             fixed=(t.batch_size, d.seq_len) if pipeline is not None else None,

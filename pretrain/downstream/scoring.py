@@ -124,7 +124,9 @@ def task_metrics(requests: TaskRequests, scored: dict[int, np.ndarray]) -> dict[
     from olmo_eval import ICLMetric
 
     metric = ICLMetric(metric_type=requests.metric_type)
-    metric.sync_on_compute = False  # the log-probabilities were gathered already
+    # the log-probabilities were gathered already: no sync of the metric's own over the world
+    # (ICLMetric turns torchmetrics' sync on in its constructor, which sets both flags)
+    metric.sync_on_compute = metric._to_sync = False
     indices = sorted(scored)
     for start in range(0, len(indices), 256):
         chunk = indices[start : start + 256]
