@@ -33,11 +33,18 @@ def results(ns, arms: list[Arm], vocab: int, per_arm: dict[str, list[dict]]) -> 
             val_windows=[r.get("val_windows") or [r["val_loss"]] for r in runs],
             seconds=[r.get("seconds") for r in runs],
             rows_touched=[r.get("rows_touched") for r in runs],
+            # {"<task>/<metric>": [per seed: [value of each question]]} (runs that scored all)
+            downstream=_downstream(runs),
         )
         rows.append(row)
     out["arms"] = rows
     out["comparisons"] = comparisons(rows)
     return out
+
+
+def _downstream(runs: list[dict]) -> dict[str, list[list[float]]]:
+    keys = set.intersection(*(set(r.get("downstream") or {}) for r in runs)) if runs else set()
+    return {key: [r["downstream"][key] for r in runs] for key in sorted(keys)}
 
 
 def plot(res: dict, out: Path) -> Path | None:
@@ -108,17 +115,18 @@ def report(res: dict, checks: list[str], out: Path, png: Path | None) -> str:
     if res.get("comparisons"):
         lines += [
             "",
-            "Each arm against the first: mean loss difference (a minus b) over seeds x "
-            "validation windows, with its 95 % paired bootstrap interval:",
+            "Each arm against the first: the mean difference (a minus b) of each metric over "
+            "seeds x validation windows (val_loss) or seeds x questions (downstream), with its "
+            "95 % paired bootstrap interval:",
             "",
-            "| a | b | a - b | 95 % interval | verdict |",
-            "|---|---|---|---|---|",
+            "| metric | a | b | a - b | 95 % interval | verdict |",
+            "|---|---|---|---|---|---|",
         ]
         for c in res["comparisons"]:
             low, high = c["ci95"]
             lines.append(
-                f"| {c['a']} | {c['b']} | {c['diff_mean']:+.4f} | [{low:+.4f}, {high:+.4f}] "
-                f"| {c['verdict']} |"
+                f"| {c.get('metric', 'val_loss')} | {c['a']} | {c['b']} | {c['diff_mean']:+.4f} "
+                f"| [{low:+.4f}, {high:+.4f}] | {c['verdict']} |"
             )
     if res["experiment"] == "allocation" and rows:
         best = min(rows, key=lambda r: summary_stats(r["val_loss"])[0])

@@ -58,6 +58,9 @@ def run_config(ns, arm: Arm, seed: int, folder: Path):
             f"--training.mixed_precision={'bf16' if ns.device == 'cuda' else 'none'}",
         ],
     )
+    if ns.downstream:  # scored once, after the last step
+        cfg.downstream.tasks, cfg.downstream.interval = ns.downstream, ns.steps
+        cfg.downstream.max_examples = ns.downstream_examples
     for key, value in arm.overrides.items():
         apply(cfg, "model", f"overrides.{key}", value)
     if ns.nproc > 1 and arm.table_rows:  # FSDP cannot take whole tables: the ranks shard them
@@ -87,6 +90,7 @@ def train_run(ns, arm: Arm, seed: int, folder: Path) -> dict:
         "val_windows": trainer.validator.window_losses,  # per batch: paired comparisons
         "tokens": cfg.training.steps * cfg.training.batch_size * cfg.data.seq_len,
         "seconds": time.perf_counter() - start,
+        "downstream": _downstream(folder),
     }
     done.write_text(json.dumps(result) + "\n")
     return result
@@ -162,13 +166,23 @@ def collect_run(folder: Path) -> dict | None:
     evals = [json.loads(line) for line in metrics.read_text().splitlines() if "val_loss" in line]
     if not evals:
         return None
-    result = {"val_loss": evals[-1]["val_loss"], "tokens": None}
+    result = {"val_loss": evals[-1]["val_loss"], "tokens": None, "downstream": _downstream(folder)}
     windows = folder / "val_windows.json"
     if windows.is_file():
         record = json.loads(windows.read_text())
         if record["step"] == evals[-1]["step"]:
             result["val_windows"] = record["val_windows"]
     return result
+
+
+def _downstream(folder: Path) -> dict[str, list[float]]:
+    """``{"<task>/<metric>": [value of each question]}`` of the run's last downstream
+    evaluation (``downstream_questions.json``; empty without one)."""
+    path = folder / "downstream_questions.json"
+    if not path.is_file():
+        return {}
+    tasks = json.loads(path.read_text())["tasks"]
+    return {f"{t}/{m}": values for t, metrics in tasks.items() for m, values in metrics.items()}
 
 
 def torchrun_all(ns, runs: list[tuple[Arm, int, Path]]) -> list[dict | None]:

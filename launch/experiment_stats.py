@@ -1,5 +1,6 @@
 """The statistics of ``launch.experiments``: paired bootstrap intervals over seeds x validation
-windows, verdicts, each arm against the first, and the log-linear fit of loss on table rows.
+windows (or downstream questions), verdicts, each arm against the first, and the log-linear fit
+of loss on table rows.
 
 Pure numpy and the standard library: readable and testable without training anything.
 """
@@ -28,32 +29,44 @@ def paired_bootstrap(
     return float(diff.mean()), (float(low), float(high))
 
 
-def verdict(interval: tuple[float, float]) -> str:
-    """Lower loss is better: ``a - b`` wholly below 0 -> "A better", above -> "B better"."""
-    low, high = interval
+def verdict(interval: tuple[float, float], higher_is_better: bool = False) -> str:
+    """``a - b`` wholly on A's better side of 0 -> "A better", wholly on B's -> "B better"
+    (lower is better for losses and bits per byte, higher for accuracies)."""
+    low, high = (-interval[1], -interval[0]) if higher_is_better else interval
     return "A better" if high < 0 else "B better" if low > 0 else "undecided"
+
+
+# downstream metrics (olmo-eval's names) where a larger value is better
+HIGHER_IS_BETTER = ("acc", "len_norm", "soft", "f1", "pmi_dc")
 
 
 def comparisons(rows: list[dict]) -> list[dict]:
     """Every arm against the first (the MoE arm, rho = 1, or the smallest table), where both
-    have the same seeds and windows."""
+    have the same seeds and cells: the validation loss over seeds x validation windows
+    (``metric`` "val_loss"), and each downstream metric over seeds x questions (``metric``
+    "<task>/<metric>")."""
     out = []
     first = rows[0] if rows else None
     for row in rows[1:]:
-        a, b = row.get("val_windows") or [], first.get("val_windows") or []
-        shapes = {np.shape(a), np.shape(b)}
-        if not a or not b or len(shapes) != 1:
-            continue
-        diff, interval = paired_bootstrap(a, b)
-        out.append(
-            {
-                "a": row["name"],
-                "b": first["name"],
-                "diff_mean": diff,
-                "ci95": list(interval),
-                "verdict": verdict(interval),
-            }
-        )
+        pairs = [("val_loss", row.get("val_windows") or [], first.get("val_windows") or [])]
+        theirs = first.get("downstream") or {}
+        for key, values in sorted((row.get("downstream") or {}).items()):
+            pairs.append((key, values, theirs.get(key) or []))
+        for metric, a, b in pairs:
+            if not a or not b or np.shape(a) != np.shape(b) or not np.size(a):
+                continue
+            diff, interval = paired_bootstrap(a, b)
+            higher = metric.split("/")[-1].startswith(HIGHER_IS_BETTER)
+            out.append(
+                {
+                    "metric": metric,
+                    "a": row["name"],
+                    "b": first["name"],
+                    "diff_mean": diff,
+                    "ci95": list(interval),
+                    "verdict": verdict(interval, higher),
+                }
+            )
     return out
 
 

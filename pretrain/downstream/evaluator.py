@@ -22,6 +22,7 @@ from data.batch import Batch, EngramInputs, plan_lookups
 from pretrain.downstream.scoring import (
     continuation_logprobs,
     num_batches,
+    question_metrics,
     rows_of,
     task_metrics,
 )
@@ -78,10 +79,12 @@ def score_tasks(
     dp_degree: int = 1,
     group=None,
     fixed: tuple[int, int] | None = None,
+    per_question: dict | None = None,
 ) -> dict[str, dict[str, float]]:
     """``{label: {metric: value}}``: each task's questions dealt over the ``dp_degree`` ranks
     of ``group`` (None: one process), the same number of forwards on each, the continuation
-    log-probabilities gathered, and olmo-eval's metrics computed on every rank."""
+    log-probabilities gathered, and olmo-eval's metrics computed on every rank.
+    ``per_question``: filled with ``{label: {metric: [value of each question]}}``."""
     out = {}
     for task in requests:
         mine = rows_of(task, dp_rank, dp_degree)
@@ -96,6 +99,8 @@ def score_tasks(
             dist.all_gather_object(parts, scored, group=group)
             scored = {k: v for part in parts for k, v in part.items()}
         out[task.label] = {**task_metrics(task, scored), "truncated_frac": task.truncated_frac}
+        if per_question is not None:
+            per_question[task.label] = question_metrics(task, scored)
     return out
 
 
@@ -143,6 +148,7 @@ class DownstreamEvaluator:
         self.device, self.fixed, self.plan_chunks = device, fixed, plan_chunks
         self.batch_tokens = cfg.batch_tokens or default_batch_tokens
         self._requests: list[TaskRequests] | None = None
+        self.per_question: dict = {}
 
     def requests(self) -> list[TaskRequests]:
         if self._requests is None:
@@ -161,9 +167,11 @@ class DownstreamEvaluator:
         return self._requests
 
     def run(self, sm: StepModel) -> dict[str, float]:
-        """Every task once: ``eval/<task>/<metric>`` and ``eval/downstream_s``."""
+        """Every task once: ``eval/<task>/<metric>`` and ``eval/downstream_s``; each question's
+        values stay in ``self.per_question`` (paired comparisons between runs)."""
         started = time.perf_counter()
         requests = self.requests()
+        self.per_question = {}
         sm.model.eval()
         try:
             results = score_tasks(
@@ -175,6 +183,7 @@ class DownstreamEvaluator:
                 self.dp_degree,
                 self.dp_group,
                 self.fixed,
+                self.per_question,
             )
         finally:
             sm.model.train()

@@ -121,13 +121,31 @@ def num_batches(requests: TaskRequests, indices: list[int], batch_tokens: int, f
 
 def task_metrics(requests: TaskRequests, scored: dict[int, np.ndarray]) -> dict[str, float]:
     """olmo-eval's ``ICLMetric`` of the task over every scored request (all ranks' together)."""
+    return _metric(requests, sorted(scored), scored)
+
+
+def question_metrics(
+    requests: TaskRequests, scored: dict[int, np.ndarray]
+) -> dict[str, list[float]]:
+    """The same metrics of every question alone, in ``doc_id`` order (each task metric is
+    their mean): what paired comparisons between runs resample."""
+    by_question: dict[int, list[int]] = {}
+    for index in sorted(scored):
+        by_question.setdefault(requests.samples[index]["doc_id"], []).append(index)
+    out: dict[str, list[float]] = {}
+    for question in sorted(by_question):
+        for name, value in _metric(requests, by_question[question], scored).items():
+            out.setdefault(name, []).append(value)
+    return out
+
+
+def _metric(requests: TaskRequests, indices: list[int], scored) -> dict[str, float]:
     from olmo_eval import ICLMetric
 
     metric = ICLMetric(metric_type=requests.metric_type)
     # the log-probabilities were gathered already: no sync of the metric's own over the world
     # (ICLMetric turns torchmetrics' sync on in its constructor, which sets both flags)
     metric.sync_on_compute = metric._to_sync = False
-    indices = sorted(scored)
     for start in range(0, len(indices), 256):
         chunk = indices[start : start + 256]
         metric.update(*_metric_inputs(requests, chunk, scored))
