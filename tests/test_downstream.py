@@ -330,3 +330,18 @@ def test_lm_eval_command_line_runs_the_engram_model(runs, tmp_path):
     assert json.loads(written.read_text())["results"]["engram_mc"]["acc,none"] in {
         i / 4 for i in range(5)
     }
+
+
+def test_the_hf_export_scores_what_the_dcp_checkpoint_scores(runs, tmp_path):
+    from pretrain.conversion.convert import dcp_to_hf
+    from pretrain.downstream.evaluator import evaluate_checkpoint
+
+    checkpoint = runs["with"][0] / "checkpoints" / "step-00000002"
+    folder = dcp_to_hf(checkpoint, tmp_path / "hf")
+    labels = ",".join(TASKS)
+    dcp = evaluate_checkpoint(checkpoint, labels, limit=QUESTIONS, cache_dir=tmp_path / "c")
+    hf = evaluate_checkpoint(folder, labels, limit=QUESTIONS, cache_dir=tmp_path / "c")
+    assert dcp.keys() == hf.keys()
+    for label, metrics in dcp.items():
+        for name, value in metrics.items():
+            assert hf[label][name] == pytest.approx(value, abs=1e-5), (label, name)

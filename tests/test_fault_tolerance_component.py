@@ -16,6 +16,22 @@ pytest.importorskip("torchft")
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+def _last_json(script: str, *args: str) -> dict:
+    """Run ``script`` in a fresh interpreter (nothing of the test process imported) and parse
+    the last line it prints."""
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"RUST_LOG": "warn", **os.environ},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 _DRIVE = r"""
 import json, sys
 from pathlib import Path
@@ -86,16 +102,7 @@ print(json.dumps({
 
 
 def test_fault_tolerance_runs_from_its_section_and_handles_alone(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-c", _DRIVE, str(tmp_path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={"RUST_LOG": "warn", **os.environ},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = _last_json(_DRIVE, str(tmp_path))
     assert not out["trainer_imported"]
     assert out["first"] == {"healed": False, "committed": True, "step": 1, "consumed": 2}
     # the failed step is not counted, and the loader is back where the step began
@@ -162,16 +169,7 @@ def test_steps_that_do_not_commit_leave_every_tensor_bit_identical(tmp_path):
     """A group alone below ``min_replica_size`` runs the real step three times: none commits,
     and parameters, buffers, both optimizers' states and the table rows are bit-identical to
     what they were before (an update applied before the vote would have moved them)."""
-    result = subprocess.run(
-        [sys.executable, "-c", _LONE],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={"RUST_LOG": "warn", **os.environ},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = _last_json(_LONE)
     assert out["votes"] == [False, False, False]
     assert out["kinds"] == ["buffer", "optim0", "optim1", "param"] and out["tables"] >= 3
     assert out["changed"] == []
