@@ -123,6 +123,7 @@ class Trainer:
         )
         # downstream tasks: resolved and tokenised now, so a bad label stops the job up front
         self.downstream = self._downstream() if cfg.downstream.tasks else None
+        self.last_downstream: dict[str, float] = {}  # the last evaluation's scalars
         self.step, self.last_checkpoint, self.last_batch = 0, None, None
         self.resumed_ft: dict = {}  # the fault-tolerance manager's state in the checkpoint
         self.ckpt = self._resume()
@@ -482,7 +483,8 @@ class Trainer:
             every = self.cfg.downstream.interval
             if self.downstream is not None and (self.step % every == 0 or self.step == t.steps):
                 self.check_finite()
-                self.metrics.log_downstream(self.step, self.downstream.run(self.sm))
+                self.last_downstream = self.downstream.run(self.sm)
+                self.metrics.log_downstream(self.step, self.last_downstream)
                 self.save_downstream_questions()
             saved = self.step % self.cfg.checkpoint.interval == 0 or self.step == t.steps
             if saved:
@@ -517,6 +519,7 @@ class Trainer:
             "log_folder": str(self.log_folder),
             "checkpoint": self.last_checkpoint,
             "preempted": preempted,
+            "downstream": self.last_downstream,
         }
 
 
@@ -561,7 +564,21 @@ def main(argv: list[str] | None = None) -> int:
             f"  checkpoint:  {checkpoint or '(checkpoint.enable = false)'}{generate}",
             flush=True,
         )
+        if summary["downstream"]:
+            print(downstream_table(summary["downstream"]), flush=True)
     return 0
+
+
+def downstream_table(scalars: dict[str, float]) -> str:
+    """The last downstream evaluation's headline metric of each task, as the run ends."""
+    from pretrain.metrics import HEADLINE
+
+    lines = ["  downstream (python -m launch.evaluate --tasks scores any checkpoint):"]
+    for tag, value in scalars.items():
+        parts = tag.split("/")
+        if len(parts) == 3 and parts[2] in HEADLINE:
+            lines.append(f"    {parts[1]:34s} {parts[2]:12s} {value:.4f}")
+    return "\n".join(lines)
 
 
 def _python() -> str:
