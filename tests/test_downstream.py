@@ -308,6 +308,7 @@ def test_lm_eval_runs_our_checkpoint_as_its_hf_backend_runs_the_export(runs, tmp
     assert ours["results"]["engram_mc"]["acc,none"] in {i / 4 for i in range(5)}
 
 
+@pytest.mark.slow  # a CLI end to end (the adapter itself is in the default set)
 def test_lm_eval_command_line_runs_the_engram_model(runs, tmp_path):
     import subprocess
     import sys
@@ -332,6 +333,7 @@ def test_lm_eval_command_line_runs_the_engram_model(runs, tmp_path):
     }
 
 
+@pytest.mark.slow  # the export's scoring is also checked against lm-eval's hf backend
 def test_the_hf_export_scores_what_the_dcp_checkpoint_scores(runs, tmp_path):
     from pretrain.conversion.convert import dcp_to_hf
     from pretrain.downstream.evaluator import evaluate_checkpoint
