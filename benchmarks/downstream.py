@@ -6,11 +6,15 @@ continuation tokens than tokenising the joined text.
   ``--threads``: training tokens/s of the real step at the demo's batch (8 x 256), and scoring
   tokens/s (tokens of the queries, padding not counted) over the ``small`` suite's requests at
   ``--batch_tokens``. Target: scoring at least 1.5x training (it is forward-only).
+- ``--fall A B``: each ``small`` task's bits per byte on checkpoint A and on checkpoint B (the
+  demo's first and last), per question, and the paired bootstrap interval of B - A over the
+  questions (``launch.experiment_stats``).
 - ``tokenization``: for each task, the share of requests whose continuation ids differ from the
   tail of the joined text's ids, with the demo's sentencepiece model and with DeepSeek-V3's
   ``tokenizer.json``.
 
 Run: .venv/bin/python -m benchmarks.downstream [--threads 1] [--questions 100]
+     .venv/bin/python -m benchmarks.downstream --fall CKPT_FIRST CKPT_LAST [--questions 200]
 """
 
 from __future__ import annotations
@@ -92,6 +96,28 @@ def tokenization(ns) -> list:
     return [["task", "requests", *tokenizers]] + rows
 
 
+def fall(ns) -> list:
+    from launch.experiment_stats import paired_bootstrap
+    from pretrain.downstream.evaluator import load_scorer, score_tasks
+    from pretrain.downstream.tasks import SUITES, load_requests
+
+    values = {}
+    for checkpoint in ns.fall:
+        logprobs, tok, max_seq_len = load_scorer(checkpoint)
+        requests = [load_requests(t, tok, max_seq_len, ns.questions, 0) for t in SUITES["small"]]
+        per_question: dict = {}
+        score_tasks(requests, logprobs, tok.eos_id, ns.batch_tokens, per_question=per_question)
+        values[checkpoint] = per_question
+    first, last = ns.fall
+    rows = []
+    for task in SUITES["small"]:
+        a, b = values[first][task]["bpb_v2"], values[last][task]["bpb_v2"]
+        diff, (low, high) = paired_bootstrap([b], [a])
+        rows.append([task, len(a), round(np.mean(a), 4), round(np.mean(b), 4), round(diff, 4),
+                     f"[{low:+.4f}, {high:+.4f}]"])  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokenizer", default="data_cache/demo/tokenizer.model")
@@ -100,8 +126,13 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=100, help="per task, for throughput")
     parser.add_argument("--requests", type=int, default=400, help="per task, for tokenization")
     parser.add_argument("--batch_tokens", type=int, default=4096)
+    parser.add_argument("--fall", nargs=2, metavar=("FIRST", "LAST"), help="two checkpoints")
     ns = parser.parse_args()
     torch.set_num_threads(ns.threads)
+    if ns.fall:
+        headers = ["task", "questions", "bpb first", "bpb last", "last - first", "95 % interval"]
+        print_table(headers, fall(ns))
+        return
     print_table(["", "tokens/s", "ratio"], throughput(ns))
     print()
     table = tokenization(ns)
