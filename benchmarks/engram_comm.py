@@ -85,6 +85,8 @@ def _fit(rank, world, data, dump, layout, steps):
         "--metrics.eval_freq=100000",
         "--lr_scheduler.warmup_steps=1",
         "--data.num_workers=0",
+        "--downstream.tasks=",
+        "--downstream.interval=0",
     ]
     overrides += [f"--parallelism.{k}={v}" for k, v in layout.items()]
     trainer = Trainer(load_config("pretrain/configs/demo.toml", overrides))

@@ -58,9 +58,11 @@ def run_config(ns, arm: Arm, seed: int, folder: Path):
             f"--training.mixed_precision={'bf16' if ns.device == 'cuda' else 'none'}",
         ],
     )
-    if ns.downstream:  # scored once, after the last step
-        cfg.downstream.tasks, cfg.downstream.interval = ns.downstream, ns.steps
-        cfg.downstream.max_examples = ns.downstream_examples
+    # downstream tasks only where --downstream asks (the base config's own are not inherited),
+    # scored once, after the last step
+    cfg.downstream.tasks = ns.downstream
+    cfg.downstream.interval = ns.steps if ns.downstream else 0
+    cfg.downstream.max_examples = ns.downstream_examples
     for key, value in arm.overrides.items():
         apply(cfg, "model", f"overrides.{key}", value)
     if ns.nproc > 1 and arm.table_rows:  # FSDP cannot take whole tables: the ranks shard them

@@ -152,6 +152,15 @@ def test_budgets_devices_and_their_errors(corpus, tmp_path):
     arm = derive("iso_flop", "xs", 1000, 256)[1]
     cfg = run_config(ns, arm, 0, tmp_path / "run")
     assert cfg.training.device == "cuda" and cfg.training.mixed_precision == "bf16"
+    # the base config (the demo's) scores downstream tasks; a run does only with --downstream
+    assert (cfg.downstream.tasks, cfg.downstream.interval) == ("", 0)
+    ns = parse([*base, "--steps=7", "--downstream=small", "--downstream_examples=9"])
+    cfg = run_config(ns, arm, 0, tmp_path / "run")
+    assert (cfg.downstream.tasks, cfg.downstream.interval, cfg.downstream.max_examples) == (
+        "small",
+        7,
+        9,
+    )
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):  # argparse's error names the fix
             parse([*base, "--device=cuda"])
