@@ -201,11 +201,13 @@ class Trainer:
         group = None  # the data-parallel ranks (the plan's None: the whole world)
         if self.dims.dp_degree > 1:
             group = cpu_group_for(self.sm.plan.dp_group or dist.group.WORLD)
+        # a pipeline's rows are data.seq_len long: its contexts are cut there
+        max_len = min(self.args.max_seq_len, d.seq_len) if pipeline else self.args.max_seq_len
         evaluator = DownstreamEvaluator(
             self.cfg.downstream,
             self.tokenizer,
             self.hasher,
-            self.args.max_seq_len,
+            max_len,
             self.dims.dp_rank(self.rank),
             self.dims.dp_degree,
             group,
