@@ -27,9 +27,15 @@ import torch
 
 from benchmarks.common import print_table
 
-TASKS = ["arc_easy_rc_0shot_bpb", "codex_humaneval_gold_bpb_0shot", "codex_mbpp_gold_bpb_0shot",
-         "arc_challenge_rc_5shot", "hellaswag_rc_5shot", "piqa_rc_5shot",
-         "gsm8k_gold_bpb_5shot"]  # fmt: skip (oe-eval request files: raw strings)
+TASKS = [
+    "arc_easy_rc_0shot_bpb",
+    "codex_humaneval_gold_bpb_0shot",
+    "codex_mbpp_gold_bpb_0shot",
+    "arc_challenge_rc_5shot",
+    "hellaswag_rc_5shot",
+    "piqa_rc_5shot",
+    "gsm8k_gold_bpb_5shot",
+]  # oe-eval request files: the raw strings
 
 
 def throughput(ns) -> list:
