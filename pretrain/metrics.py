@@ -182,10 +182,8 @@ class MetricsLogger:
         if not self.enabled:
             return
         tasks: dict[str, list[str]] = {}
-        for tag, value in scalars.items():
-            parts = tag.split("/")
-            if len(parts) == 3 and parts[2] in HEADLINE:
-                tasks.setdefault(parts[1], []).append(f"{parts[2]}: {value:.4f}")
+        for task, metric, value in headline(scalars):
+            tasks.setdefault(task, []).append(f"{metric}: {value:.4f}")
         for task, shown in tasks.items():
             self._print(f"downstream step: {step}  {task}  " + "  ".join(shown))
         self._print(f"downstream step: {step}  took {scalars.get('eval/downstream_s', 0):.1f} s")
@@ -213,6 +211,16 @@ class MetricsLogger:
 
 # the metrics a downstream task's console line shows (all of them go to jsonl and TensorBoard)
 HEADLINE = ("acc_v2", "len_norm_v2", "bpb_v2", "ce_loss_v2", "f1_v2")
+
+
+def headline(scalars: dict[str, float]) -> list[tuple[str, str, float]]:
+    """``(task, metric, value)`` of the headline metrics among ``eval/<task>/<metric>``."""
+    out = []
+    for tag, value in scalars.items():
+        parts = tag.split("/")
+        if len(parts) == 3 and parts[2] in HEADLINE:
+            out.append((parts[1], parts[2], value))
+    return out
 
 
 def format_duration(seconds: float) -> str:

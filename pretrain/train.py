@@ -573,13 +573,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def downstream_table(scalars: dict[str, float]) -> str:
     """The last downstream evaluation's headline metric of each task, as the run ends."""
-    from pretrain.metrics import HEADLINE
+    from pretrain.metrics import headline
 
     lines = ["  downstream (python -m launch.evaluate --tasks scores any checkpoint):"]
-    for tag, value in scalars.items():
-        parts = tag.split("/")
-        if len(parts) == 3 and parts[2] in HEADLINE:
-            lines.append(f"    {parts[1]:34s} {parts[2]:12s} {value:.4f}")
+    for task, metric, value in headline(scalars):
+        lines.append(f"    {task:34s} {metric:12s} {value:.4f}")
     return "\n".join(lines)
 
 

@@ -178,7 +178,7 @@ def build_requests(
         _subset(task, max_examples, seed)
     task.prep_examples()
     samples = [{k: v for k, v in s.items() if k not in ("ctx", "dc_query")} for s in task]
-    truncated = [len(s["query"]) >= max_seq_len and _was_cut(s) for s in task]
+    truncated = [_was_cut(s) for s in task]
     frac = float(np.mean(truncated)) if truncated else 0.0
     if frac > MOSTLY_TRUNCATED:
         raise ValueError(
