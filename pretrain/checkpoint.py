@@ -203,6 +203,17 @@ class CheckpointManager:
                 "job.dump_folder"
             )
 
+        saved, current = meta.get("quantize", "none"), self.identity.get("quantize", "none")
+        if saved != current:
+            log.warning(
+                "checkpoint %s was trained with FP8 %s and this job trains with FP8 %s: the "
+                "weights are kept in high precision either way and load as they are; expect the "
+                "loss to move by the precision's difference at the switch",
+                path,
+                saved,
+                current,
+            )
+
     def _train_state(self, path: Path) -> dict:
         """This rank's RNG and loader state; none when the checkpoint was saved at another world
         size (a resharded resume: the weights and optimizer states carry over, the data order

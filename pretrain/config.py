@@ -187,6 +187,50 @@ class FaultToleranceConfig:
 
 
 @dataclass
+class Float8LinearQuantizeConfig:
+    """``[quantize.linear.float8]``: torchao's float8 training for the dense linears (torchtitan's
+    keys); models/quantize.py says which layers convert."""
+
+    enable: bool = False  # attention projections and dense/shared-expert MLPs compute in FP8
+    # tensorwise: one scale per tensor; rowwise: per row, power-of-two scales; rowwise_with_gw_hp:
+    # rowwise with the weight gradient in high precision
+    recipe_name: Literal["tensorwise", "rowwise", "rowwise_with_gw_hp"] = "rowwise"
+    filter_fqns: list = field(
+        default_factory=list
+    )  # module names containing these stay as they are
+    # "auto": emulated where no FP8 tensor cores exist (CPU, pre-Hopper); true/false forces it
+    emulate: Literal["auto", True, False] = "auto"
+    # tensorwise: FSDP2 all-gathers the weights in float8 (NCCL only; gloo cannot send float8)
+    enable_fsdp_float8_all_gather: bool = False
+    # with the float8 all-gather: one amax all-reduce for every weight after the optimizer step
+    precompute_float8_dynamic_scale_for_fsdp: bool = False
+
+
+@dataclass
+class QuantizeLinearConfig:
+    float8: Float8LinearQuantizeConfig = field(default_factory=Float8LinearQuantizeConfig)
+
+
+@dataclass
+class GroupedMMQuantizeConfig:
+    """``[quantize.grouped_mm]``: the routed experts' grouped GEMMs (torchao's MoE training)."""
+
+    enable: bool = False  # on a GPU with FP8 tensor cores; on CPU the experts stay as they are
+    recipe_name: Literal["rowwise", "mxfp8"] = "rowwise"  # rowwise: Hopper; mxfp8: Blackwell
+
+
+@dataclass
+class QuantizeConfig:
+    """``[quantize]``: low-precision training through torchao (the ``[fp8]`` extra)."""
+
+    # the Engram layer's key/value GEMM in FP8 too, with the linear recipe (the rows' gradient,
+    # which the row-wise optimizer reads, stays in high precision)
+    engram: bool = False
+    linear: QuantizeLinearConfig = field(default_factory=QuantizeLinearConfig)
+    grouped_mm: GroupedMMQuantizeConfig = field(default_factory=GroupedMMQuantizeConfig)
+
+
+@dataclass
 class Config:
     job: JobConfig = field(default_factory=JobConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -204,6 +248,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
 
     def validate(self) -> None:
         from models.spec import get_model_spec
@@ -267,6 +312,7 @@ class Config:
         if self.fault_tolerance.enable:
             self.fault_tolerance_checks()
         self.downstream_checks()
+        self.quantize_checks()
         if d.mixture:
             from data.mixture import parse_mixture
 
@@ -287,6 +333,35 @@ class Config:
                 not ds.tasks or p.context_parallel_degree == 1,
                 "downstream.tasks with parallelism.context_parallel_degree > 1: scoring runs "
                 "whole rows; evaluate the checkpoint with python -m launch.evaluate --tasks",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def quantize_checks(self) -> None:
+        q, f8 = self.quantize, self.quantize.linear.float8
+        checks = [
+            (
+                not f8.enable_fsdp_float8_all_gather or f8.recipe_name == "tensorwise",
+                "quantize.linear.float8.enable_fsdp_float8_all_gather needs recipe_name="
+                f"'tensorwise' (got {f8.recipe_name!r}): torchao all-gathers float8 weights with "
+                "one scale per tensor only",
+            ),
+            (
+                not f8.precompute_float8_dynamic_scale_for_fsdp or f8.enable_fsdp_float8_all_gather,
+                "quantize.linear.float8.precompute_float8_dynamic_scale_for_fsdp needs "
+                "enable_fsdp_float8_all_gather=true (it precomputes that all-gather's scales)",
+            ),
+            (
+                not q.grouped_mm.enable or f8.enable,
+                "quantize.grouped_mm.enable needs quantize.linear.float8.enable=true: the "
+                "experts take part in the model's FP8 recipe",
+            ),
+            (
+                not q.engram or f8.enable,
+                "quantize.engram=true needs quantize.linear.float8.enable=true: the Engram GEMM "
+                "takes the linear recipe",
             ),
         ]
         for ok, message in checks:
@@ -358,7 +433,9 @@ def _coerce(section: str, key: str, value, target):
     kind = hints[key]
     if typing.get_origin(kind) is Literal:
         allowed = typing.get_args(kind)
-        if value not in allowed:
+        if isinstance(value, str) and value not in allowed:
+            value = _parse_literal(value)  # "true" from a command line
+        if not any(value is a or (type(value) is type(a) and value == a) for a in allowed):
             choices = " or ".join(repr(a) for a in allowed)
             raise ValueError(f"{section}.{key}={value!r}: use {choices}")
         return value
@@ -382,6 +459,8 @@ def _parse_literal(text: str):
 
 
 def apply(config: Config, section: str, key: str, value) -> None:
+    """Set ``[section] key = value``; a dotted key reaches a sub-table (``linear.float8.enable``
+    of ``[quantize]``), and a table value sets each of its keys."""
     if section not in SECTIONS:
         raise ValueError(f"unknown config section [{section}]; sections: {', '.join(SECTIONS)}")
     target = getattr(config, section)
@@ -390,7 +469,19 @@ def apply(config: Config, section: str, key: str, value) -> None:
             _parse_literal(value) if isinstance(value, str) else value
         )
         return
-    setattr(target, key, _coerce(section, key, value, target))
+    *path, name = key.split(".")
+    table = section
+    for part in path:  # [quantize.linear.float8]
+        inner = getattr(target, part, None)
+        if not dataclasses.is_dataclass(inner):
+            known = ", ".join(f.name for f in dataclasses.fields(target))
+            raise ValueError(f"unknown config table [{table}.{part}]; keys of [{table}]: {known}")
+        target, table = inner, f"{table}.{part}"
+    if isinstance(value, dict) and dataclasses.is_dataclass(getattr(target, name, None)):
+        for inner_key, inner_value in value.items():
+            apply(config, section, f"{key}.{inner_key}", inner_value)
+        return
+    setattr(target, name, _coerce(table, name, value, target))
 
 
 def parse_args(argv: list[str]) -> Config:
@@ -470,9 +561,24 @@ def _toml_value(value) -> str:
 def to_toml(config: Config) -> str:
     """The resolved config as TOML (written to the run folder as ``config.toml``)."""
     lines = []
-    for section in SECTIONS:
-        lines.append(f"[{section}]")
-        for key, value in dataclasses.asdict(getattr(config, section)).items():
-            lines.append(f"{key} = {_toml_value(value)}")
+
+    def table(name: str, section) -> None:
+        lines.append(f"[{name}]")
+        inner = []
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if dataclasses.is_dataclass(value):
+                inner.append((f"{name}.{f.name}", value))
+            else:
+                lines.append(f"{f.name} = {_toml_value(_plain(value))}")
         lines.append("")
+        for inner_name, inner_section in inner:
+            table(inner_name, inner_section)
+
+    for section in SECTIONS:
+        table(section, getattr(config, section))
     return "\n".join(lines)
+
+
+def _plain(value):
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value

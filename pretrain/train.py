@@ -23,6 +23,7 @@ from data.mixture import check_sources
 from models.accounting import account
 from models.args import model_args_to_dict
 from models.engram import GateMonitor, unique_row_fraction
+from models.quantize import quantize_identity
 from models.spec import get_model_spec
 from models.tables.offload import OffloadedTables, place_engram_tables, tier_scalars
 from parallel.dims import ParallelDims
@@ -295,6 +296,7 @@ class Trainer:
             # what conversions (launch.convert) and launch.evaluate rebuild the model from
             "model_args": model_args_to_dict(self.args),
             "tokenizer_path": str(Path(self.tokenizer.path).resolve()),
+            "quantize": quantize_identity(self.cfg.quantize),  # a switch is allowed, with a warning
         }
         ckpt = CheckpointManager(
             self.run_folder / c.folder,

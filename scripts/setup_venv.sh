@@ -13,8 +13,8 @@ if [ "$(cat .venv/.engram_stamp 2>/dev/null)" != "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -c constraints-cpu.txt "torch==2.13.0"
   extras=dev,hf,megatron,data,eval
-  # torchft (fault tolerance) ships wheels for Linux x86_64 only
-  if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then extras=$extras,ft; fi
+  # torchft (fault tolerance) and torchao (FP8) ship wheels for Linux x86_64 only
+  if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then extras=$extras,ft,fp8; fi
   .venv/bin/python -m pip install -q -c constraints-cpu.txt -e ".[$extras]"
   echo "$stamp" > .venv/.engram_stamp
 fi

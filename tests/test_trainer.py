@@ -68,11 +68,23 @@ def _run(cmd):
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("placement", ["device", pytest.param("disk", marks=pytest.mark.slow)])
-def test_sigkill_resume_is_bit_identical(corpus, tmp_path, placement):
+@pytest.mark.parametrize(
+    "placement, extra",
+    [
+        pytest.param("device", [], id="device"),
+        pytest.param("disk", [], marks=pytest.mark.slow, id="disk"),
+        pytest.param(  # FP8 linears and Engram GEMM (emulated; needs the [fp8] extra)
+            "device",
+            ["--quantize.linear.float8.enable=true", "--quantize.engram=true"],
+            marks=pytest.mark.slow,
+            id="fp8",
+        ),
+    ],
+)
+def test_sigkill_resume_is_bit_identical(corpus, tmp_path, placement, extra):
     """Also with the Engram tables on disk (rows and moments in a memory-mapped file behind a
-    row cache, prefetched): the tables are streamed into the checkpoint and back."""
-    table = [f"--engram_table.placement={placement}", "--engram_table.cache_size=20%"]
+    row cache, prefetched): the tables are streamed into the checkpoint and back; and in FP8."""
+    table = [f"--engram_table.placement={placement}", "--engram_table.cache_size=20%", *extra]
     straight = tmp_path / "straight"
     result = _run(_cmd(corpus, straight) + table)
     assert result.returncode == 0, result.stderr[-3000:]

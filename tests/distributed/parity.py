@@ -198,10 +198,15 @@ def train(
     return trace
 
 
-def reference(args, make=make_batch) -> Trace:
+def reference(args, make=make_batch, convert=None, steps: int = STEPS, accum: int = 1) -> Trace:
+    """The single-process run; ``convert(model)``: a model converter (FP8) applied first;
+    ``accum``: the batch in that many micro-batches."""
     model = initial_model(args)
+    if convert is not None:
+        convert(model)
     sm = StepModel(model, model, ParallelPlan())
-    trace = train(sm, Optimizers(model, OptimizerConfig(lr=LR)), slice(0, ROWS), make=make)
+    opts = Optimizers(model, OptimizerConfig(lr=LR))
+    trace = train(sm, opts, slice(0, ROWS), accum=accum, make=make, steps=steps)
     trace.losses = [x.item() for x in trace.losses]
     return trace
 
@@ -216,11 +221,13 @@ def run_layout(
     steps: int = STEPS,
     tables: dict | None = None,
     make=make_batch,
+    convert=None,
 ) -> Trace:
     """One rank of ``layout`` (``ParallelismConfig`` fields): parallelise, load the initial
     weights, train on this rank's data-parallel rows (in ``accum`` microbatches); losses are the
     data-parallel mean. ``tables``: offload the Engram tables (``placement``, ``folder``,
-    ``cache_size``, ``prefetch``), as ``[engram_table]`` does."""
+    ``cache_size``, ``prefetch``), as ``[engram_table]`` does. ``convert(model)``: a model
+    converter, on the meta device before parallelisation, as the trainer applies it."""
     cfg = ParallelismConfig(**layout)
     dims = ParallelDims.from_config(cfg, world)
     mesh = dims.build_mesh("cpu")
@@ -238,6 +245,8 @@ def run_layout(
         prefetch = tables.get("prefetch", True)
     with torch.device("meta"):
         model = Transformer(args)
+    if convert is not None:
+        convert(model)
     model, inner, plan = parallelize_deepseek_engram(
         model,
         dims,
