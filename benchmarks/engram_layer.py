@@ -10,7 +10,9 @@ shared experts on ``[B, T, D]``. Both backward from a sum of their outputs.
 ``--composite`` runs the Engram layer's composite path (autograd of every op) instead of its
 fused dense tail (``models.engram_fused``), for the before/after comparison. ``--compile`` also
 times the layer with its dense tail under ``torch.compile`` (inductor's CPU backend needs a C++
-compiler; the sparse table lookup stays eager, inductor cannot take sparse gradients).
+compiler; the sparse table lookup stays eager, inductor cannot take sparse gradients) against the
+MoE layer under ``torch.compile`` (the fair comparison: both compiled), with each one's compile
+warm-up (its first call).
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.engram_layer [--repeats 20] [--compile]
 Prints ``aten_ops_engram: N``, ``aten_ops_moe: M`` and ``cpu_time_engram_vs_moe: R`` last.
@@ -19,6 +21,7 @@ Prints ``aten_ops_engram: N``, ``aten_ops_moe: M`` and ``cpu_time_engram_vs_moe:
 from __future__ import annotations
 
 import argparse
+import time
 from collections import Counter
 
 import torch
@@ -45,7 +48,8 @@ class OpCounter(TorchDispatchMode):
 
 def layers(flavor: str = "demo", overrides: dict | None = None, compiled: bool = False):
     """(Engram layer, its fwd+bwd closure, MoE layer, its closure) of ``flavor``; ``compiled``:
-    the Engram closure runs its dense tail (``combine``) under ``torch.compile``."""
+    the Engram closure runs its dense tail (``combine``) under ``torch.compile``, and the MoE
+    closure the whole layer."""
     torch.manual_seed(0)
     args = resolve_model_args(flavor, overrides or {}, vocab_size=16000)
     with torch.device("meta"):
@@ -61,6 +65,7 @@ def layers(flavor: str = "demo", overrides: dict | None = None, compiled: bool =
     flat = torch.randn(BATCH, SEQ, args.dim, generator=gen, requires_grad=True)
 
     combine = torch.compile(engram.combine) if compiled else engram.combine
+    moe_call = torch.compile(moe) if compiled else moe
     planner = engram.table.planner()  # what the loader's workers run: not timed here
     plan = planner(ids.numpy()).to_torch() if planner is not None else None
 
@@ -70,7 +75,7 @@ def layers(flavor: str = "demo", overrides: dict | None = None, compiled: bool =
 
     def run_moe():
         moe.zero_grad(set_to_none=True)
-        moe(flat)[0].sum().backward()
+        moe_call(flat)[0].sum().backward()
 
     return engram, run_engram, moe, run_moe
 
@@ -95,11 +100,15 @@ def main() -> None:
     engram.fused = not ns.composite
     engram_ops, moe_ops = count_ops(run_engram), count_ops(run_moe)
     runs = {"engram": run_engram, "moe": run_moe}
+    warmup = {}
     if ns.compile:
-        compiled, run_compiled, _, _ = layers(ns.flavor, compiled=True)
+        compiled, run_compiled, _, run_compiled_moe = layers(ns.flavor, compiled=True)
         compiled.fused = not ns.composite
-        run_compiled()  # compiles
-        runs["compiled"] = run_compiled
+        for name, run in (("compiled", run_compiled), ("compiled_moe", run_compiled_moe)):
+            start = time.perf_counter()
+            run()  # compiles
+            warmup[name] = time.perf_counter() - start
+            runs[name] = run
     # side by side, alternating, so that machine noise hits every arm alike
     seconds = {name: [] for name in runs}
     for _ in range(3):
@@ -114,13 +123,21 @@ def main() -> None:
     ]
     if ns.compile:
         table.append([f"Engram, {tail} compiled", "", best["compiled"] * 1e3])
+        table.append(["MoE compiled", "", best["compiled_moe"] * 1e3])
     print_table(["layer (fwd+bwd, 1 thread)", "aten ops", "ms"], table)
+    if ns.compile:
+        print(
+            f"compile warm-up (first call): Engram {warmup['compiled']:.1f} s, "
+            f"MoE {warmup['compiled_moe']:.1f} s"
+        )
     print("most frequent Engram ops:", dict(engram_ops.most_common(ns.top)))
     print(f"aten_ops_engram: {sum(engram_ops.values())}")
     print(f"aten_ops_moe: {sum(moe_ops.values())}")
     print(f"cpu_time_engram_vs_moe: {engram_t / moe_t:.3f}")
     if ns.compile:
         print(f"cpu_time_compiled_engram_vs_moe: {best['compiled'] / moe_t:.3f}")
+        compiled_ratio = best["compiled"] / best["compiled_moe"]
+        print(f"cpu_time_compiled_engram_vs_compiled_moe: {compiled_ratio:.3f}")
 
 
 if __name__ == "__main__":

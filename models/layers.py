@@ -53,13 +53,16 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables indexed by per-token positions (packing restarts positions per document)."""
+    """cos/sin tables indexed by per-token positions (packing restarts positions per document),
+    at the full rotary width in the interleaved layout: ``cos`` repeats each pair's cosine,
+    ``sin`` holds ``(-sin, +sin)`` for each pair, so that ``apply_rotary`` is two products and a
+    sum (fewer kernels than rotating the pairs apart)."""
 
     def __init__(self, dim: int, max_seq_len: int, theta: float, yarn: YarnArgs):
         super().__init__()
         self.dim, self.max_seq_len, self.theta, self.yarn = dim, max_seq_len, theta, yarn
-        self.register_buffer("cos", torch.empty(max_seq_len, dim // 2), persistent=False)
-        self.register_buffer("sin", torch.empty(max_seq_len, dim // 2), persistent=False)
+        self.register_buffer("cos", torch.empty(max_seq_len, dim), persistent=False)
+        self.register_buffer("sin", torch.empty(max_seq_len, dim), persistent=False)
 
     @torch.no_grad()
     def init_buffers(self) -> None:
@@ -68,23 +71,23 @@ class RotaryEmbedding(nn.Module):
             torch.arange(self.max_seq_len, dtype=torch.float32),
             rope_inv_freq(self.dim, self.theta, self.yarn),
         )
-        self.cos.copy_(freqs.cos())
-        self.sin.copy_(freqs.sin())
+        self.cos.copy_(freqs.cos().repeat_interleave(2, dim=-1))
+        self.sin.copy_(torch.stack((-freqs.sin(), freqs.sin()), dim=-1).flatten(-2))
 
     def init_weights(self) -> None:
         self.init_buffers()
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cos[positions], self.sin[positions]  # [B, T] -> [B, T, Dr/2] each
+        # [B, T] -> [B, T, 1, Dr] each: one row for every head
+        return self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of ``x [B, T, H, Dr]`` by ``cos/sin [B, T, Dr/2]``."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # [B, T, H, Dr] -> [B, T, H, Dr/2, 2]
-    even, odd = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    """Rotate interleaved pairs ``(e, o)`` of ``x [B, T, H, Dr]`` to ``(e c - o s, o c + e s)``
+    with ``RotaryEmbedding``'s tables ``[B, T, 1, Dr]``, in float32."""
+    x32 = x.float()
+    swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (o, e) for each pair
+    return (x32 * cos + swapped * sin).type_as(x)
 
 
 class FeedForward(nn.Module):

@@ -140,8 +140,11 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def grouped_mm_supported(x: torch.Tensor, *dims: int) -> bool:
-    """``torch._grouped_mm`` needs 16-byte aligned strides; fall back otherwise."""
+    """``torch._grouped_mm`` needs 16-byte aligned strides; fall back otherwise. Compiled, its
+    shape function takes BF16 only (the eager CPU kernel also runs float32)."""
     if not hasattr(torch, "_grouped_mm"):
+        return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
         return False
     return all(d * x.element_size() % 16 == 0 for d in dims)
 

@@ -151,27 +151,34 @@ def clip_grad_norm(params, max_norm: float, sharded_groups=(), stage_group=None)
     ``stage_group``: the (CPU) pipeline group, over which the totals of the stages are summed.
     ``sharded_groups``: ``(params, cpu_group)`` pairs whose local gradients are disjoint pieces of
     one gradient over the group (row-sharded tables, expert shards): their squares are summed
-    over it.
+    over it. Plain and DTensor gradients are reduced and scaled with multi-tensor (``foreach``)
+    kernels, a few launches per step whatever the parameter count; the sums are float32.
     """
     owner = {id(p): i for i, (group_params, _) in enumerate(sharded_groups) for p in group_params}
     parts: list[list[torch.Tensor]] = [[] for _ in range(len(sharded_groups) + 1)]
-    by_mesh: dict = {}  # (mesh, sharded mesh dims) -> local squares of DTensor gradients
+    plain: list[list[torch.Tensor]] = [[] for _ in range(len(sharded_groups) + 1)]
+    by_mesh: dict = {}  # (mesh, sharded mesh dims) -> DTensor gradients
     for p in params:
         if p.grad is None:
             continue
         key = _dtensor_key(p.grad)
         if key is not None:
-            by_mesh.setdefault(key, []).append(p.grad.to_local().float().pow(2).sum().double())
+            by_mesh.setdefault(key, []).append(p.grad)
+        elif p.grad.is_sparse or hasattr(p.grad, "full_tensor"):
+            parts[owner.get(id(p), len(sharded_groups))].append(_grad_square(p.grad))
         else:
-            parts[owner.get(id(p), len(sharded_groups))].append(_grad_square(p.grad).double())
-    for (mesh, dims), squares in by_mesh.items():  # one reduction per mesh group and dim
-        local = torch.stack(squares).sum()
+            plain[owner.get(id(p), len(sharded_groups))].append(p.grad)
+    for group, grads in zip(parts, plain):
+        if grads:
+            group.append(_sum_of_squares(grads))
+    for (mesh, dims), grads in by_mesh.items():  # one reduction per mesh group and dim
+        local = _sum_of_squares([g.to_local() for g in grads])
         for dim in dims:
             torch.distributed.all_reduce(local, group=mesh.get_group(dim))
         parts[-1].append(local)
     # one device-to-host copy per step (the groups' sums go over CPU process groups)
     sums = [
-        torch.stack(group).sum() if group else torch.zeros((), dtype=torch.float64)
+        torch.stack(group).sum() if group else torch.zeros((), dtype=torch.float32)
         for group in parts
     ]
     squares = torch.stack([s.to(sums[0].device) for s in sums]).cpu()
@@ -180,18 +187,31 @@ def clip_grad_norm(params, max_norm: float, sharded_groups=(), stage_group=None)
     total_square = squares.sum()
     if stage_group is not None:  # pipeline stages hold disjoint parameters
         torch.distributed.all_reduce(total_square, group=stage_group)
-    total = total_square.sqrt().float()
+    total = total_square.sqrt()
     if max_norm > 0:
         # a host float: scaling by it copies nothing to the device (a CPU tensor would be one
         # synchronising host-to-device copy per parameter)
         coef = min(1.0, max_norm / (total.item() + 1e-6))
-        for p in params:
-            if p.grad is not None:
-                if p.grad.is_sparse:
+        if coef < 1.0:
+            for grads in [*plain, *by_mesh.values()]:
+                if grads:
+                    torch._foreach_mul_(grads, coef)
+            for p in params:
+                if p.grad is not None and p.grad.is_sparse:
                     p.grad = p.grad.coalesce() * coef
-                else:
+                elif p.grad is not None and _is_other_dtensor(p.grad):
                     p.grad.mul_(coef)
     return total
+
+
+def _sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of the squares of every element, in float32, from one multi-tensor norm."""
+    return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum()
+
+
+def _is_other_dtensor(grad: torch.Tensor) -> bool:
+    """A DTensor outside the plain Shard/Replicate layouts (its norm took ``full_tensor``)."""
+    return hasattr(grad, "full_tensor") and _dtensor_key(grad) is None
 
 
 def _dtensor_key(grad: torch.Tensor):

@@ -241,3 +241,43 @@ def test_engram_tables_under_fp8_stay_as_close_as_bf16s(monkeypatch):
     for key in fp32:
         reach = _relative(bf16[key], fp32[key])
         assert 0 < _relative(fp8[key], fp32[key]) < 2 * reach, key
+
+
+@pytest.mark.slow
+def test_fp8_composes_with_activation_checkpointing_and_compiled_blocks():
+    """FP8 linears and Engram GEMM, every block recomputed in backward and compiled (inductor,
+    CPU): the loss and the gradients of the converted weights match FP8 in eager mode. (A
+    recomputed block re-quantises the same activations; inductor's reordering moves values
+    across a float8 rounding boundary here and there, hence the 1e-3 bounds.)"""
+    import copy
+
+    from parallel.wrappers import apply_block_wrappers
+
+    args = resolve_model_args("debug", {"moe.use_grouped_mm": False}, vocab_size=512)
+    torch.manual_seed(0)
+    eager = Transformer(args)
+    eager.init_weights()
+    build_quantize_converter(section(engram=True)).convert(eager)
+    compiled = copy.deepcopy(eager)
+    apply_block_wrappers(compiled.layers, "full", compile_blocks=True)
+    tokens = torch.randint(0, 512, (2, 32))
+    engram = {
+        layer: torch.randint(0, 50, (2, 32, args.engram.num_heads))
+        for layer in args.engram.layer_ids
+    }
+    losses, grads = [], []
+    for model in (eager, compiled):
+        loss = model(tokens, engram=engram).logits.float().square().mean()
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(
+            {
+                n.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", ""): p.grad
+                for n, p in model.named_parameters()
+                if "attention." in n
+            }
+        )
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3)
+    assert grads[0] and set(grads[0]) == set(grads[1])
+    for name, want in grads[0].items():
+        assert _relative(grads[1][name], want) < 1e-3, name

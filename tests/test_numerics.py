@@ -91,7 +91,7 @@ def test_yarn_mscale_scales_the_attention_logits():
         for linear in (gqa.wq, gqa.wk, gqa.wv, gqa.wo):
             linear.weight.copy_(torch.eye(32))
     x = torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(1))
-    rope = (torch.ones(1, 6, 16), torch.zeros(1, 6, 16))
+    rope = (torch.ones(1, 6, 1, 32), torch.zeros(1, 6, 1, 32))  # the identity rotation
     with torch.no_grad():
         out = gqa(x, rope, None)
     scores = (x[0] @ x[0].T) * gqa_expected

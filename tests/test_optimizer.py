@@ -63,6 +63,53 @@ def test_clip_covers_sparse_and_dense():
     assert after.item() == pytest.approx(1.0, rel=1e-4)
 
 
+@pytest.mark.parametrize("scale", [10.0, 0.01])  # clipped, and left alone
+def test_the_clip_is_float64_exact_to_float32_rounding_in_a_few_kernels(scale):
+    """The global norm of many dense gradients and a sparse one equals a float64 sum over every
+    element to float32 rounding; the clip scales each gradient by min(1, max / (norm + 1e-6)) of
+    that norm; and the dense gradients take the same few multi-tensor kernels whether there are
+    4 of them or 40."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    def setup(n):
+        g = torch.Generator().manual_seed(n)
+        params = [torch.nn.Parameter(torch.zeros(7, 5)) for _ in range(n)]
+        for p in params:
+            p.grad = torch.randn(7, 5, generator=g) * scale
+        table = torch.nn.Embedding(10, 3, sparse=True)
+        (table(torch.tensor([1, 4, 4])) * scale).sum().backward()
+        return [*params, table.weight]
+
+    params = setup(40)
+    before = [p.grad.coalesce().to_dense() if p.grad.is_sparse else p.grad.clone() for p in params]
+    want = sum(g.double().square().sum() for g in before).sqrt().item()
+    norm = clip_grad_norm(params, max_norm=1.0)
+    assert norm.dtype == torch.float32
+    assert norm.item() == pytest.approx(want, rel=1e-6)
+    coef = min(1.0, 1.0 / (want + 1e-6))
+    for p, grad in zip(params, before):
+        got = p.grad.coalesce().to_dense() if p.grad.is_sparse else p.grad
+        torch.testing.assert_close(got, grad * coef, rtol=1e-6, atol=0)
+    counts = []
+    for n in (4, 40):
+        params = [p for p in setup(n) if not p.grad.is_sparse]
+        with Ops() as ops:
+            clip_grad_norm(params, max_norm=1.0)
+        counts.append(sum(ops.count.values()))
+    assert counts[0] == counts[1] <= 12, counts
+
+
 def _fused_dtensor_matches_plain(rank: int, world: int):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor

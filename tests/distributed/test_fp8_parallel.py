@@ -1,6 +1,6 @@
 """FP8 (torchao's float8 linears, emulated on CPU, and the Engram GEMM in FP8) under FSDP2 and
-tensor parallelism against FP8 in one process, through the real step: the parity helpers'
-tolerances, the same as for high precision.
+tensor parallelism (and, in the slow set, EP, PP and CP) against FP8 in one process, through the
+real step: the parity helpers' tolerances, the same as for high precision.
 
 FSDP2 all-gathers the high-precision weights (gloo cannot send float8, so the float8 all-gather
 of the tensorwise recipe is checked on a GPU: tests/test_gpu.py); tensor parallelism keeps its
@@ -16,7 +16,15 @@ import pytest
 
 from models.quantize import build_quantize_converter
 from pretrain.config import QuantizeConfig
-from tests.distributed.parity import check_parity, model_args, reference, run_layout, save_initial
+from tests.distributed.parity import (
+    check_parity,
+    make_batch,
+    model_args,
+    reference,
+    run_layout,
+    save_initial,
+)
+from tests.distributed.test_context_parallel import MAKE, cp_args
 
 pytestmark = pytest.mark.distributed
 pytest.importorskip("torchao")
@@ -34,26 +42,43 @@ def to_float8_tensorwise(model) -> None:
     to_float8(model, "tensorwise")
 
 
-@pytest.mark.parametrize(
-    "layout, convert, vocab",
-    [
-        (dict(), to_float8, 97),  # FSDP2 over both ranks
-        (dict(tensor_parallel_degree=2), to_float8, 98),
-        pytest.param(dict(), to_float8_tensorwise, 97, marks=pytest.mark.slow),
-        pytest.param(
-            dict(tensor_parallel_degree=2), to_float8_tensorwise, 98, marks=pytest.mark.slow
-        ),
-    ],
-    ids=["fsdp2-rowwise", "tp2-rowwise", "fsdp2-tensorwise", "tp2-tensorwise"],
-)
-def test_fp8_layouts_match_fp8_in_one_process(layout, convert, vocab, tmp_path):
+def _args(layout: dict):
+    """The parity model for a layout: FSDP needs dense table gradients, TP a vocabulary it
+    divides, PP four layers, CP its longer rows."""
+    if "context_parallel_degree" in layout:
+        return cp_args("gqa", sparse=False)
+    tp = "tensor_parallel_degree" in layout
+    pp = "pipeline_parallel_degree" in layout
+    return model_args(tp or pp, "gqa", 98 if tp else 97, layers=4 if pp else 2)
+
+
+SLOW = pytest.mark.slow
+LAYOUTS = {
+    "fsdp2-rowwise": (dict(), to_float8),
+    "tp2-rowwise": (dict(tensor_parallel_degree=2), to_float8),
+    "fsdp2-tensorwise": pytest.param(dict(), to_float8_tensorwise, marks=SLOW),
+    "tp2-tensorwise": pytest.param(
+        dict(tensor_parallel_degree=2), to_float8_tensorwise, marks=SLOW
+    ),
+    "ep2-rowwise": pytest.param(dict(expert_parallel_degree=2), to_float8, marks=SLOW),
+    "pp2-rowwise": pytest.param(
+        dict(pipeline_parallel_degree=2, data_parallel_shard_degree=1), to_float8, marks=SLOW
+    ),
+    "cp2-rowwise": pytest.param(dict(context_parallel_degree=2), to_float8, marks=SLOW),
+}
+
+
+@pytest.mark.parametrize("layout, convert", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_fp8_layouts_match_fp8_in_one_process(layout, convert, tmp_path):
     from tests.distributed.helpers import run_ranks
 
-    args = model_args(sparse=vocab == 98, attention="gqa", vocab=vocab)  # FSDP: dense table grads
+    args = _args(layout)
+    make = MAKE if "context_parallel_degree" in layout else make_batch
     ckpt = save_initial(args, tmp_path / "init")
-    # tensorwise scales the activations by their amax over the whole tensor, which a data-parallel
-    # rank takes over its own rows: the one process runs each rank's rows as a micro-batch
-    per_rank = convert is to_float8_tensorwise and "tensor_parallel_degree" not in layout
-    want = reference(args, convert=convert, accum=2 if per_rank else 1)
-    got = run_ranks(functools.partial(run_layout, convert=convert), 2, layout, args, ckpt)
-    check_parity(want, got)
+    # a scale taken over a tensor's rows (tensorwise activations, the weight gradient's operands)
+    # is each data-parallel rank's own: the one process runs each rank's rows as a micro-batch
+    data_parallel = not {"tensor_parallel_degree", "pipeline_parallel_degree"} & set(layout)
+    data_parallel &= "context_parallel_degree" not in layout
+    want = reference(args, make, convert=convert, accum=2 if data_parallel else 1)
+    run = functools.partial(run_layout, make=make, convert=convert)
+    check_parity(want, run_ranks(run, 2, layout, args, ckpt))
