@@ -149,6 +149,23 @@ def grouped_mm_supported(x: torch.Tensor, *dims: int) -> bool:
     return all(d * x.element_size() % 16 == 0 for d in dims)
 
 
+def padded_groups(
+    tokens_per_expert: torch.Tensor, multiple: int, rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each of ``rows`` expert-ordered rows goes when every expert's group starts at a
+    multiple of ``multiple`` (zero rows fill the gaps), and the padded groups' end offsets
+    (int32), computed on the device without a host read. The counts themselves (the router's
+    loads) are not changed."""
+    counts = tokens_per_expert.long()
+    padded = (counts + multiple - 1) // multiple * multiple
+    expert = torch.repeat_interleave(
+        torch.arange(counts.numel(), device=counts.device), counts, output_size=rows
+    )
+    within = torch.arange(rows, device=counts.device) - (counts.cumsum(0) - counts)[expert]
+    destination = (padded.cumsum(0) - padded)[expert] + within
+    return destination, padded.cumsum(0).to(torch.int32)
+
+
 class GroupedExperts(nn.Module):
     """E SwiGLU experts stored as ``[E, D, F]`` / ``[E, F, D]`` weights (shardable on the ep
     axis)."""
@@ -167,17 +184,31 @@ class GroupedExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        # FP8 grouped GEMMs (models.quantize): each expert's rows padded to a multiple of this,
+        # the weights handed over column-major, as torchao's scaled grouped GEMM needs them
+        self.group_multiple = 1
+        # re-applies a converter to a replacement of this module (expert parallelism's shard)
+        self.reconvert = None
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """``x [M, D]`` in expert order, ``tokens_per_expert [E]`` -> ``[M, D]``."""
         dim, hidden = self.w1.shape[1], self.w1.shape[2]
         x = x.to(compute_dtype(x))
         if self.use_grouped_mm and grouped_mm_supported(x, dim, hidden):
-            offs = tokens_per_expert.cumsum(0).to(torch.int32)
-            w1, w3, w2 = (w.to(x.dtype) for w in (self.w1, self.w3, self.w2))
-            h = F.silu(torch._grouped_mm(x, w1, offs=offs)) * torch._grouped_mm(x, w3, offs=offs)
-            return _ContiguousGrad.apply(torch._grouped_mm(h, w2, offs=offs))
+            weights = [w.to(x.dtype) for w in (self.w1, self.w3, self.w2)]
+            if self.group_multiple == 1:
+                return self._grouped(x, tokens_per_expert.cumsum(0).to(torch.int32), *weights)
+            weights = [w.transpose(-2, -1).contiguous().transpose(-2, -1) for w in weights]
+            rows, offs = padded_groups(tokens_per_expert, self.group_multiple, x.shape[0])
+            padded = x.new_zeros(x.shape[0] + self.num_experts * (self.group_multiple - 1), dim)
+            out = self._grouped(padded.index_copy(0, rows, x), offs, *weights)
+            return out.index_select(0, rows)
         return self.forward_loop(x, tokens_per_expert)
+
+    @staticmethod
+    def _grouped(x, offs, w1, w3, w2) -> torch.Tensor:
+        h = F.silu(torch._grouped_mm(x, w1, offs=offs)) * torch._grouped_mm(x, w3, offs=offs)
+        return _ContiguousGrad.apply(torch._grouped_mm(h, w2, offs=offs))
 
     def forward_loop(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """Per-expert matmuls: the fallback when grouped_mm cannot run (one host read)."""

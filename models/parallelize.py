@@ -235,6 +235,8 @@ def apply_expert_parallel(model: nn.Module, ep_group, ep_rank: int) -> list[nn.M
             args.use_grouped_mm,
             first_expert=ep_rank * local,
         ).to(old.w1.device)
+        if old.reconvert is not None:  # FP8 grouped GEMMs: the shard converts as the whole did
+            old.reconvert(moe.experts)
         register_row_sharding(
             moe.experts,
             ["w1", "w2", "w3"],

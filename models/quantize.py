@@ -27,6 +27,7 @@ products in high precision, which is what the CPU tests check against a hand-wri
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 from dataclasses import dataclass, field
 
@@ -101,15 +102,15 @@ def float8_plan(
     return plan
 
 
-def import_torchao() -> None:
-    """Import torchao once, without its import-time warnings about GPU kernels this machine
+def import_torchao(module: str = "torchao.float8"):
+    """Import a torchao module without its import-time warnings about GPU kernels this machine
     cannot load (CPU builds, no triton): they say nothing about the emulated path."""
     quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
     levels = [logger.level for logger in quiet]
     for logger in quiet:
         logger.setLevel(logging.ERROR)
     try:
-        import torchao.float8  # noqa: F401
+        return importlib.import_module(module)
     except ImportError as error:
         raise ImportError(
             "quantize.linear.float8.enable needs torchao: pip install -e '.[fp8]' "
@@ -229,19 +230,22 @@ class Float8Converter:
         )
 
     def _convert_experts(self, model: nn.Module, names: list[str]) -> None:
+        for name in names:
+            self.convert_experts(model.get_submodule(name))
+
+    def convert_experts(self, experts: GroupedExperts) -> None:
+        """Wrap the experts' weights for torchao's FP8 grouped GEMM; the module pads each
+        expert's rows to 16 itself (torchao 0.18 leaves that to the caller)."""
         from torchao.quantization import quantize_
 
-        if self.section.grouped_mm.recipe_name == "mxfp8":
-            from torchao.prototype.moe_training.config import (
-                MXFP8TrainingOpConfig as OpConfig,
-            )
+        configs = import_torchao("torchao.prototype.moe_training.config")
+        if self.section.grouped_mm.recipe_name == "mxfp8":  # 32-element scale blocks
+            config, multiple = configs.MXFP8TrainingOpConfig(), 32
         else:
-            from torchao.prototype.moe_training.config import (
-                Float8TrainingOpConfig as OpConfig,
-            )
-        config = OpConfig(pad_token_groups_for_grouped_mm=True)
-        chosen = set(names)
-        quantize_(model, config=config, filter_fn=lambda _, name: name in chosen)
+            config, multiple = configs.Float8TrainingOpConfig(), FP8_ALIGN
+        quantize_(experts, config=config, filter_fn=lambda module, _: module is experts)
+        experts.group_multiple = multiple
+        experts.reconvert = self.convert_experts
 
     def post_optimizer_hook(self, model: nn.Module) -> None:
         if self.precompute:

@@ -281,3 +281,30 @@ def test_fp8_composes_with_activation_checkpointing_and_compiled_blocks():
     assert grads[0] and set(grads[0]) == set(grads[1])
     for name, want in grads[0].items():
         assert _relative(grads[1][name], want) < 1e-3, name
+
+
+def test_padded_expert_groups_compute_what_the_unpadded_ones_do():
+    """FP8 grouped GEMMs need each expert's rows to start at a multiple of 16: the experts pad
+    their groups with zero rows on the device and drop them after. Output and gradients equal
+    the unpadded GEMMs', and the token counts (the router's loads) are left as they were."""
+    from models.moe import GroupedExperts, padded_groups
+
+    torch.manual_seed(0)
+    experts = [GroupedExperts(16, 32, 4) for _ in range(2)]
+    experts[0].init_weights(0.02, 0.02)
+    experts[1].load_state_dict(experts[0].state_dict())
+    experts[1].group_multiple = 16
+    counts = torch.tensor([5, 0, 17, 3])
+    x = torch.randn(int(counts.sum()), 16, requires_grad=True)
+    outs = []
+    for module in experts:
+        out = module(x, counts)
+        out.square().sum().backward()
+        outs.append((out.detach(), x.grad.clone(), module.w1.grad.clone()))
+        x.grad = None
+    for plain, padded in zip(*outs):
+        torch.testing.assert_close(padded, plain, rtol=1e-6, atol=1e-7)
+    assert counts.tolist() == [5, 0, 17, 3]
+    rows, offs = padded_groups(counts, 16, 25)
+    assert offs.tolist() == [16, 16, 48, 64]
+    assert rows.tolist() == [*range(5), *range(16, 33), *range(48, 51)]

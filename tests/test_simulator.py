@@ -137,6 +137,37 @@ def test_the_roofline_reproduces_the_measured_gpu_steps():
     assert 0.02 < got["engram-27b"]["est_engram_s"] < 0.2  # two layers' lookups, gates, convs
 
 
+def test_the_simulator_charges_fp8_gemms_at_the_fp8_peak(small):
+    """With [quantize] on, the traced step's float8 GEMMs (linears, the Engram GEMM, the routed
+    experts' grouped GEMMs) are marked FP8 and timed at the FP8 peak by the roofline formula
+    written out here; their FLOPs are the high-precision step's; the casts are traced kernels
+    of their own; and the FP8 efficiency is reported as assumed."""
+    from collections import Counter
+
+    from pretrain.simulation.roofline import op_seconds
+
+    pytest.importorskip("torchao")
+    flags = ["--quantize.linear.float8.enable=true", "--quantize.engram=true"]
+    flags += ["--quantize.grouped_mm.enable=true"]
+    cfg = load_config("launch/configs/engram_27b.toml", SMALL + flags)
+    trace = trace_step(cfg, 8, 3)
+    fp8 = [op for op in trace.ops if op.fp8]
+    kinds = Counter(op.name for op in fp8)
+    assert kinds["mm"] > 0 and kinds["_grouped_mm"] > 0 and set(kinds) <= {"mm", "_grouped_mm"}
+    cal = Calibration(fp8_peak_tflops=2000.0, fp8_compute_efficiency=0.5, launch_us=3.0)
+    for op in fp8:
+        compute = op.flops / (2000.0e12 * 0.5)
+        memory = op.bytes / (cal.hbm_gbps * 1e9 * cal.memory_efficiency)
+        assert op_seconds(op, cal) == pytest.approx(max(compute, memory) + 3e-6, rel=1e-9)
+
+    def gemm_flops(ops):
+        return sum(op.flops for op in ops if op.name in ("mm", "addmm", "bmm", "_grouped_mm"))
+
+    assert gemm_flops(trace.ops) == pytest.approx(gemm_flops(small[2].ops), rel=1e-9)
+    assert len(trace.ops) > len(small[2].ops)  # amax, scale and cast kernels
+    assert Calibration.load().summary()["assumed"] == ["fp8_compute_efficiency"]
+
+
 @pytest.mark.slow  # recipe simulations: 3 min
 def test_simulator_recipe_targets():
     """The issue's targets at 4 nodes x 8 H100, one stated set of constants for every recipe."""

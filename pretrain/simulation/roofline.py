@@ -1,9 +1,13 @@
 """What every traced op costs on a GPU: a roofline time from its FLOPs and the bytes it moves.
 
 ``time = max(FLOPs / (peak x compute_efficiency), bytes / (HBM bandwidth x memory_efficiency))
-+ launch`` per op that launches a kernel. FLOPs come from ``torch.utils.flop_counter``'s formulas
-(matmuls, attention kernels; the grouped expert GEMM's is registered by ``models.flop_count``),
-plus the simulator's fused attention. Bytes are read from the fake tensors:
++ launch`` per op that launches a kernel. An FP8 GEMM (``[quantize]``: a matmul of torchao's
+float8 tensors) takes the FP8 peak times its own efficiency, which stays ``assumed`` (listed in
+the calibration's summary) until a GPU measures it; its casts and amax reductions are the
+element-wise and reduction kernels they are, memory-bound like any other. FLOPs come from
+``torch.utils.flop_counter``'s formulas (matmuls, attention kernels; the grouped expert GEMM's
+is registered by ``models.flop_count``), plus the simulator's fused attention. Bytes are read
+from the fake tensors:
 
 - an op reads its tensor inputs and writes its outputs (an in-place op reads and writes its
   target); views, reshapes and metadata ops launch nothing and cost nothing;
@@ -71,6 +75,8 @@ class Calibration:
     """Constants of the roofline, with where they were measured."""
 
     peak_tflops: float = 989.0  # H100 SXM dense bf16
+    fp8_peak_tflops: float = 1979.0  # H100 SXM dense FP8
+    fp8_compute_efficiency: float = 0.40  # the BF16 GEMMs' until measured (see ``assumed``)
     hbm_gbps: float = 3350.0  # H100 SXM HBM3
     compute_efficiency: float = 0.40
     memory_efficiency: float = 0.60
@@ -81,6 +87,7 @@ class Calibration:
     torch: str = ""
     date: str = ""
     fitted_to: dict = field(default_factory=dict)  # the measurements the constants reproduce
+    assumed: list = field(default_factory=lambda: ["fp8_compute_efficiency"])  # not measured
 
     @classmethod
     def load(cls, path: Path | None = None) -> Calibration:
@@ -95,7 +102,12 @@ class Calibration:
         (path or CALIBRATION).write_text(json.dumps(asdict(self), indent=1) + "\n")
 
     def summary(self) -> dict:
-        return {"device": self.device, "torch": self.torch, "date": self.date}
+        return {
+            "device": self.device,
+            "torch": self.torch,
+            "date": self.date,
+            "assumed": list(self.assumed),
+        }
 
 
 @dataclass
@@ -108,18 +120,37 @@ class OpRecord:
     engram: bool  # Engram's own work (its modules, its table's optimizer)
     expert: bool  # routed-expert GEMMs (the load-imbalance factor applies)
     name: str = ""  # the aten op (reports)
+    fp8: bool = False  # a float8 GEMM (the FP8 peak)
 
 
-def roofline_seconds(flops, nbytes, expert, cal: Calibration):
+def roofline_seconds(flops, nbytes, expert, cal: Calibration, fp8=False):
     """Seconds of kernels (floats, or numpy arrays of many: the calibration's fit)."""
-    compute = np.divide(flops, cal.peak_tflops * 1e12 * cal.compute_efficiency)
+    rate = np.where(
+        fp8,
+        cal.fp8_peak_tflops * 1e12 * cal.fp8_compute_efficiency,
+        cal.peak_tflops * 1e12 * cal.compute_efficiency,
+    )
+    compute = np.divide(flops, rate)
     memory = np.divide(nbytes, cal.hbm_gbps * 1e9 * cal.memory_efficiency)
     seconds = np.maximum(compute, memory) + cal.launch_us * 1e-6
     return seconds * np.where(expert, cal.moe_imbalance, 1.0)
 
 
 def op_seconds(op: OpRecord, cal: Calibration) -> float:
-    return float(roofline_seconds(op.flops, op.bytes, op.expert, cal))
+    return float(roofline_seconds(op.flops, op.bytes, op.expert, cal, op.fp8))
+
+
+def is_float8(t: torch.Tensor) -> bool:
+    """A torchao float8 training tensor (its data in a float8 dtype behind a high-precision
+    face)."""
+    data = getattr(t, "_data", None)
+    return isinstance(data, torch.Tensor) and data.dtype.itemsize == 1 and data.is_floating_point()
+
+
+def is_low_precision_operand(t: torch.Tensor) -> bool:
+    """An FP8 GEMM's operand: a float8 tensor, or an expert weight torchao's MoE training wraps
+    (its grouped GEMM quantises inside)."""
+    return is_float8(t) or type(t).__name__.endswith("TrainingWeightWrapperTensor")
 
 
 def _tensors(tree) -> list[torch.Tensor]:
@@ -131,6 +162,8 @@ def _tensors(tree) -> list[torch.Tensor]:
 def tensor_bytes(t: torch.Tensor) -> int:
     """Bytes a kernel touches for ``t``: its elements (not its storage), a sparse tensor's values
     and indices; 0 where a fake sparse tensor's size is not known."""
+    if is_float8(t):
+        return int(t._data.numel())  # one byte per element
     try:
         if t.is_sparse:
             values, indices = t._values(), t._indices()
@@ -140,8 +173,9 @@ def tensor_bytes(t: torch.Tensor) -> int:
         return 0
 
 
-def op_cost(func, args, kwargs, out) -> tuple[float, float, bool] | None:
-    """(FLOPs, bytes, an expert GEMM) of one dispatched op, or None when it launches nothing."""
+def op_cost(func, args, kwargs, out) -> tuple[float, float, bool, bool] | None:
+    """(FLOPs, bytes, an expert GEMM, an FP8 GEMM) of one dispatched op, or None when it
+    launches nothing."""
     from torch.utils.flop_counter import flop_registry
 
     import models.flop_count  # noqa: F401 - registers the grouped expert GEMM's formula
@@ -169,12 +203,13 @@ def op_cost(func, args, kwargs, out) -> tuple[float, float, bool] | None:
             moved = sum(  # in place: the rows written come from the source
                 tensor_bytes(t) for t in inputs[1:] if t.is_floating_point()
             )
-        return flops, 2.0 * moved + sum(tensor_bytes(t) for t in indices), expert
+        return flops, 2.0 * moved + sum(tensor_bytes(t) for t in indices), expert, False
     written = {id(t) for t in outputs}
     read = sum(tensor_bytes(t) for t in inputs)
     fresh = sum(tensor_bytes(t) for t in outputs if id(t) not in {id(i) for i in inputs})
     in_place = sum(tensor_bytes(t) for t in inputs if id(t) in written)
-    return flops, float(read + fresh + in_place), expert
+    fp8 = flops > 0 and any(is_low_precision_operand(t) for t in inputs)
+    return flops, float(read + fresh + in_place), expert, fp8
 
 
 def _mutated(func, args, kwargs) -> list[torch.Tensor]:

@@ -26,6 +26,7 @@ Legend: B batch per rank, T sequence, K Engram heads of a layer.
 
 from __future__ import annotations
 
+import copy
 import functools
 import time
 from collections import defaultdict
@@ -106,6 +107,9 @@ class StepTracer(TorchDispatchMode):
         self.engram_optimizer = False  # inside the tables' row-wise optimizer step
         self.in_engram = 0  # inside an Engram module's forward (its hooks count)
         self.engram_nodes: set = set()  # the autograd nodes Engram's forwards made
+        # the routed experts' grouped GEMMs run in FP8 on the GPU (their triton casts cannot be
+        # traced on a CPU: the GEMMs take the FP8 peak, the casts are not charged)
+        self.fp8_experts = False
 
     def set_phase(self, phase: str, microbatch: int = -1, repeat: int = 1) -> None:
         self.phase = self.comm.phase = phase
@@ -117,7 +121,9 @@ class StepTracer(TorchDispatchMode):
         self.ops.clear()
         self.scalars = 0
 
-    def add_cost(self, name: str, flops: float, nbytes: float, expert: bool = False) -> None:
+    def add_cost(
+        self, name: str, flops: float, nbytes: float, expert: bool = False, fp8: bool = False
+    ) -> None:
         """One kernel of the step (``roofline.OpRecord``), charged to the current phase and to
         Engram when an Engram module (or its table's optimizer) runs it."""
         if self.phase == "model":
@@ -127,7 +133,7 @@ class StepTracer(TorchDispatchMode):
         engram = self.engram_optimizer or (
             node in self.engram_nodes if node is not None else self.in_engram > 0
         )
-        self.ops.append(OpRecord(flops, nbytes, phase, engram, expert, name))
+        self.ops.append(OpRecord(flops, nbytes, phase, engram, expert, name, fp8))
 
     def track(self, tensors, label: str | None = None) -> None:
         for t in tensors:
@@ -207,7 +213,9 @@ class StepTracer(TorchDispatchMode):
                 self.track([t for t in tree_leaves(out) if isinstance(t, torch.Tensor)])
             cost = op_cost(func, args, kwargs, out)
             if cost is not None:
-                self.add_cost(func.overloadpacket.__name__, *cost)
+                flops, nbytes, expert, fp8 = cost
+                fp8 = fp8 or (expert and self.fp8_experts)
+                self.add_cost(func.overloadpacket.__name__, flops, nbytes, expert, fp8)
         return out
 
 
@@ -347,6 +355,7 @@ def trace_step(cfg, world_size: int, rank: int) -> Trace:
         _model_values(inner, batch.num_tokens)
         sm = StepModel(wrapped, inner, plan, None, cfg.training.mixed_precision)
         tracer = StepTracer(rank)
+        tracer.fp8_experts = _fp8_experts(cfg)
         tracer.track([*wrapped.parameters(), *wrapped.buffers()], "model")
         fused = mock.patch.object(F, "scaled_dot_product_attention", fused_attention)
         table_step = mock.patch.object(RowwiseAdam, "step", _flagged(RowwiseAdam.step, tracer))
@@ -454,6 +463,8 @@ def rank_model(cfg, args, dims: ParallelDims, **kwargs):
     spec = get_model_spec(cfg.model.family)
     with torch.device("meta"):
         model = spec.model_cls(args)
+    for converter in spec.build_converters(lambda name: _as_on_gpu(getattr(cfg, name))):
+        converter.convert(model)
     mesh = dims.build_mesh("cpu") if dims.world_size > 1 else None
     parallel = spec.parallelize(
         model,
@@ -466,6 +477,24 @@ def rank_model(cfg, args, dims: ParallelDims, **kwargs):
         **kwargs,
     )
     return mesh, parallel
+
+
+def _as_on_gpu(section):
+    """A converter's config section as the GPU runs it: FP8 not emulated (the simulated step is
+    the GPU's, whose float8 GEMMs the roofline charges at the FP8 peak). The experts stay as
+    they are: their FP8 grouped GEMM casts with triton kernels (``_fp8_experts`` charges it)."""
+    float8 = getattr(getattr(section, "linear", None), "float8", None)
+    if float8 is None:
+        return section
+    section = copy.deepcopy(section)
+    section.linear.float8.emulate = False
+    section.grouped_mm.enable = False
+    return section
+
+
+def _fp8_experts(cfg) -> bool:
+    quantize = getattr(cfg, "quantize", None)
+    return bool(quantize and quantize.linear.float8.enable and quantize.grouped_mm.enable)
 
 
 def sparse_grad_bytes(args, batch: Batch) -> int:
