@@ -14,6 +14,9 @@ others (a part that cannot run says why; the run still ends with its JSON):
   step times, their ratios, and whether the three train bit-identically;
 - ``host_syncs``: host synchronisations in one training step, counted by the project's counter
   (``tests.host_sync.HostSyncCounter``) on the device;
+- ``fp8``: the step part's 3 layers, every block compiled: MoE in BF16 and in FP8 rowwise
+  (``[quantize]``: linears and routed experts), Engram in FP8; tokens/s, FP8 / BF16, Engram / MoE
+  in FP8, each arm's compile warm-up and peak memory;
 - ``gpu_tests``: ``pytest -m gpu``: passed, failed, skipped, the failures' names.
 
 It prints a table, then one JSON line (also written to ``$OUT/gpu_check.json`` when ``OUT`` is
@@ -46,9 +49,10 @@ LIMITS = {
     "calibrate": (120, 20),
     "offload": (60, 30),
     "host_syncs": (45, 30),
+    "fp8": (150, 40),
     "gpu_tests": (150, 40),
 }
-ORDER = ["environment", "step", "calibrate", "offload", "host_syncs", "gpu_tests"]
+ORDER = ["environment", "step", "calibrate", "offload", "host_syncs", "fp8", "gpu_tests"]
 # the figures of each part: always present, None where not measured
 FIGURES = {
     "environment": ["device", "torch", "cuda", "gpu_memory_gib"],
@@ -84,6 +88,17 @@ FIGURES = {
         "bit_identical",
     ],
     "host_syncs": ["syncs_per_step", "forward_backward", "optimizer_step", "by_op"],
+    "fp8": [
+        "recipe",
+        "compiled",
+        *(
+            f"{arm}_{figure}"
+            for arm in ("moe_bf16", "moe_fp8", "engram_fp8")
+            for figure in ("tokens_per_s", "warmup_s", "peak_gib")
+        ),
+        "fp8_vs_bf16",
+        "engram_vs_moe_fp8",
+    ],
     "gpu_tests": ["passed", "failed", "skipped", "failures"],
 }
 

@@ -97,6 +97,44 @@ def _gemm_kernels(rows: list[tuple[str, float]]) -> dict:
     return {"gemm_kernels": kernels[:8], "grouped_mm_arch": arch}
 
 
+# ----- FP8 against BF16, both compiled ------------------------------------------------------
+
+
+def part_fp8(dry: bool, inputs: dict) -> dict:
+    """MoE-27B's 3 layers in BF16 and in FP8 rowwise (linears and routed experts), and Engram-27B
+    in FP8, every block compiled; a dry run takes the tiny ladder flavors, emulated and eager."""
+    from benchmarks.gpu_step import _args, _batch, time_steps
+    from models.quantize import build_quantize_converter
+    from pretrain.config import QuantizeConfig
+
+    s, device = _step_setup(dry), _device(dry)
+    quantize = QuantizeConfig()
+    quantize.linear.float8.enable = True
+    quantize.grouped_mm.enable = True
+    tokens = s["batch"] * s["seq"]
+    out = {"recipe": quantize.linear.float8.recipe_name, "compiled": not dry}
+    arms = {"moe_bf16": ("moe", False), "moe_fp8": ("moe", True), "engram_fp8": ("engram", True)}
+    for arm, (kind, fp8) in arms.items():
+        args = _args(s["flavors"][kind], s["layers"], s["rows"], s["backend"])
+        args.vocab_size = DRY_VOCAB if dry else args.vocab_size
+        batch = _batch(args, s["batch"], s["seq"], 512 if not dry else 32, device)
+        convert = build_quantize_converter(quantize).convert if fp8 else None
+        start = time.perf_counter()
+        seconds, peak, sm, opts = time_steps(
+            args, batch, device, s["steps"], s["warmup"], s["precision"],
+            convert=convert, compile_blocks=not dry,
+        )  # fmt: skip
+        out[f"{arm}_warmup_s"] = time.perf_counter() - start - seconds * s["steps"]
+        out[f"{arm}_tokens_per_s"] = tokens / seconds
+        out[f"{arm}_peak_gib"] = peak
+        del sm, opts, batch
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    out["fp8_vs_bf16"] = out["moe_fp8_tokens_per_s"] / out["moe_bf16_tokens_per_s"]
+    out["engram_vs_moe_fp8"] = out["engram_fp8_tokens_per_s"] / out["moe_fp8_tokens_per_s"]
+    return out
+
+
 # ----- the simulator's calibration --------------------------------------------------------------
 
 
@@ -279,6 +317,7 @@ PARTS = {
     "calibrate": part_calibrate,
     "offload": part_offload,
     "host_syncs": part_host_syncs,
+    "fp8": part_fp8,
     "gpu_tests": part_gpu_tests,
 }
 

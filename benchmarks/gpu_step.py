@@ -50,14 +50,23 @@ def _batch(args, batch: int, seq: int, doc_len: int, device) -> Batch:
     return Batch(tokens[:, :-1], tokens[:, 1:], positions, doc_ids, engram).to(device)
 
 
-def build_step(args, device, mixed_precision: str = "bf16") -> tuple[StepModel, Optimizers]:
-    """The model of ``args`` on ``device`` (built on meta, initialised there), its step model
-    and optimizers."""
+def build_step(
+    args, device, mixed_precision: str = "bf16", convert=None, compile_blocks: bool = False
+) -> tuple[StepModel, Optimizers]:
+    """The model of ``args`` on ``device`` (built on meta, ``convert(model)`` there: a model
+    converter such as FP8; initialised on the device; each block compiled on request), its step
+    model and optimizers."""
     with torch.device("meta"):
         model = Transformer(args)
+    if convert is not None:
+        convert(model)
     model.to_empty(device=device)
     torch.manual_seed(0)
     model.init_weights()
+    if compile_blocks:
+        from parallel.wrappers import apply_block_wrappers
+
+        apply_block_wrappers(model.layers, "none", compile_blocks=True)
     sm = StepModel(model, model, ParallelPlan(), mixed_precision=mixed_precision)
     return sm, Optimizers(model, OptimizerConfig(lr=1e-4))
 
@@ -67,10 +76,13 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(args, batch: Batch, device, steps: int, warmup: int, mixed_precision="bf16"):
+def time_steps(
+    args, batch: Batch, device, steps: int, warmup: int, mixed_precision="bf16", **build
+):
     """``(seconds per step, peak GiB on a GPU or None, the step model and optimizers)``: the
-    real step of ``args`` on ``batch``, after ``warmup`` steps."""
-    sm, opts = build_step(args, device, mixed_precision)
+    real step of ``args`` on ``batch``, after ``warmup`` steps (``build``: ``build_step``'s
+    ``convert`` and ``compile_blocks``)."""
+    sm, opts = build_step(args, device, mixed_precision, **build)
     for _ in range(warmup):
         forward_backward(sm, batch)
         optimizer_step(sm, opts, 1.0)

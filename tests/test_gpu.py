@@ -156,3 +156,114 @@ def test_gpu_experiment_sweep_on_cuda(corpus, tmp_path):
     config = (tmp_path / "runs" / "engram" / "seed0" / "config.toml").read_text()
     assert 'device = "cuda"' in config and 'mixed_precision = "bf16"' in config
     assert all(len(arm["val_windows"][0]) == 2 for arm in res["arms"])
+
+
+# ----- FP8 ([quantize], models/quantize.py): the kernels an H100 runs ----------------------
+
+
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """The aten ops dispatched below the float8 tensor subclasses."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _fp8_section(recipe="rowwise", experts=False, engram=False, all_gather=False):
+    from pretrain.config import QuantizeConfig
+
+    section = QuantizeConfig(engram=engram)
+    section.linear.float8.enable = True
+    section.linear.float8.recipe_name = recipe
+    section.linear.float8.enable_fsdp_float8_all_gather = all_gather
+    section.linear.float8.precompute_float8_dynamic_scale_for_fsdp = all_gather
+    section.grouped_mm.enable = experts
+    return section
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+    reason="needs FP8 tensor cores (compute capability 8.9+)",
+)
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_gpu_fp8_step_runs_scaled_gemms_and_tracks_bf16(recipe):
+    """The converted model (linears, Engram GEMM, routed experts) runs ``_scaled_mm`` and the
+    scaled grouped GEMM, not emulation; its loss is within 5 % of BF16's on the same batch; the
+    router's loads count tokens, not the padding of the expert groups."""
+    from models.quantize import build_quantize_converter
+
+    pytest.importorskip("torchao")
+    args = model_args(sparse=True, attention="gqa")
+    args.dim, args.moe.expert_hidden_dim, args.ffn_hidden_dim = 64, 32, 128
+    losses, loads = [], []
+    for fp8 in (False, True):
+        torch.manual_seed(0)
+        model = initial_model(args)
+        if fp8:
+            converter = build_quantize_converter(_fp8_section(recipe, experts=True, engram=True))
+            assert not converter.emulate
+            converter.convert(model)
+        model = model.cuda()
+        sm = StepModel(model, model, ParallelPlan(), mixed_precision="bf16")
+        with _Ops() as ops:
+            out = forward_backward(sm, _batch())
+        losses.append(out.ce.item())
+        loads.append([m.router.tokens_per_expert.clone() for m in model.moe_layers()])
+        if fp8:
+            assert "_scaled_mm" in ops.names, sorted(ops.names)
+            assert any("scaled_grouped_mm" in name for name in ops.names), sorted(ops.names)
+    assert abs(losses[1] / losses[0] - 1) < 0.05, losses
+    for bf16, fp8 in zip(*loads):
+        assert torch.equal(bf16, fp8)  # the same routing on the same batch, no padding counted
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+    reason="needs FP8 tensor cores (compute capability 8.9+)",
+)
+def test_gpu_fsdp_float8_all_gather_trains(tmp_path):
+    """Tensorwise FP8 with FSDP2's float8 all-gather (NCCL, one rank) and the precomputed
+    scales after each optimizer step: three steps train, and the sharded weights are torchao's
+    float8-aware tensors."""
+    import torch.distributed as dist
+
+    from models.parallelize import parallelize_deepseek_engram
+    from models.quantize import build_quantize_converter
+    from models.transformer import Transformer
+    from parallel.dims import ParallelDims
+    from pretrain.config import ParallelismConfig
+
+    pytest.importorskip("torchao")
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("nccl", store=store, rank=0, world_size=1)
+    try:
+        args = model_args(sparse=False, attention="gqa")
+        args.dim, args.moe.expert_hidden_dim = 64, 32
+        converter = build_quantize_converter(_fp8_section("tensorwise", all_gather=True))
+        with torch.device("meta"):
+            model = Transformer(args)
+        converter.convert(model)
+        dims = ParallelDims.from_config(ParallelismConfig(data_parallel_shard_degree=1), 1)
+        model, inner, plan = parallelize_deepseek_engram(
+            model, dims, dims.build_mesh("cuda"), "cuda", 0, mixed_precision="bf16"
+        )
+        wrapped = [
+            p
+            for p in inner.parameters()
+            if "Float8" in type(getattr(p, "_local_tensor", p)).__name__
+        ]
+        assert wrapped, "no weight is float8-aware for the all-gather"
+        sm = StepModel(model, inner, plan, mixed_precision="bf16")
+        optimizers = Optimizers(model, OptimizerConfig(lr=1e-3))
+        losses = []
+        for _ in range(3):
+            losses.append(forward_backward(sm, _batch()).ce.item())
+            optimizer_step(sm, optimizers, 1.0)
+            converter.post_optimizer_hook(model)
+        assert all(torch.isfinite(torch.tensor(losses)))
+    finally:
+        dist.destroy_process_group()
