@@ -12,6 +12,8 @@ Run: .venv/bin/python -m benchmarks.fp8 [--dataset data_cache/demo] [--steps 300
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import tempfile
 import time
@@ -54,7 +56,9 @@ def loss_curves(dataset, folder, steps: int = 300, threads: int = 1) -> dict[str
             ],
         )
         start = time.perf_counter()
-        summary = Trainer(cfg).fit()
+        print(f"training the {arm} arm ({steps} steps) ...", flush=True)
+        with contextlib.redirect_stdout(io.StringIO()):  # the per-step console lines
+            summary = Trainer(cfg).fit()
         seconds = time.perf_counter() - start
         losses = {}
         for line in (dump / "metrics.jsonl").read_text().splitlines():

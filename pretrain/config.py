@@ -349,6 +349,12 @@ class Config:
                 "one scale per tensor only",
             ),
             (
+                not f8.enable_fsdp_float8_all_gather or self.training.device != "cpu",
+                "quantize.linear.float8.enable_fsdp_float8_all_gather with training.device='cpu': "
+                "gloo cannot send float8 tensors; leave it off on CPU (the high-precision "
+                "all-gather computes the same FP8 products)",
+            ),
+            (
                 not f8.precompute_float8_dynamic_scale_for_fsdp or f8.enable_fsdp_float8_all_gather,
                 "quantize.linear.float8.precompute_float8_dynamic_scale_for_fsdp needs "
                 "enable_fsdp_float8_all_gather=true (it precomputes that all-gather's scales)",

@@ -191,6 +191,14 @@ def test_grouped_gemm_on_cpu_stays_in_high_precision_said_once(caplog):
             ["--quantize.linear.float8.precompute_float8_dynamic_scale_for_fsdp=true"],
             "needs enable_fsdp_float8_all_gather=true",
         ),
+        (
+            [
+                "--quantize.linear.float8.recipe_name=tensorwise",
+                "--quantize.linear.float8.enable_fsdp_float8_all_gather=true",
+                "--training.device=cpu",
+            ],
+            "gloo cannot send float8 tensors",
+        ),
         (["--quantize.engram=true"], "needs quantize.linear.float8.enable=true"),
         (["--quantize.grouped_mm.enable=true"], "needs quantize.linear.float8.enable=true"),
         (["--quantize.linear.float8.recipe_name=e5m2"], "use 'tensorwise' or 'rowwise'"),
