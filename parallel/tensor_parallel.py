@@ -62,8 +62,29 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, plan: dict[str, str]) -> No
                 lambda module, inputs, output: _AllReduceGrad.apply(output, group)
             )
     parallelize_module(
-        model, tp_mesh, {path: styles[kind]() for path, kind in plan.items() if kind in styles}
+        model,
+        tp_mesh,
+        {
+            path: _float8_style(model.get_submodule(path), kind) or styles[kind]()
+            for path, kind in plan.items()
+            if kind in styles
+        },
     )
+
+
+def _float8_style(module: nn.Module, kind: str):
+    """torchao's float8 style for a float8 linear of the tensorwise recipe (its activations are
+    cast to float8 before the style's collectives, and its weight shards take one scale); None
+    for anything else, which keeps the plain style (rowwise scales are local to each row)."""
+    if kind not in ("colwise", "rowwise") or type(module).__name__ != "Float8Linear":
+        return None
+    from torchao.float8.config import ScalingGranularity
+    from torchao.float8.float8_tensor_parallel import Float8ColwiseParallel, Float8RowwiseParallel
+
+    casts = (module.config.cast_config_input, module.config.cast_config_grad_output)
+    if any(cast.scaling_granularity is not ScalingGranularity.TENSORWISE for cast in casts):
+        return None
+    return Float8ColwiseParallel() if kind == "colwise" else Float8RowwiseParallel()
 
 
 class _AllReduceGrad(torch.autograd.Function):

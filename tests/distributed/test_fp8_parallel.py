@@ -82,3 +82,50 @@ def test_fp8_layouts_match_fp8_in_one_process(layout, convert, tmp_path):
     want = reference(args, make, convert=convert, accum=2 if data_parallel else 1)
     run = functools.partial(run_layout, make=make, convert=convert)
     check_parity(want, run_ranks(run, 2, layout, args, ckpt))
+
+
+def _tp_styles(rank: int, world: int, recipe: str) -> dict[str, str]:
+    """Each float8 linear's TP input hook, by the class of the style that made it."""
+    import torch
+
+    from models.parallelize import parallelize_deepseek_engram
+    from models.transformer import Transformer
+    from parallel.dims import ParallelDims
+    from pretrain.config import ParallelismConfig
+
+    args = model_args(True, "gqa", 98)
+    with torch.device("meta"):
+        model = Transformer(args)
+    to_float8(model, recipe)
+    dims = ParallelDims.from_config(ParallelismConfig(tensor_parallel_degree=2), world)
+    model, inner, _ = parallelize_deepseek_engram(model, dims, dims.build_mesh("cpu"), "cpu", 0)
+    styles = {}
+    for name, module in inner.named_modules():
+        if type(module).__name__ == "Float8Linear":
+            names = [_made_by(hook) for hook in module._forward_pre_hooks.values()]
+            styles[name] = ",".join(n for n in names if n)
+    return styles
+
+
+def _made_by(hook) -> str:
+    """The class of the style whose ``_prepare_input_fn`` a TP pre-hook calls (DTensor wraps it
+    in a lambda over a ``functools.partial``)."""
+    for cell in getattr(hook, "__closure__", None) or ():
+        inner = getattr(cell.cell_contents, "func", cell.cell_contents)
+        qualname = getattr(inner, "__qualname__", "")
+        if "_prepare_input_fn" in qualname:
+            return qualname.split(".")[0]
+    return ""
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_tp_takes_torchaos_float8_styles_for_tensorwise_linears(recipe):
+    """Tensorwise float8 linears get torchao's float8 column/row-parallel styles (activations
+    cast to float8 before the collectives); rowwise ones keep the plain styles."""
+    from tests.distributed.helpers import run_ranks
+
+    styles = run_ranks(_tp_styles, 2, recipe)[0]
+    attention = {n: s for n, s in styles.items() if ".attention." in n}
+    assert attention and all(
+        s.startswith("Float8") == (recipe == "tensorwise") for s in attention.values()
+    ), styles
