@@ -26,6 +26,7 @@ Legend: B batch per rank, T sequence, K Engram heads of a layer.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import time
@@ -47,7 +48,7 @@ from parallel.dims import ParallelDims
 from pretrain.optimizer import Optimizers
 from pretrain.rowwise_adam import RowwiseAdam
 from pretrain.simulation.comm import COLLECTIVES, Collective, CommRecorder, mesh_axis_names
-from pretrain.simulation.roofline import OpRecord, attention_cost, op_cost
+from pretrain.simulation.roofline import OpRecord, attention_cost, op_cost, tensor_bytes
 from pretrain.step import StepModel, forward_backward, lookup_planners, optimizer_step
 
 
@@ -361,7 +362,8 @@ def trace_step(cfg, world_size: int, rank: int) -> Trace:
         table_step = mock.patch.object(RowwiseAdam, "step", _flagged(RowwiseAdam.step, tracer))
         hooks = _watch_engram(inner, tracer)
         _TRACING.append(tracer)
-        with fake, tracer, fused, table_step:
+        casts = _compiled_float8_casts(tracer) if cfg.compile.enable else contextlib.nullcontext()
+        with fake, tracer, fused, table_step, casts:
             optimizers = Optimizers(wrapped, cfg.optimizer, cuda=True)  # CUDA's kernels
             _warm_up(optimizers)
             tracer.track(_optimizer_state(optimizers), "optimizer_state")
@@ -425,6 +427,34 @@ def _watch_engram(model, tracer: StepTracer) -> list:
         if isinstance(module, Engram):
             hooks += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
     return hooks
+
+
+def _compiled_float8_casts(tracer: StepTracer):
+    """Under compiled blocks, inductor fuses each float8 cast (abs, amax, scale, multiply,
+    clamp, convert) into an amax reduction and one scale-and-cast kernel: the traced kernels of
+    every cast are replaced by those two (reading the high-precision tensor twice and writing one
+    byte per element). A null context when torchao is not loaded (no FP8 in the model)."""
+    import sys
+
+    module = sys.modules.get("torchao.float8.float8_linear")
+    if module is None:
+        return contextlib.nullcontext()
+    original = module.hp_tensor_to_float8_dynamic
+
+    @functools.wraps(original)
+    def cast(hp, *args, **kwargs):
+        start = len(tracer.ops)
+        out = original(hp, *args, **kwargs)
+        region = tracer.ops[start:]
+        if region:
+            first, read = region[0], float(tensor_bytes(hp))
+            tracer.ops[start:] = [
+                OpRecord(0.0, read, first.phase, first.engram, False, "float8_amax"),
+                OpRecord(0.0, read + hp.numel(), first.phase, first.engram, False, "float8_cast"),
+            ]
+        return out
+
+    return mock.patch.object(module, "hp_tensor_to_float8_dynamic", cast)
 
 
 def _flagged(step, tracer: StepTracer):
