@@ -76,13 +76,18 @@ def float8_plan(
     plan = Float8Plan()
     for name, module in model.named_modules():
         if isinstance(module, Engram):
-            if engram:
+            widths = (module.cfg.embed_dim, module.dim)
+            if not engram:
+                plan.skipped[name] = "its key/value GEMM converts with quantize.engram=true"
+            elif any(width % FP8_ALIGN for width in widths):
+                plan.skipped[name] = f"key/value GEMM {widths} is not a multiple of {FP8_ALIGN}"
+            else:
                 plan.engram.append(name)
                 plan.fp8_params += sum(
-                    p.numel() for n, p in module.named_parameters() if "proj" in n
+                    p.numel()
+                    for n, p in module.named_parameters()
+                    if n.endswith("proj.weight") or ("projs." in n and n.endswith("weight"))
                 )
-            else:
-                plan.skipped[name] = "its key/value GEMM converts with quantize.engram=true"
         elif isinstance(module, GroupedExperts) and experts:
             plan.experts.append(name)
         if not isinstance(module, nn.Linear):

@@ -164,6 +164,13 @@ def test_odd_widths_are_skipped_and_listed():
     assert "not a multiple of 16" in plan.skipped[ffn[0]]
     assert not any("feed_forward" in n for n in plan.linears)
     assert any("attention" in n for n in plan.linears)
+    args.engram.n_embed_per_ngram = 6  # rows of 2 x 6: a 12-wide Engram GEMM
+    with torch.device("meta"):
+        model = Transformer(args)
+    plan = float8_plan(model, engram=True)
+    assert (
+        plan.engram == [] and "(12, 32) is not a multiple of 16" in plan.skipped["layers.0.engram"]
+    )
 
 
 def test_grouped_gemm_on_cpu_stays_in_high_precision_said_once(caplog):
