@@ -103,10 +103,14 @@ def _gemm_kernels(rows: list[tuple[str, float]]) -> dict:
 def part_fp8(dry: bool, inputs: dict) -> dict:
     """MoE-27B's 3 layers in BF16 and in FP8 rowwise (linears and routed experts), and Engram-27B
     in FP8, every block compiled; a dry run takes the tiny ladder flavors, emulated and eager."""
+    import importlib.util
+
     from benchmarks.gpu_step import _args, _batch, time_steps
     from models.quantize import build_quantize_converter
     from pretrain.config import QuantizeConfig
 
+    if importlib.util.find_spec("torchao") is None:
+        return {"_skipped": "torchao is not installed (pip install -e '.[fp8]')"}
     s, device = _step_setup(dry), _device(dry)
     quantize = QuantizeConfig()
     quantize.linear.float8.enable = True
