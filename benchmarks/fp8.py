@@ -24,7 +24,9 @@ from benchmarks.common import print_table
 FP8 = ["--quantize.linear.float8.enable=true", "--quantize.engram=true"]
 
 
-def loss_curves(dataset, folder, steps: int = 300, threads: int = 1) -> dict[str, dict]:
+def loss_curves(
+    dataset, folder, steps: int = 300, threads: int = 1, batch: int = 4
+) -> dict[str, dict]:
     """Train the BF16 and the FP8 arm; for each: ``losses`` (step -> training loss),
     ``val_loss`` (held-out, after the last step) and ``seconds``."""
     from pretrain.config import load_config
@@ -41,7 +43,7 @@ def loss_curves(dataset, folder, steps: int = 300, threads: int = 1) -> dict[str
                 "--data.prepare_if_missing=false",
                 "--data.seq_len=64",
                 "--data.num_workers=0",
-                "--training.batch_size=4",
+                f"--training.batch_size={batch}",
                 f"--training.steps={steps}",
                 "--training.mixed_precision=bf16",
                 f"--training.num_threads={threads}",

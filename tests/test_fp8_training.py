@@ -64,7 +64,7 @@ def test_fp8_trains_to_the_bf16_loss(corpus, tmp_path):
     within 2 %."""
     from benchmarks.fp8 import loss_curves, window_means
 
-    curves = loss_curves(corpus, tmp_path, steps=300)
+    curves = loss_curves(corpus, tmp_path, steps=300, batch=2)
     bf16, fp8 = curves["bf16"], curves["fp8"]
     assert abs(fp8["val_loss"] / bf16["val_loss"] - 1) < 0.02
     last = [window_means(arm["losses"], 50)[300] for arm in (bf16, fp8)]
