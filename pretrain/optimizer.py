@@ -210,22 +210,25 @@ def _sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _is_other_dtensor(grad: torch.Tensor) -> bool:
-    """A DTensor outside the plain Shard/Replicate layouts (its norm took ``full_tensor``)."""
+    """A DTensor outside the Shard/Replicate layouts (its norm took ``full_tensor``)."""
     return hasattr(grad, "full_tensor") and _dtensor_key(grad) is None
 
 
 def _dtensor_key(grad: torch.Tensor):
-    """``(mesh, sharded mesh dims)`` of a DTensor gradient whose placements are all plain
-    ``Shard``/``Replicate``: the sum of its local squares over those dims is its squared norm.
-    None otherwise (plain tensors; ``Partial``; FSDP x TP's ``_StridedShard``, whose local sums
-    did not add up to the full norm when tried: those take ``full_tensor()``, one reduction per
-    parameter)."""
+    """``(mesh, sharded mesh dims)`` of a DTensor gradient whose placements are all ``Shard``,
+    FSDP x TP's ``_StridedShard`` or ``Replicate``: every element lives on exactly one rank of
+    the sharded dims, so the sum of the local squares over them is its squared norm. None
+    otherwise (plain tensors; ``Partial``, which take ``full_tensor()``)."""
     from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
 
     placements = getattr(grad, "placements", None)
-    if placements is None or any(type(p) not in (Shard, Replicate) for p in placements):
+    if placements is None or any(
+        type(p) not in (Shard, _StridedShard, Replicate) for p in placements
+    ):
         return None
-    return grad.device_mesh, tuple(i for i, p in enumerate(placements) if type(p) is Shard)
+    sharded = tuple(i for i, p in enumerate(placements) if type(p) is not Replicate)
+    return grad.device_mesh, sharded
 
 
 def _grad_square(grad: torch.Tensor) -> torch.Tensor:
