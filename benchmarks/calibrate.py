@@ -70,6 +70,7 @@ def gpu_step_overrides(flavor: str) -> list[str]:
         "--training.mixed_precision=bf16",
         "--activation_checkpoint.mode=none",
         "--model.overrides.num_layers=3",
+        "--compile.enable=false",  # gpu_step measured eager blocks
     ]
     if flavor.startswith("engram"):
         out += [

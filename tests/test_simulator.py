@@ -6,6 +6,7 @@ recipes."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from launch.dry_run import dry_run
 from models.flavors import resolve_model_args
@@ -164,14 +165,17 @@ def test_the_simulator_charges_fp8_gemms_at_the_fp8_peak(small):
         return sum(op.flops for op in ops if op.name in ("mm", "addmm", "bmm", "_grouped_mm"))
 
     assert gemm_flops(trace.ops) == pytest.approx(gemm_flops(small[2].ops), rel=1e-9)
-    # the recipe compiles its blocks: each float8 cast is inductor's two kernels, an amax
-    # reduction reading the tensor and a scale-and-cast reading it again and writing a byte per
-    # element (BF16 activations: 1.5x the amax's bytes; float32 weights: 1.25x)
+    # eager, every cast is its own kernels (abs, amax, scale, clamp, convert); the recipe
+    # compiles its blocks, where the casts fuse with the kernels that made their inputs
     assert cfg.compile.enable
-    amax = [op for op in trace.ops if op.name == "float8_amax"]
-    casts = [op for op in trace.ops if op.name == "float8_cast"]
-    assert len(amax) == len(casts) > 0
-    assert all(c.bytes / a.bytes in (1.5, 1.25) for a, c in zip(amax, casts))
+    eager = trace_step(
+        load_config("launch/configs/engram_27b.toml", [*SMALL, *flags, "--compile.enable=false"]),
+        8,
+        3,
+    )
+    assert Counter(op.name for op in eager.ops)["amax"] >= len(fp8)
+    assert not {"abs", "amax", "clamp"} & {op.name for op in trace.ops if op.region != -1}
+    assert [op.flops for op in eager.ops if op.fp8] == [op.flops for op in fp8]
     assert Calibration.load().summary()["assumed"] == ["fp8_compute_efficiency"]
 
 
@@ -208,3 +212,88 @@ def test_simulator_context_parallel_traffic():
     doc_ids = 3 * 2 * 64 * 8 // 2  # 3 microbatches x [2, 64] int64 gathered, half sent
     assert summary["reduce_scatter/cp"] > 0
     assert summary["all_gather/cp"] == 2 * summary["reduce_scatter/cp"] + doc_ids
+
+
+class _Block(torch.nn.Module):
+    """An RMSNorm and a scale, then a GEMM: one fused run before an extern kernel."""
+
+    def __init__(self, dim: int, sinkhorn: bool = False):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(dim))
+        self.proj = torch.nn.Linear(dim, dim, bias=False)
+        self.sinkhorn = sinkhorn
+
+    def forward(self, x):
+        if self.sinkhorn:
+            from models.hyper_connections import sinkhorn
+
+            return sinkhorn(x, 20)
+        return self.proj(torch.nn.functional.rms_norm(x, (x.shape[-1],)) * self.weight)
+
+
+def _traced(model, x):
+    from pretrain.simulation.fusion import fuse_compiled
+    from pretrain.simulation.simulate import StepTracer, _watch_blocks
+
+    tracer = StepTracer(0)
+    tracer.set_phase("microbatch", 0)
+    hooks = _watch_blocks(model, tracer)
+    with torch.no_grad(), tracer:
+        out = model.layers["0"](x)
+        out.sum()  # the next layer reads the block's output (outside the region)
+    for hook in hooks:
+        hook.remove()
+    return tracer.ops, fuse_compiled(tracer.ops), out
+
+
+def test_compiled_blocks_move_what_one_fused_kernel_must():
+    """Under compiled blocks the norm's kernels (square, mean, rsqrt, scale, ...) become one
+    kernel that reads the input and the weight once and writes the GEMM's input, and nothing
+    else (sizes computed here); the GEMM is untouched; the Sinkhorn over 4 x 4 matrices
+    (reductions of 4 elements, which inductor unrolls) is one kernel reading the logits and
+    writing the matrices."""
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleDict({"0": _Block(64)})
+    x = torch.randn(8, 64)
+    eager, fused, _ = _traced(model, x)
+    assert len([op for op in eager if op.flops == 0]) >= 4  # the norm's kernels, traced eager
+    kernels = [op for op in fused if op.flops == 0 and op.region == 0]
+    assert len(kernels) == 1 and kernels[0].name.startswith("fused(")
+    assert kernels[0].bytes == 8 * 64 * 4 + 64 * 4 + 8 * 64 * 4  # x, the weight, the product
+    assert [op.name for op in fused if op.flops > 0] == ["mm"]
+    assert [op.flops for op in fused if op.flops] == [op.flops for op in eager if op.flops]
+
+    model.layers["0"] = _Block(4, sinkhorn=True)
+    logits = torch.randn(2, 16, 4, 4)
+    eager, fused, out = _traced(model, logits)
+    assert len(eager) > 80 and len(fused) == 2  # the run, and the sum outside
+    assert fused[0].bytes == 2 * logits.numel() * 4
+    torch.testing.assert_close(out.sum(-2), torch.ones(2, 16, 4))  # a real Sinkhorn ran
+
+
+def test_compiled_recipes_fuse_the_memory_bound_kernels(small):
+    """The recipe compiles its blocks: against the same step traced eager, the GEMMs are the
+    same and the memory-bound kernels far fewer, moving less, and Engram's share stays its
+    own."""
+    from pretrain.simulation.roofline import op_seconds
+
+    cfg, _, compiled = small
+    assert cfg.compile.enable
+    eager = trace_step(
+        load_config("launch/configs/engram_27b.toml", [*SMALL, "--compile.enable=false"]), 8, 3
+    )
+
+    def gemms(trace):
+        return sorted(op.flops for op in trace.ops if op.flops > 0)
+
+    def memory_bound(trace):
+        return [op for op in trace.ops if op.flops == 0]
+
+    assert gemms(compiled) == gemms(eager)
+    assert len(memory_bound(compiled)) < 0.25 * len(memory_bound(eager))
+    assert sum(op.bytes for op in memory_bound(compiled)) < sum(
+        op.bytes for op in memory_bound(eager)
+    )
+    cal = Calibration()
+    engram = [sum(op_seconds(op, cal) for op in t.ops if op.engram) for t in (compiled, eager)]
+    assert 0 < engram[0] < engram[1]

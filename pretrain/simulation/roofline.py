@@ -15,6 +15,9 @@ from the fake tensors:
   rows they address, never the whole table: twice the rows moved plus the indices;
 - a sparse tensor counts its values and indices (its dense size is the table's).
 
+Under compiled blocks, ``pretrain.simulation.fusion`` merges each block's element-wise and
+reduction kernels into the few that inductor launches before the times are taken.
+
 The efficiencies and the launch overhead are measured, not guessed: ``benchmarks/calibration.json``
 holds the constants fitted to stored measurements of ``benchmarks/gpu_step.py`` (device, torch
 version and date included); ``python -m benchmarks.calibrate`` refits them.
@@ -34,7 +37,7 @@ import torch
 CALIBRATION = Path(__file__).resolve().parents[2] / "benchmarks" / "calibration.json"
 
 # ops that address rows of a large tensor: cost by what they move, not by the tensor's size
-_INDEXED = {
+INDEXED = {
     "embedding",
     "embedding_dense_backward",
     "index_select",
@@ -121,6 +124,11 @@ class OpRecord:
     expert: bool  # routed-expert GEMMs (the load-imbalance factor applies)
     name: str = ""  # the aten op (reports)
     fp8: bool = False  # a float8 GEMM (the FP8 peak)
+    # under compiled blocks (``fusion``): the block call that ran it (-1: eager), and the
+    # tensors it read ((storage serial, bytes)) and wrote ((serial, bytes, made by this op))
+    region: int = -1
+    reads: tuple = ()
+    writes: tuple = ()
 
 
 def roofline_seconds(flops, nbytes, expert, cal: Calibration, fp8=False):
@@ -185,18 +193,16 @@ def op_cost(func, args, kwargs, out) -> tuple[float, float, bool, bool] | None:
         return None
     if func._schema.name.startswith("_c10d_functional"):
         return None  # collectives: the comm model
-    inputs, outputs = _tensors((args, kwargs)), _tensors(out)
-    if not outputs:
-        outputs = _mutated(func, args, kwargs)  # in-place ops returning nothing (_foreach_, ...)
-        if not outputs:  # metadata (device, sizes, ...) or a host value
-            return None
+    inputs, outputs = op_tensors(func, args, kwargs, out)
+    if not outputs:  # metadata (device, sizes, ...) or a host value
+        return None
     flops, expert = 0.0, name == "_grouped_mm"
     if func.overloadpacket in flop_registry:  # the grouped GEMM's: models.flop_count
         try:
             flops = float(flop_registry[func.overloadpacket](*args, **(kwargs or {}), out_val=out))
         except (TypeError, ValueError, RuntimeError, AttributeError):
             flops = 0.0
-    if name in _INDEXED:
+    if name in INDEXED:
         indices = [t for t in inputs if not t.is_floating_point() and not t.is_sparse]
         moved = sum(tensor_bytes(t) for t in outputs if t.is_floating_point())
         if name.endswith("_") or name.startswith(("index_put", "_index_put", "scatter")):
@@ -210,6 +216,12 @@ def op_cost(func, args, kwargs, out) -> tuple[float, float, bool, bool] | None:
     in_place = sum(tensor_bytes(t) for t in inputs if id(t) in written)
     fp8 = flops > 0 and any(is_low_precision_operand(t) for t in inputs)
     return flops, float(read + fresh + in_place), expert, fp8
+
+
+def op_tensors(func, args, kwargs, out) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(the tensors an op reads, those it writes: its outputs, or for an in-place op that
+    returns nothing, such as ``_foreach_mul_``, its mutated arguments)."""
+    return _tensors((args, kwargs)), _tensors(out) or _mutated(func, args, kwargs)
 
 
 def _mutated(func, args, kwargs) -> list[torch.Tensor]:

@@ -19,14 +19,15 @@ shard for as many rows as it serves (symmetric traffic), Engram hash ids are uni
 head's table (no n-gram repeats: the most traffic), ``.item()`` (the clip coefficient) reads
 1.0, and attention keeps what the GPU's fused kernels keep (``fused_attention``: no ``T x T``
 scores).
-``pretrain.simulation.cost_model`` turns the trace into times.
+Under ``compile.enable`` the kernels of each block call are tagged with its region (forward, and
+backward with the recompute: the autograd nodes the block made) and fused as inductor would
+(``pretrain.simulation.fusion``). ``pretrain.simulation.cost_model`` turns the trace into times.
 
 Legend: B batch per rank, T sequence, K Engram heads of a layer.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import time
@@ -39,6 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakIdKeyDictionary
 
 from data.batch import Batch, EngramInputs, context_shard, plan_lookups
 from models.args import ModelArgs
@@ -48,7 +50,14 @@ from parallel.dims import ParallelDims
 from pretrain.optimizer import Optimizers
 from pretrain.rowwise_adam import RowwiseAdam
 from pretrain.simulation.comm import COLLECTIVES, Collective, CommRecorder, mesh_axis_names
-from pretrain.simulation.roofline import OpRecord, attention_cost, op_cost, tensor_bytes
+from pretrain.simulation.fusion import EAGER, fuse_compiled
+from pretrain.simulation.roofline import (
+    OpRecord,
+    attention_cost,
+    op_cost,
+    op_tensors,
+    tensor_bytes,
+)
 from pretrain.step import StepModel, forward_backward, lookup_planners, optimizer_step
 
 
@@ -94,7 +103,6 @@ class StepTracer(TorchDispatchMode):
 
     def __init__(self, rank: int):
         super().__init__()
-        from torch.utils.weak import WeakIdKeyDictionary
 
         self.comm = CommRecorder(rank)
         self.scalars = 0
@@ -111,6 +119,13 @@ class StepTracer(TorchDispatchMode):
         # the routed experts' grouped GEMMs run in FP8 on the GPU (their triton casts cannot be
         # traced on a CPU: the GEMMs take the FP8 peak, the casts are not charged)
         self.fp8_experts = False
+        # compiled blocks (``fusion``): the block call running now, the backward region of each
+        # autograd node a block's forward made, and a serial number per storage
+        self.fusion = False
+        self.region = EAGER
+        self.region_nodes: dict = {}
+        self.serials = WeakIdKeyDictionary()
+        self.next_serial = 0
 
     def set_phase(self, phase: str, microbatch: int = -1, repeat: int = 1) -> None:
         self.phase = self.comm.phase = phase
@@ -123,10 +138,17 @@ class StepTracer(TorchDispatchMode):
         self.scalars = 0
 
     def add_cost(
-        self, name: str, flops: float, nbytes: float, expert: bool = False, fp8: bool = False
+        self,
+        name: str,
+        flops: float,
+        nbytes: float,
+        expert: bool = False,
+        fp8: bool = False,
+        tensors: tuple = ((), ()),
     ) -> None:
         """One kernel of the step (``roofline.OpRecord``), charged to the current phase and to
-        Engram when an Engram module (or its table's optimizer) runs it."""
+        Engram when an Engram module (or its table's optimizer) runs it; with compiled blocks
+        modelled, also its region and what it read and wrote (``tensors``: inputs, outputs)."""
         if self.phase == "model":
             return
         phase = self.comm.microbatch if self.phase == "microbatch" else -1
@@ -134,7 +156,27 @@ class StepTracer(TorchDispatchMode):
         engram = self.engram_optimizer or (
             node in self.engram_nodes if node is not None else self.in_engram > 0
         )
-        self.ops.append(OpRecord(flops, nbytes, phase, engram, expert, name, fp8))
+        region = self.region_nodes.get(node, EAGER) if node is not None else self.region
+        record = OpRecord(flops, nbytes, phase, engram, expert, name, fp8, region)
+        if self.fusion:  # every kernel's reads: what a region writes may be read outside it
+            inputs, outputs = tensors
+            record.reads = tuple((self._serial(t)[0], tensor_bytes(t)) for t in inputs)
+            record.writes = tuple(
+                (serial, tensor_bytes(t), fresh)
+                for t in outputs
+                for serial, fresh in [self._serial(t)]
+            )
+        self.ops.append(record)
+
+    def _serial(self, t: torch.Tensor) -> tuple[int, bool]:
+        """(the serial number of the storage behind ``t``, whether it is new)."""
+        storage = _storages(t)[0]
+        serial = self.serials.get(storage)
+        if serial is not None:
+            return serial, False
+        self.next_serial += 1  # never reused (the map forgets freed storages)
+        self.serials[storage] = self.next_serial
+        return self.next_serial, True
 
     def track(self, tensors, label: str | None = None) -> None:
         for t in tensors:
@@ -216,7 +258,10 @@ class StepTracer(TorchDispatchMode):
             if cost is not None:
                 flops, nbytes, expert, fp8 = cost
                 fp8 = fp8 or (expert and self.fp8_experts)
-                self.add_cost(func.overloadpacket.__name__, flops, nbytes, expert, fp8)
+                tensors = ((), ())
+                if self.fusion:
+                    tensors = op_tensors(func, args, kwargs, out)
+                self.add_cost(func.overloadpacket.__name__, flops, nbytes, expert, fp8, tensors)
         return out
 
 
@@ -361,9 +406,10 @@ def trace_step(cfg, world_size: int, rank: int) -> Trace:
         fused = mock.patch.object(F, "scaled_dot_product_attention", fused_attention)
         table_step = mock.patch.object(RowwiseAdam, "step", _flagged(RowwiseAdam.step, tracer))
         hooks = _watch_engram(inner, tracer)
+        if cfg.compile.enable:
+            hooks += _watch_blocks(inner, tracer)
         _TRACING.append(tracer)
-        casts = _compiled_float8_casts(tracer) if cfg.compile.enable else contextlib.nullcontext()
-        with fake, tracer, fused, table_step, casts:
+        with fake, tracer, fused, table_step:
             optimizers = Optimizers(wrapped, cfg.optimizer, cuda=True)  # CUDA's kernels
             _warm_up(optimizers)
             tracer.track(_optimizer_state(optimizers), "optimizer_state")
@@ -395,7 +441,7 @@ def trace_step(cfg, world_size: int, rank: int) -> Trace:
         tokens_per_microbatch=batch.num_tokens,
         trace_s=time.perf_counter() - start,
         axis_names=axis_names,
-        ops=tracer.ops,
+        ops=fuse_compiled(tracer.ops) if cfg.compile.enable else tracer.ops,
         sparse_grad_bytes_per_microbatch=extra // num_micro,
         repeats=dict(traced),
     )
@@ -404,8 +450,6 @@ def trace_step(cfg, world_size: int, rank: int) -> Trace:
 def _watch_engram(model, tracer: StepTracer) -> list:
     """Hooks that tell the tracer which kernels are Engram's: inside an Engram module's forward,
     and, in backward, the autograd nodes between its output and its inputs."""
-    from torch.utils._pytree import tree_leaves
-
     from models.engram import Engram
 
     def enter(module, args):
@@ -413,14 +457,8 @@ def _watch_engram(model, tracer: StepTracer) -> list:
 
     def leave(module, args, output):
         tracer.in_engram -= 1
-        stop = {t.grad_fn for t in tree_leaves(args) if isinstance(t, torch.Tensor)}
-        todo = [output.grad_fn]
-        while todo:
-            node = todo.pop()
-            if node is None or node in stop or node in tracer.engram_nodes:
-                continue
+        for node in _nodes_between(args, output):
             tracer.engram_nodes.add(node)
-            todo.extend(n for n, _ in node.next_functions)
 
     hooks = []
     for module in model.modules():
@@ -429,32 +467,48 @@ def _watch_engram(model, tracer: StepTracer) -> list:
     return hooks
 
 
-def _compiled_float8_casts(tracer: StepTracer):
-    """Under compiled blocks, inductor fuses each float8 cast (abs, amax, scale, multiply,
-    clamp, convert) into an amax reduction and one scale-and-cast kernel: the traced kernels of
-    every cast are replaced by those two (reading the high-precision tensor twice and writing one
-    byte per element). A null context when torchao is not loaded (no FP8 in the model)."""
-    import sys
+BACKWARD_REGION = 1 << 40  # a block call's backward region: its forward's plus this
 
-    module = sys.modules.get("torchao.float8.float8_linear")
-    if module is None:
-        return contextlib.nullcontext()
-    original = module.hp_tensor_to_float8_dynamic
 
-    @functools.wraps(original)
-    def cast(hp, *args, **kwargs):
-        start = len(tracer.ops)
-        out = original(hp, *args, **kwargs)
-        region = tracer.ops[start:]
-        if region:
-            first, read = region[0], float(tensor_bytes(hp))
-            tracer.ops[start:] = [
-                OpRecord(0.0, read, first.phase, first.engram, False, "float8_amax"),
-                OpRecord(0.0, read + hp.numel(), first.phase, first.engram, False, "float8_cast"),
-            ]
-        return out
+def _watch_blocks(model, tracer: StepTracer) -> list:
+    """Hooks that tell the tracer which kernels a compiled block runs (``compile.enable``): each
+    block call is a region (its forward), and the autograd nodes it made are the region's
+    backward (the recompute of a checkpointed block runs while one of them does)."""
+    calls = iter(range(BACKWARD_REGION))
+    outer: list[int] = []
+    tracer.fusion = True
 
-    return mock.patch.object(module, "hp_tensor_to_float8_dynamic", cast)
+    def enter(module, args):
+        outer.append(tracer.region)
+        tracer.region = next(calls)
+
+    def leave(module, args, output):
+        backward = tracer.region + BACKWARD_REGION
+        tracer.region = outer.pop()
+        for node in _nodes_between(args, output):
+            tracer.region_nodes.setdefault(node, backward)
+
+    hooks = []
+    for block in model.layers.values():
+        block = getattr(block, "_checkpoint_wrapped_module", block)  # the recompute calls it
+        hooks += [block.register_forward_pre_hook(enter), block.register_forward_hook(leave)]
+    return hooks
+
+
+def _nodes_between(args, output) -> list:
+    """The autograd nodes from ``output`` back to (not including) those of ``args``."""
+    from torch.utils._pytree import tree_leaves
+
+    stop = {t.grad_fn for t in tree_leaves(args) if isinstance(t, torch.Tensor)}
+    todo = [t.grad_fn for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
+    seen: set = set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in stop or node in seen:
+            continue
+        seen.add(node)
+        todo.extend(n for n, _ in node.next_functions)
+    return list(seen)
 
 
 def _flagged(step, tracer: StepTracer):
