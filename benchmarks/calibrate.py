@@ -80,9 +80,10 @@ def gpu_step_overrides(flavor: str) -> list[str]:
     return out
 
 
-def traces(tail: str = "fused") -> dict:
+def traces(tail: str = "fused", compiled: bool = False) -> dict:
     """Per flavor: (trace, dims, flops per token) of the gpu_step set-up, Engram's tail
-    ``tail``."""
+    ``tail``; ``compiled``: every block compiled (the simulator's fusion model), as gpu_check's
+    ``fp8`` part runs its BF16 arm."""
     from models.accounting import account
     from models.flavors import resolve_model_args
     from parallel.dims import ParallelDims
@@ -91,7 +92,8 @@ def traces(tail: str = "fused") -> dict:
 
     out = {}
     for flavor, config in CONFIGS.items():
-        cfg = load_config(config, gpu_step_overrides(flavor))
+        compile_flag = [f"--compile.enable={str(compiled).lower()}"]
+        cfg = load_config(config, gpu_step_overrides(flavor) + compile_flag)
         args = resolve_model_args(cfg.model.flavor, cfg.model.overrides, seq_len=cfg.data.seq_len)
         dims = ParallelDims.from_config(cfg.parallelism, 1)
         flops = account(args, cfg.data.seq_len).flops_per_token
@@ -170,6 +172,11 @@ def main() -> None:
     if measured["engram_tail"] != "fused":
         fused = predict(traces("fused"), cal)
         print(f"engram-27b with the fused tail: predicted {fused['engram-27b']:.3f} s per step")
+    compiled = predict(traces("fused", compiled=True), cal)
+    print(
+        "compiled blocks (fused tail), predicted: "
+        + ", ".join(f"{flavor} {seconds:.3f} s" for flavor, seconds in compiled.items())
+    )
     if ns.write:
         cal.save()
         print("wrote benchmarks/calibration.json")

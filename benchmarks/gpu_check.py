@@ -8,8 +8,9 @@ others (a part that cannot run says why; the run still ends with its JSON):
   Engram and MoE tokens/s, their ratio, MFU, peak memory, and the GEMM kernels the profiler saw
   (which grouped-GEMM kernel ``torch._grouped_mm`` ran: sm90 or sm80);
 - ``calibrate``: the simulator's efficiencies fitted to the step part's measured step times
-  (``benchmarks.calibrate``), and the simulator's error against them; it traces on fake tensors
-  (CPU only) while the GPU parts after it run;
+  (``benchmarks.calibrate``), and the simulator's error against them; also its step with every
+  block compiled, which the ``fp8`` part's compiled BF16 arm measures (``compiled_model_error``
+  in the JSON); it traces on fake tensors (CPU only) while the GPU parts after it run;
 - ``offload``: the same steps with the Engram tables on the device, in host memory and on disk:
   step times, their ratios, and whether the three train bit-identically;
 - ``host_syncs``: host synchronisations in one training step, counted by the project's counter
@@ -77,6 +78,7 @@ FIGURES = {
         "measured_step_s",
         "predicted_step_s",
         "max_relative_error",
+        "predicted_compiled_step_s",
     ],
     "offload": [
         "table_rows",
@@ -199,8 +201,23 @@ def summary(results: dict[str, dict], dry: bool, seconds: float) -> dict:
         "torch": env.get("torch"),
         "cuda": env.get("cuda"),
         "seconds": round(seconds, 1),
+        "compiled_model_error": compiled_model_error(results),
         "parts": results,
     }
+
+
+def compiled_model_error(results: dict[str, dict]) -> float | None:
+    """The simulator's compiled-block step of MoE (``calibrate``: efficiencies fitted to the
+    eager steps) over the one the ``fp8`` part measured for its compiled BF16 arm, minus 1: how
+    well the fusion model (``pretrain.simulation.fusion``) predicts a step it was not fitted
+    to. None where either part did not run."""
+    step, fp8 = results.get("step", {}), results.get("fp8", {})
+    predicted = (results.get("calibrate", {}).get("predicted_compiled_step_s") or {}).get("moe-27b")
+    tokens_per_s = fp8.get("moe_bf16_tokens_per_s")
+    if not (predicted and tokens_per_s and step.get("seq") and step.get("batch")):
+        return None
+    measured = step["batch"] * step["seq"] / tokens_per_s
+    return predicted / measured - 1
 
 
 def write_report(report: dict) -> Path:

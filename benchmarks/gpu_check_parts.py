@@ -162,6 +162,9 @@ def part_calibrate(dry: bool, inputs: dict) -> dict:
         "measured_step_s": measured,
         "predicted_step_s": predicted,
         "max_relative_error": error,
+        # out of sample: the fusion model's step with every block compiled, at the efficiencies
+        # just fitted to the eager steps; the fp8 part measures MoE's (``compiled_model_error``)
+        "predicted_compiled_step_s": predict(traces("fused", compiled=True), cal),
     }
 
 

@@ -33,7 +33,16 @@ def test_the_dry_run_gives_every_figure_of_every_part(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     last = json.loads(result.stdout.strip().splitlines()[-1])
     assert json.loads((tmp_path / "gpu_check.json").read_text()) == last
-    assert set(last) == {"dry", "device", "torch", "cuda", "seconds", "parts"}
+    assert set(last) == {
+        "dry",
+        "device",
+        "torch",
+        "cuda",
+        "seconds",
+        "compiled_model_error",
+        "parts",
+    }
+    assert last["compiled_model_error"] is None  # the calibration needs measured GPU steps
     assert last["dry"] is True and last["device"] == "cpu"
     assert list(last["parts"]) == gpu_check.ORDER
     skipped = {"calibrate"} | (set() if importlib.util.find_spec("torchao") else {"fp8"})
@@ -56,6 +65,17 @@ def test_the_dry_run_gives_every_figure_of_every_part(tmp_path):
             fp8["moe_fp8_tokens_per_s"] / fp8["moe_bf16_tokens_per_s"]
         )
         assert fp8["compiled"] is False and fp8["recipe"] == "rowwise"
+
+
+def test_the_compiled_model_error_compares_the_prediction_with_the_fp8_parts_bf16_arm():
+    results = {
+        "step": {"status": "ok", "batch": 2, "seq": 4096},
+        "calibrate": {"status": "ok", "predicted_compiled_step_s": {"moe-27b": 0.25}},
+        "fp8": {"status": "ok", "moe_bf16_tokens_per_s": 8192 / 0.2},
+    }
+    assert gpu_check.compiled_model_error(results) == pytest.approx(0.25 / 0.2 - 1)
+    results["fp8"] = {"status": "skipped", "moe_bf16_tokens_per_s": None}
+    assert gpu_check.compiled_model_error(results) is None
 
 
 def test_a_part_over_its_limit_is_reported_and_the_others_still_run(monkeypatch):
