@@ -485,8 +485,10 @@ def _watch_blocks(model, tracer: StepTracer) -> list:
     def leave(module, args, output):
         backward = tracer.region + BACKWARD_REGION
         tracer.region = outer.pop()
-        for node in _nodes_between(args, output):
-            tracer.region_nodes.setdefault(node, backward)
+        if torch._C._current_autograd_node() is not None:
+            return  # a recompute in backward: its kernels belong to the node that runs it
+        for node in _nodes_between(args, output):  # a parameter's AccumulateGrad: the latest
+            tracer.region_nodes[node] = backward
 
     hooks = []
     for block in model.layers.values():
