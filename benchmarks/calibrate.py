@@ -58,8 +58,9 @@ def engram_tail(kind: str):
         yield
 
 
-def gpu_step_overrides(flavor: str) -> list[str]:
-    """``launch.dry_run`` overrides that trace ``gpu_step``'s set-up on one rank."""
+def gpu_step_overrides(flavor: str, compiled: bool = False) -> list[str]:
+    """``launch.dry_run`` overrides that trace ``gpu_step``'s set-up on one rank (it measured
+    eager blocks; ``compiled``: each block compiled, as gpu_check's ``fp8`` part runs)."""
     out = [
         "--parallelism.data_parallel_shard_degree=1",
         "--parallelism.expert_parallel_degree=1",
@@ -70,7 +71,7 @@ def gpu_step_overrides(flavor: str) -> list[str]:
         "--training.mixed_precision=bf16",
         "--activation_checkpoint.mode=none",
         "--model.overrides.num_layers=3",
-        "--compile.enable=false",  # gpu_step measured eager blocks
+        f"--compile.enable={str(compiled).lower()}",
     ]
     if flavor.startswith("engram"):
         out += [
@@ -92,8 +93,7 @@ def traces(tail: str = "fused", compiled: bool = False) -> dict:
 
     out = {}
     for flavor, config in CONFIGS.items():
-        compile_flag = [f"--compile.enable={str(compiled).lower()}"]
-        cfg = load_config(config, gpu_step_overrides(flavor) + compile_flag)
+        cfg = load_config(config, gpu_step_overrides(flavor, compiled))
         args = resolve_model_args(cfg.model.flavor, cfg.model.overrides, seq_len=cfg.data.seq_len)
         dims = ParallelDims.from_config(cfg.parallelism, 1)
         flops = account(args, cfg.data.seq_len).flops_per_token

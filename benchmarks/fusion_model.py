@@ -3,7 +3,7 @@
 For each block of a small model, the fused kernels that ``pretrain.simulation.fusion`` charges
 for the block's forward and backward (memory-bound kernels only: GEMMs stay extern in both) are
 set beside the kernels inductor generates when the same block is compiled and run forward and
-backward on the CPU (``torch._inductor.metrics.generated_kernel_count``). Inductor's C++ backend
+backward on the CPU (the C++ kernels defined in the code it emits). Inductor's C++ backend
 groups loops differently from its Triton one, so this is a plausibility check of the model's
 kernel counts, not a GPU measurement; the eager kernel count says how much the model removes.
 
@@ -35,8 +35,8 @@ def _batch(args, batch: int, seq: int) -> tuple[torch.Tensor, dict]:
 
 def modelled(model, tokens, engram) -> dict[str, dict[str, int]]:
     """Per block: eager and fused memory-bound kernels of its forward and backward."""
-    from pretrain.simulation.fusion import EAGER, fuse_compiled
-    from pretrain.simulation.simulate import BACKWARD_REGION, StepTracer, _watch_blocks
+    from pretrain.simulation.fusion import BACKWARD_REGION, EAGER, fuse_compiled, watch_blocks
+    from pretrain.simulation.simulate import StepTracer
 
     out = {}
     for key in model.layers:
@@ -44,7 +44,7 @@ def modelled(model, tokens, engram) -> dict[str, dict[str, int]]:
         holder.layers = torch.nn.ModuleDict({key: model.layers[key]})
         tracer = StepTracer(0)
         tracer.set_phase("microbatch", 0)
-        hooks = _watch_blocks(holder, tracer)
+        hooks = watch_blocks(holder, tracer)
         with tracer:
             model(tokens, engram=engram).logits.float().square().mean().backward()
         for hook in hooks:

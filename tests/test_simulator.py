@@ -232,12 +232,12 @@ class _Block(torch.nn.Module):
 
 
 def _traced(model, x):
-    from pretrain.simulation.fusion import fuse_compiled
-    from pretrain.simulation.simulate import StepTracer, _watch_blocks
+    from pretrain.simulation.fusion import fuse_compiled, watch_blocks
+    from pretrain.simulation.simulate import StepTracer
 
     tracer = StepTracer(0)
     tracer.set_phase("microbatch", 0)
-    hooks = _watch_blocks(model, tracer)
+    hooks = watch_blocks(model, tracer)
     with torch.no_grad(), tracer:
         out = model.layers["0"](x)
         out.sum()  # the next layer reads the block's output (outside the region)

@@ -31,11 +31,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import torch
+
 from pretrain.simulation.roofline import INDEXED, OpRecord
 
 EAGER = -1  # the region of a kernel outside every compiled block
+BACKWARD_REGION = 1 << 40  # a block call's backward region: its forward's plus this
 
-# kernels that stay extern (or are already charged as inductor's) under compilation
+# kernels that stay extern under compilation
 _EXTERN = INDEXED | {
     "_grouped_mm",
     "topk",
@@ -136,3 +139,47 @@ def _fused_run(run: list[OpRecord], last: int, last_read: dict[int, int]) -> lis
         writes=(),
     )
     return [share] * kernels
+
+
+def watch_blocks(model, tracer) -> list:
+    """Hooks that tell the tracer (``simulate.StepTracer``) which kernels a compiled block runs
+    (``compile.enable``): each block call is a region (its forward), and the autograd nodes it
+    made are the region's backward (the recompute of a checkpointed block runs while one of
+    them does)."""
+    calls = iter(range(BACKWARD_REGION))
+    outer: list[int] = []
+    tracer.fusion = True
+
+    def enter(module, args):
+        outer.append(tracer.region)
+        tracer.region = next(calls)
+
+    def leave(module, args, output):
+        backward = tracer.region + BACKWARD_REGION
+        tracer.region = outer.pop()
+        if torch._C._current_autograd_node() is not None:
+            return  # a recompute in backward: its kernels belong to the node that runs it
+        for node in nodes_between(args, output):  # a parameter's AccumulateGrad: the latest
+            tracer.region_nodes[node] = backward
+
+    hooks = []
+    for block in model.layers.values():
+        block = getattr(block, "_checkpoint_wrapped_module", block)  # the recompute calls it
+        hooks += [block.register_forward_pre_hook(enter), block.register_forward_hook(leave)]
+    return hooks
+
+
+def nodes_between(args, output) -> list:
+    """The autograd nodes from ``output`` back to (not including) those of ``args``."""
+    from torch.utils._pytree import tree_leaves
+
+    stop = {t.grad_fn for t in tree_leaves(args) if isinstance(t, torch.Tensor)}
+    todo = [t.grad_fn for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
+    seen: set = set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in stop or node in seen:
+            continue
+        seen.add(node)
+        todo.extend(n for n, _ in node.next_functions)
+    return list(seen)

@@ -181,9 +181,9 @@ def tensor_bytes(t: torch.Tensor) -> int:
         return 0
 
 
-def op_cost(func, args, kwargs, out) -> tuple[float, float, bool, bool] | None:
-    """(FLOPs, bytes, an expert GEMM, an FP8 GEMM) of one dispatched op, or None when it
-    launches nothing."""
+def op_cost(func, args, kwargs, out) -> tuple[float, float, bool, bool, tuple] | None:
+    """(FLOPs, bytes, an expert GEMM, an FP8 GEMM, (the tensors it read, those it wrote)) of one
+    dispatched op, or None when it launches nothing."""
     from torch.utils.flop_counter import flop_registry
 
     import models.flop_count  # noqa: F401 - registers the grouped expert GEMM's formula
@@ -193,7 +193,7 @@ def op_cost(func, args, kwargs, out) -> tuple[float, float, bool, bool] | None:
         return None
     if func._schema.name.startswith("_c10d_functional"):
         return None  # collectives: the comm model
-    inputs, outputs = op_tensors(func, args, kwargs, out)
+    inputs, outputs = _op_tensors(func, args, kwargs, out)
     if not outputs:  # metadata (device, sizes, ...) or a host value
         return None
     flops, expert = 0.0, name == "_grouped_mm"
@@ -209,16 +209,17 @@ def op_cost(func, args, kwargs, out) -> tuple[float, float, bool, bool] | None:
             moved = sum(  # in place: the rows written come from the source
                 tensor_bytes(t) for t in inputs[1:] if t.is_floating_point()
             )
-        return flops, 2.0 * moved + sum(tensor_bytes(t) for t in indices), expert, False
+        moved = 2.0 * moved + sum(tensor_bytes(t) for t in indices)
+        return flops, moved, expert, False, (inputs, outputs)
     written = {id(t) for t in outputs}
     read = sum(tensor_bytes(t) for t in inputs)
     fresh = sum(tensor_bytes(t) for t in outputs if id(t) not in {id(i) for i in inputs})
     in_place = sum(tensor_bytes(t) for t in inputs if id(t) in written)
     fp8 = flops > 0 and any(is_low_precision_operand(t) for t in inputs)
-    return flops, float(read + fresh + in_place), expert, fp8
+    return flops, float(read + fresh + in_place), expert, fp8, (inputs, outputs)
 
 
-def op_tensors(func, args, kwargs, out) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def _op_tensors(func, args, kwargs, out) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(the tensors an op reads, those it writes: its outputs, or for an in-place op that
     returns nothing, such as ``_foreach_mul_``, its mutated arguments)."""
     return _tensors((args, kwargs)), _tensors(out) or _mutated(func, args, kwargs)

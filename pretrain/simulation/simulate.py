@@ -50,12 +50,11 @@ from parallel.dims import ParallelDims
 from pretrain.optimizer import Optimizers
 from pretrain.rowwise_adam import RowwiseAdam
 from pretrain.simulation.comm import COLLECTIVES, Collective, CommRecorder, mesh_axis_names
-from pretrain.simulation.fusion import EAGER, fuse_compiled
+from pretrain.simulation.fusion import EAGER, fuse_compiled, nodes_between, watch_blocks
 from pretrain.simulation.roofline import (
     OpRecord,
     attention_cost,
     op_cost,
-    op_tensors,
     tensor_bytes,
 )
 from pretrain.step import StepModel, forward_backward, lookup_planners, optimizer_step
@@ -256,11 +255,8 @@ class StepTracer(TorchDispatchMode):
                 self.track([t for t in tree_leaves(out) if isinstance(t, torch.Tensor)])
             cost = op_cost(func, args, kwargs, out)
             if cost is not None:
-                flops, nbytes, expert, fp8 = cost
+                flops, nbytes, expert, fp8, tensors = cost
                 fp8 = fp8 or (expert and self.fp8_experts)
-                tensors = ((), ())
-                if self.fusion:
-                    tensors = op_tensors(func, args, kwargs, out)
                 self.add_cost(func.overloadpacket.__name__, flops, nbytes, expert, fp8, tensors)
         return out
 
@@ -407,7 +403,7 @@ def trace_step(cfg, world_size: int, rank: int) -> Trace:
         table_step = mock.patch.object(RowwiseAdam, "step", _flagged(RowwiseAdam.step, tracer))
         hooks = _watch_engram(inner, tracer)
         if cfg.compile.enable:
-            hooks += _watch_blocks(inner, tracer)
+            hooks += watch_blocks(inner, tracer)
         _TRACING.append(tracer)
         with fake, tracer, fused, table_step:
             optimizers = Optimizers(wrapped, cfg.optimizer, cuda=True)  # CUDA's kernels
@@ -457,60 +453,13 @@ def _watch_engram(model, tracer: StepTracer) -> list:
 
     def leave(module, args, output):
         tracer.in_engram -= 1
-        for node in _nodes_between(args, output):
-            tracer.engram_nodes.add(node)
+        tracer.engram_nodes.update(nodes_between(args, output))
 
     hooks = []
     for module in model.modules():
         if isinstance(module, Engram):
             hooks += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
     return hooks
-
-
-BACKWARD_REGION = 1 << 40  # a block call's backward region: its forward's plus this
-
-
-def _watch_blocks(model, tracer: StepTracer) -> list:
-    """Hooks that tell the tracer which kernels a compiled block runs (``compile.enable``): each
-    block call is a region (its forward), and the autograd nodes it made are the region's
-    backward (the recompute of a checkpointed block runs while one of them does)."""
-    calls = iter(range(BACKWARD_REGION))
-    outer: list[int] = []
-    tracer.fusion = True
-
-    def enter(module, args):
-        outer.append(tracer.region)
-        tracer.region = next(calls)
-
-    def leave(module, args, output):
-        backward = tracer.region + BACKWARD_REGION
-        tracer.region = outer.pop()
-        if torch._C._current_autograd_node() is not None:
-            return  # a recompute in backward: its kernels belong to the node that runs it
-        for node in _nodes_between(args, output):  # a parameter's AccumulateGrad: the latest
-            tracer.region_nodes[node] = backward
-
-    hooks = []
-    for block in model.layers.values():
-        block = getattr(block, "_checkpoint_wrapped_module", block)  # the recompute calls it
-        hooks += [block.register_forward_pre_hook(enter), block.register_forward_hook(leave)]
-    return hooks
-
-
-def _nodes_between(args, output) -> list:
-    """The autograd nodes from ``output`` back to (not including) those of ``args``."""
-    from torch.utils._pytree import tree_leaves
-
-    stop = {t.grad_fn for t in tree_leaves(args) if isinstance(t, torch.Tensor)}
-    todo = [t.grad_fn for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
-    seen: set = set()
-    while todo:
-        node = todo.pop()
-        if node is None or node in stop or node in seen:
-            continue
-        seen.add(node)
-        todo.extend(n for n, _ in node.next_functions)
-    return list(seen)
 
 
 def _flagged(step, tracer: StepTracer):
